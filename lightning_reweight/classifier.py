@@ -1,0 +1,178 @@
+"""A ready LightningModule: any backbone, a per-sample criterion, and the reweighting contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_reweight.contract import (
+    ReweightingMixin,
+    SampleWeighting,
+    check_per_sample_losses,
+    split_batch,
+)
+
+__all__ = ["ReweightClassifier", "build_optimizer"]
+
+_OPTIMIZERS = ("sgd", "adam", "adamw")
+_SCHEDULERS = ("none", "cosine", "multistep")
+
+
+def build_optimizer(
+    params: Any, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False
+) -> torch.optim.Optimizer:
+    """Build one of the supported optimizers by name.
+
+    Args:
+        params: parameters or parameter groups.
+        name: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr: learning rate.
+        momentum: SGD momentum (ignored by Adam).
+        weight_decay: weight decay.
+        nesterov: Nesterov momentum for SGD.
+
+    Returns:
+        The optimizer.
+
+    Example:
+        >>> from torch import nn
+        >>> type(build_optimizer(nn.Linear(2, 2).parameters(), "adam", 1e-3)).__name__
+        'Adam'
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {name!r}")
+
+
+class ReweightClassifier(ReweightingMixin, L.LightningModule):
+    """Classification with any backbone and any per-sample criterion, reduced through the contract.
+
+    The training loss is ``reweight(criterion(backbone(x), y), batch)``: the plain mean unless a callback or
+    the criterion attaches a weighting source. A criterion that is itself a
+    :class:`~lightning_reweight.contract.SampleWeighting` and has a ``base_loss`` (e.g. ABSGD's attentional
+    loss) is split: ``base_loss`` gives the per-sample losses and the criterion is attached as a weighting.
+
+    Logs ``train/loss``, ``val/acc``, ``val/balanced_acc``, ``test/acc`` and ``test/balanced_acc``
+    (balanced accuracy = mean per-class recall).
+
+    Args:
+        backbone: the network mapping inputs to logits.
+        num_classes: number of classes.
+        criterion: per-sample loss on ``(logits, targets)`` with ``reduction="none"`` (default cross-entropy).
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr: learning rate.
+        momentum: SGD momentum.
+        weight_decay: weight decay.
+        nesterov: Nesterov momentum.
+        scheduler: ``"none"``, ``"cosine"`` (over ``max_epochs``) or ``"multistep"`` (``milestones``, ``gamma``).
+        milestones: epochs at which ``"multistep"`` multiplies the lr by ``gamma``.
+        gamma: the multistep factor.
+
+    Example:
+        >>> import torch
+        >>> from lightning_reweight.models import MLP
+        >>> model = ReweightClassifier(MLP(64, 10, hidden=(32,)), num_classes=10)
+        >>> batch = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), torch.arange(4))
+        >>> model.training_step(batch, 0).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int = 10,
+        criterion: nn.Module | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        scheduler: str = "none",
+        milestones: tuple[int, ...] = (),
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+        if scheduler not in _SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {_SCHEDULERS}, got {scheduler!r}")
+        self.save_hyperparameters(ignore=["backbone", "criterion"])
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss(reduction="none")
+        base = getattr(self.criterion, "base_loss", None)
+        if isinstance(self.criterion, SampleWeighting) and isinstance(base, nn.Module):
+            self._per_sample_criterion: nn.Module = base
+            self.attach_weighting("criterion", self.criterion)
+        else:
+            self._per_sample_criterion = self.criterion
+        reduction = getattr(self._per_sample_criterion, "reduction", "none")
+        if reduction != "none":
+            raise ValueError(
+                f"criterion has reduction={reduction!r}; reweighting needs per-sample losses: "
+                "construct it with reduction='none'"
+            )
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_bacc = MulticlassAccuracy(num_classes, average="macro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_bacc = MulticlassAccuracy(num_classes, average="macro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the backbone."""
+        return self.backbone(x)
+
+    def per_sample_loss(self, batch: Any) -> Tensor:
+        """Per-sample criterion values of ``batch``, shape ``(B,)``."""
+        x, y, _ = split_batch(batch)
+        return check_per_sample_losses(self._per_sample_criterion(self(x), y), y.shape[0])
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Per-sample losses reduced through :meth:`reweight`."""
+        losses = self.per_sample_loss(batch)
+        loss = self.reweight(losses, batch)
+        if self._trainer is not None:
+            self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=losses.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Any, acc: MulticlassAccuracy, bacc: MulticlassAccuracy, stage: str) -> None:
+        x, y, _ = split_batch(batch)
+        preds = self(x).argmax(dim=1)
+        acc.update(preds, y)
+        bacc.update(preds, y)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True)
+        self.log(f"{stage}/balanced_acc", bacc, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Accuracy and balanced accuracy."""
+        self._eval_step(batch, self.val_acc, self.val_bacc, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Accuracy and balanced accuracy."""
+        self._eval_step(batch, self.test_acc, self.test_bacc, "test")
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer (and scheduler) chosen in ``__init__``."""
+        hp = self.hparams
+        opt = build_optimizer(
+            self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov
+        )
+        if hp.scheduler == "none":
+            return opt
+        if hp.scheduler == "cosine":
+            epochs = max(int(self.trainer.max_epochs or 1), 1)
+            sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        else:
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -1,0 +1,3 @@
+"""The meta-gradient engine and its strategies."""
+
+__all__: list[str] = []
