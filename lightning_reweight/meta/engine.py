@@ -1,0 +1,292 @@
+"""The meta-gradient engine: per-sample alignment of a training batch with a clean meta batch.
+
+Learning to Reweight and Meta-Weight-Net both reduce to per-sample alignment scalars
+
+    G_i = <grad_theta l_i(theta), d>,
+
+the directional derivative of the per-sample training loss vector along a direction ``d`` that is the gradient
+of the meta loss (at ``theta`` for L2RW; at the virtual-step parameters ``theta'`` for MW-Net). Three routes:
+
+* ``"forward"``: one forward-mode Jacobian-vector product of the loss vector along ``d``
+  (``torch.autograd.forward_ad``). Exact.
+* ``"finite_diff"``: ``(l_i(theta + h d) - l_i(theta)) / h`` with ``h = fd_eps * max(|theta|, 1) / |d|``; one
+  no-grad forward, reusing the training forward's losses when they are fp32. Approximate (first order in h).
+* ``"second_order"``: the textbook route, double backward through a virtual SGD step
+  ``theta' = theta - lr * grad_theta sum_i w_i l_i``. The reference.
+
+Every extra forward runs through :func:`torch.func.functional_call` with **cloned buffers** (BatchNorm running
+statistics of the real model never change), inside :func:`torch.random.fork_rng` (the global RNG stream is
+restored afterwards), and forwards of the training batch replay the RNG state saved before the training forward
+(``rng_state``), so dropout draws the same masks as the training forward did. This replay is exact only if the
+training forward is the first consumer of the RNG after the state was saved. The optimizer is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["HYPERGRADS", "MetaProblem", "RNGState", "capture_rng"]
+
+HYPERGRADS = ("second_order", "forward", "finite_diff")
+
+#: ``(cpu_state, cuda_state_or_None, cuda_device_index_or_None)``
+RNGState = tuple[Tensor, "Tensor | None", "int | None"]
+
+
+def capture_rng(device: torch.device | None = None) -> RNGState:
+    """Save the CPU (and the CUDA device's) RNG state, to replay a forward's random draws later.
+
+    Example:
+        >>> state = capture_rng()
+        >>> a = torch.rand(2)
+        >>> torch.set_rng_state(state[0])
+        >>> torch.equal(a, torch.rand(2))
+        True
+    """
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.get_rng_state(), torch.cuda.get_rng_state(index), index
+    return torch.get_rng_state(), None, None
+
+
+class _Call(nn.Module):
+    """Wraps a closure over ``root`` so that ``functional_call`` can swap ``root``'s parameters under it."""
+
+    def __init__(self, root: nn.Module, fn: Callable[[Any], Tensor]) -> None:
+        super().__init__()
+        self.root = root
+        self._fn = fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self._fn(batch)
+
+
+def _norm(a: Sequence[Tensor]) -> float:
+    return math.sqrt(float(sum(float((x.double() ** 2).sum()) for x in a)))
+
+
+@dataclass
+class MetaProblem:
+    """One training batch, one meta batch, a module and its losses: the engine's input.
+
+    Args:
+        module: the model whose trainable parameters ``theta`` are differentiated (not modified).
+        train_loss: ``batch -> (B,)`` per-sample training losses, computed by calling ``module`` normally.
+        meta_loss: ``batch -> scalar`` meta (clean) loss, computed by calling ``module`` normally.
+        train_batch: the training batch.
+        meta_batch: the meta batch.
+        hypergrad: ``"forward"``, ``"finite_diff"`` or ``"second_order"``.
+        losses: the training forward's per-sample losses, if already computed (fp32 ones are reused by
+            ``"finite_diff"``; if they carry a graph to ``module``'s parameters and ``reuse_graph`` is set, the
+            virtual step differentiates them instead of running a new forward).
+        rng_state: RNG state saved just before the training forward (see :func:`capture_rng`); defaults to
+            the state when the problem is created.
+        fd_eps: relative finite-difference step: ``|h d| = fd_eps * max(|theta|, 1)``.
+        reduce: averages a list of tensors across processes (DDP); identity by default.
+        reuse_graph: let the virtual step backpropagate through ``losses``' graph (single process only).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(3, 2)
+        >>> ce = lambda b: nn.functional.cross_entropy(net(b[0]), b[1], reduction="none")
+        >>> batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+        >>> problem = MetaProblem(net, ce, lambda b: ce(b).mean(), batch, batch, hypergrad="forward")
+        >>> problem.alignment().shape
+        torch.Size([4])
+    """
+
+    module: nn.Module
+    train_loss: Callable[[Any], Tensor]
+    meta_loss: Callable[[Any], Tensor]
+    train_batch: Any
+    meta_batch: Any
+    hypergrad: str = "forward"
+    losses: Tensor | None = None
+    rng_state: RNGState | None = None
+    fd_eps: float = 1e-3
+    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None
+    reuse_graph: bool = False
+    _names: list[str] = field(init=False, repr=False)
+    _params: list[Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.hypergrad not in HYPERGRADS:
+            raise ValueError(f"hypergrad must be one of {HYPERGRADS}, got {self.hypergrad!r}")
+        if self.fd_eps <= 0:
+            raise ValueError(f"fd_eps must be positive, got {self.fd_eps}")
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the module has no trainable parameters")
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        if self.rng_state is None:
+            self.rng_state = capture_rng(self._params[0].device)
+        self._train_call = _Call(self.module, self.train_loss)
+        self._meta_call = _Call(self.module, self.meta_loss)
+
+    # ----------------------------------------------------------------- plumbing
+    @property
+    def params(self) -> list[Tensor]:
+        """The trainable parameters ``theta`` (the module's own tensors; never modified)."""
+        return self._params
+
+    def _state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        state = {f"root.{n}": p for n, p in zip(self._names, params)}
+        for n, b in self.module.named_buffers():
+            state[f"root.{n}"] = b.clone()  # BatchNorm running statistics: updated on the clones only
+        return state
+
+    @contextlib.contextmanager
+    def _fp32(self) -> Iterator[None]:
+        device = self._params[0].device.type
+        with torch.autocast(device_type=device, enabled=False):
+            yield
+
+    def _replay(self) -> None:
+        cpu, cuda, index = self.rng_state  # type: ignore[misc]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, index)
+
+    @contextlib.contextmanager
+    def _forked(self) -> Iterator[None]:
+        index = self.rng_state[2]  # type: ignore[index]
+        with torch.random.fork_rng(devices=[] if index is None else [index]):
+            yield
+
+    def train_losses_at(self, params: Sequence[Tensor]) -> Tensor:
+        """Per-sample training losses at ``params`` (fp32, cloned buffers, the training forward's RNG)."""
+        self._replay()
+        with self._fp32():
+            return functional_call(self._train_call, self._state(params), (self.train_batch,)).float()
+
+    def meta_loss_at(self, params: Sequence[Tensor]) -> Tensor:
+        """The meta loss at ``params`` (fp32, cloned buffers)."""
+        with self._fp32():
+            return functional_call(self._meta_call, self._state(params), (self.meta_batch,)).float()
+
+    def _reduce(self, tensors: list[Tensor]) -> list[Tensor]:
+        return list(self.reduce(tensors)) if self.reduce is not None else tensors
+
+    def _base_losses(self) -> Tensor | None:
+        """The training forward's losses, when they can stand in for ``l(theta)`` in fp32."""
+        if self.losses is None or self.losses.dtype != torch.float32:
+            return None
+        return self.losses.detach()
+
+    # ----------------------------------------------------------------- directions
+    def meta_gradient(self, params: Sequence[Tensor] | None = None, *, reduce: bool = False) -> list[Tensor]:
+        """``grad L_meta`` at ``params`` (default ``theta``); averaged across processes if ``reduce``."""
+        with self._forked():
+            p = [t.detach().requires_grad_(True) for t in (params if params is not None else self._params)]
+            with torch.enable_grad():
+                loss = self.meta_loss_at(p)
+                grads = torch.autograd.grad(loss, p, allow_unused=True)
+        out = [torch.zeros_like(t) if g is None else g for t, g in zip(p, grads)]
+        return self._reduce(out) if reduce else out
+
+    def virtual_params(self, weights: Tensor, lr: float) -> list[Tensor]:
+        """``theta' = theta - lr * grad_theta sum_i weights_i l_i(theta)`` (plain SGD, detached)."""
+        w = weights.detach().float()
+        if self.reuse_graph and self.losses is not None and self.losses.requires_grad:
+            grads = torch.autograd.grad((w * self.losses.float()).sum(), self._params, retain_graph=True,
+                                        allow_unused=True)
+        else:
+            with self._forked(), torch.enable_grad():
+                p = [t.detach().requires_grad_(True) for t in self._params]
+                grads = torch.autograd.grad((w * self.train_losses_at(p)).sum(), p, allow_unused=True)
+        return [t.detach() - lr * (0 if g is None else g.detach()) for t, g in zip(self._params, grads)]
+
+    # ----------------------------------------------------------------- alignment
+    def directional(self, direction: Sequence[Tensor]) -> Tensor:
+        """``J d``: the derivative of the per-sample loss vector at ``theta`` along ``direction``, shape (B,).
+
+        ``"forward"`` is exact (forward-mode AD); ``"finite_diff"`` is a one-sided difference;
+        ``"second_order"`` obtains it by double backward (``d/d eps`` of ``<grad sum eps_i l_i, d>``).
+        """
+        theta = [p.detach() for p in self._params]
+        with self._forked(), torch.no_grad():
+            if self.hypergrad == "forward":
+                with fwAD.dual_level():
+                    dual = [fwAD.make_dual(t, d.to(t.dtype)) for t, d in zip(theta, direction)]
+                    primal, tangent = fwAD.unpack_dual(self.train_losses_at(dual))
+                return torch.zeros_like(primal) if tangent is None else tangent.float()
+            if self.hypergrad == "finite_diff":
+                d_norm = _norm(direction)
+                if d_norm == 0.0:
+                    return torch.zeros_like(self.train_losses_at(theta))
+                h = self.fd_eps * max(_norm(theta), 1.0) / d_norm
+                base = self._base_losses()
+                if base is None:
+                    base = self.train_losses_at(theta)
+                shifted = self.train_losses_at([t + h * d.to(t.dtype) for t, d in zip(theta, direction)])
+                return (shifted - base) / h
+            with torch.enable_grad():
+                p = [t.requires_grad_(True) for t in (x.clone() for x in theta)]
+                losses = self.train_losses_at(p)
+                eps = torch.zeros_like(losses, requires_grad=True)
+                grads = torch.autograd.grad((eps * losses).sum(), p, create_graph=True, allow_unused=True)
+                inner = sum((g * d).sum() for g, d in zip(grads, direction) if g is not None)
+                (u,) = torch.autograd.grad(inner, eps)
+                return u.detach()
+
+    def alignment(self) -> Tensor:
+        """L2RW's ``u_i = <grad l_i(theta), grad L_meta(theta)>`` for every training sample, shape (B,).
+
+        ``"second_order"`` takes the textbook route: ``-d L_meta(theta - grad sum eps_i l_i) / d eps_i`` at
+        ``eps = 0`` (virtual step size 1; the step size only scales ``u``). The fast routes use the meta
+        gradient averaged across processes (under DDP the meta batch is the union of the ranks' meta batches);
+        ``"second_order"`` uses this process's meta batch.
+        """
+        if self.hypergrad == "second_order":
+            eps_holder: list[Tensor] = []
+
+            def weights_of(losses: Tensor) -> Tensor:
+                eps_holder.append(torch.zeros_like(losses, requires_grad=True))
+                return eps_holder[0]
+
+            (grad_eps,) = self.virtual_step_gradient(weights_of, lambda: eps_holder, lr=1.0)
+            return -grad_eps
+        return self.directional(self.meta_gradient(reduce=True))
+
+    def lookahead_alignment(self, weights: Tensor, lr: float) -> Tensor:
+        """MW-Net's ``G_i = <grad l_i(theta), grad L_meta(theta')>``, ``theta' = theta - lr grad sum w_i l_i``.
+
+        With ``"forward"``, ``sum_i G_i dw_i/dphi * (-lr)`` is the exact meta gradient of
+        ``L_meta(theta'(phi))``; ``"finite_diff"`` approximates only the directional derivative.
+        """
+        return self.directional(self.meta_gradient(self.virtual_params(weights, lr)))
+
+    def virtual_step_gradient(
+        self, weights_of: Callable[[Tensor], Tensor], wrt: Callable[[], Sequence[Tensor]], lr: float
+    ) -> list[Tensor]:
+        """The reference: ``d L_meta(theta - lr grad_theta sum_i w_i l_i(theta)) / d wrt`` by double backward.
+
+        Args:
+            weights_of: maps the (graph-carrying) training losses to weights ``w`` with a graph to ``wrt``.
+            wrt: returns the tensors to differentiate with respect to (called after ``weights_of``).
+            lr: the virtual step size.
+
+        Returns:
+            The gradients (this process's; the caller averages what must agree across processes).
+        """
+        with self._forked(), torch.enable_grad():
+            p = [t.detach().clone().requires_grad_(True) for t in self._params]
+            losses = self.train_losses_at(p)
+            w = weights_of(losses.detach()).float()
+            grads = torch.autograd.grad((w * losses).sum(), p, create_graph=True, allow_unused=True)
+            virtual = [t - lr * (torch.zeros_like(t) if g is None else g) for t, g in zip(p, grads)]
+            meta = self.meta_loss_at(virtual)
+            targets = list(wrt())
+            out = torch.autograd.grad(meta, targets, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(targets, out)]
