@@ -1,3 +1,5 @@
 """Pure tensor maths, no Lightning: each method's core formula, testable against the papers."""
 
-__all__: list[str] = []
+from lightning_reweight.functional.l2rw import l2rw_weights
+
+__all__: list[str] = ["l2rw_weights"]

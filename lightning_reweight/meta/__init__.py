@@ -1,3 +1,8 @@
 """The meta-gradient engine and its strategies."""
 
-__all__: list[str] = []
+from lightning_reweight.meta.base import MetaStrategy
+from lightning_reweight.meta.engine import HYPERGRADS, MetaProblem, capture_rng
+from lightning_reweight.meta.l2rw import L2RW
+from lightning_reweight.meta.mwnet import MetaWeightNet, WeightNet
+
+__all__: list[str] = ["HYPERGRADS", "L2RW", "MetaProblem", "MetaStrategy", "MetaWeightNet", "WeightNet", "capture_rng"]

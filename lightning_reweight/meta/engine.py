@@ -175,8 +175,17 @@ class MetaProblem:
         with self._fp32():
             return functional_call(self._meta_call, self._state(params), (self.meta_batch,)).float()
 
-    def _reduce(self, tensors: list[Tensor]) -> list[Tensor]:
+    def all_reduce(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Average ``tensors`` across processes with ``reduce`` (identity in a single process)."""
         return list(self.reduce(tensors)) if self.reduce is not None else tensors
+
+    def detached_losses(self) -> Tensor:
+        """The training losses at ``theta`` in fp32, detached (the training forward's, or recomputed)."""
+        base = self._base_losses()
+        if base is None:
+            with self._forked(), torch.no_grad():
+                base = self.train_losses_at([p.detach() for p in self._params])
+        return base
 
     def _base_losses(self) -> Tensor | None:
         """The training forward's losses, when they can stand in for ``l(theta)`` in fp32."""
@@ -193,7 +202,7 @@ class MetaProblem:
                 loss = self.meta_loss_at(p)
                 grads = torch.autograd.grad(loss, p, allow_unused=True)
         out = [torch.zeros_like(t) if g is None else g for t, g in zip(p, grads)]
-        return self._reduce(out) if reduce else out
+        return self.all_reduce(out) if reduce else out
 
     def virtual_params(self, weights: Tensor, lr: float) -> list[Tensor]:
         """``theta' = theta - lr * grad_theta sum_i weights_i l_i(theta)`` (plain SGD, detached)."""
@@ -240,6 +249,19 @@ class MetaProblem:
                 (u,) = torch.autograd.grad(inner, eps)
                 return u.detach()
 
+    def alignment_at_lr(self, lr: float) -> Tensor:
+        """:meth:`alignment` times ``lr``; ``"second_order"`` takes the virtual step with size ``lr``."""
+        if self.hypergrad != "second_order":
+            return lr * self.alignment()
+        eps_holder: list[Tensor] = []
+
+        def weights_of(losses: Tensor) -> Tensor:
+            eps_holder.append(torch.zeros_like(losses, requires_grad=True))
+            return eps_holder[0]
+
+        (grad_eps,) = self.virtual_step_gradient(weights_of, lambda: eps_holder, lr=lr)
+        return -grad_eps
+
     def alignment(self) -> Tensor:
         """L2RW's ``u_i = <grad l_i(theta), grad L_meta(theta)>`` for every training sample, shape (B,).
 
@@ -249,14 +271,7 @@ class MetaProblem:
         ``"second_order"`` uses this process's meta batch.
         """
         if self.hypergrad == "second_order":
-            eps_holder: list[Tensor] = []
-
-            def weights_of(losses: Tensor) -> Tensor:
-                eps_holder.append(torch.zeros_like(losses, requires_grad=True))
-                return eps_holder[0]
-
-            (grad_eps,) = self.virtual_step_gradient(weights_of, lambda: eps_holder, lr=1.0)
-            return -grad_eps
+            return self.alignment_at_lr(1.0)
         return self.directional(self.meta_gradient(reduce=True))
 
     def lookahead_alignment(self, weights: Tensor, lr: float) -> Tensor:

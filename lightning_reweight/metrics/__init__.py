@@ -1,3 +1,5 @@
 """torchmetrics Metrics for reweighting (DDP-correct through ``dist_reduce_fx``)."""
 
-__all__: list[str] = []
+from lightning_reweight.metrics.weight_auroc import WeightNoiseAUROC, rank_auroc
+
+__all__: list[str] = ["WeightNoiseAUROC", "rank_auroc"]

@@ -1,0 +1,284 @@
+"""The meta-net updater: a callback that reweights every training batch by a meta-gradient strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities import move_data_to_device
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_reweight.contract import WeightingContext
+from lightning_reweight.meta.base import MetaStrategy
+from lightning_reweight.meta.engine import HYPERGRADS, MetaProblem, RNGState, capture_rng
+from lightning_reweight.metrics.weight_auroc import WeightNoiseAUROC
+
+__all__ = ["MetaReweight"]
+
+_UNSUPPORTED = ("FSDP", "DeepSpeed")
+
+
+class MetaReweight(Callback):
+    """Reweight training samples by a meta-gradient strategy (L2RW, Meta-Weight-Net) against a clean meta set.
+
+    Add it to an existing Trainer; the module keeps its own optimizer and automatic optimization. It must mix
+    in :class:`~lightning_reweight.contract.ReweightingMixin` (``per_sample_loss`` + ``reweight``): the callback
+    attaches itself as a weighting source, and on every ``meta_interval``-th step after ``warmup_epochs`` it
+    draws a meta batch (cycling the meta loader), builds a :class:`~lightning_reweight.meta.MetaProblem` from the
+    training forward's losses and lets the strategy turn it into weights. The meta loss is the mean of
+    ``per_sample_loss`` on the meta batch. Between meta steps a stateful strategy (MW-Net) weights with its
+    current meta-net; during warm-up weights are uniform.
+
+    Exactness and side effects: extra forwards run on cloned buffers, in fp32 (autocast off), inside a forked
+    RNG; the training batch's extra forwards replay the RNG state saved in ``on_train_batch_start``, which
+    reproduces the training forward's dropout masks **provided the training forward is the first consumer of
+    the RNG after that hook** (true for the usual ``training_step``). The meta loader is iterated inside a forked,
+    seeded RNG, so it consumes nothing from the training RNG stream and its order is reproducible on resume.
+
+    DDP: the meta gradient (L2RW) and the meta-net gradient (MW-Net) are averaged across ranks, the meta-net is
+    broadcast from rank 0 at fit start, and nothing is differentiated through the DDP wrapper. FSDP and
+    DeepSpeed are refused at setup.
+
+    Args:
+        strategy: an :class:`~lightning_reweight.meta.L2RW` or :class:`~lightning_reweight.meta.MetaWeightNet`.
+        meta_dataloader: the clean meta loader yielding ``(x, y)``; default: ``trainer.datamodule.meta_dataloader()``.
+        hypergrad: ``"finite_diff"`` (one extra forward), ``"forward"`` (exact JVP) or ``"second_order"``.
+        meta_interval: run a meta step every this many optimizer steps (1 for L2RW, which has no state).
+        warmup_epochs: epochs of uniform weights before the first meta step.
+        virtual_lr: virtual-step size; default the optimizer's current lr.
+        fd_eps: relative finite-difference step.
+        meta_seed: seeds the meta loader's shuffling.
+        track_noise_auroc: when the datamodule has a ``noise_mask`` and batches carry indices, accumulate the
+            AUROC of the weights against it per epoch (logged as ``meta/weight_auroc``).
+        plot_every_n_epochs: for a strategy with a ``weight_net`` (MW-Net), log the learned weight-vs-loss curve
+            as a figure every this many epochs to loggers that accept images (TensorBoard, W&B); 0 disables.
+
+    Example:
+        >>> from lightning_reweight.meta import MetaWeightNet
+        >>> cb = MetaReweight(MetaWeightNet(), hypergrad="forward", warmup_epochs=2)
+        >>> cb.state_dict()["meta_steps"]
+        0
+    """
+
+    def __init__(
+        self,
+        strategy: MetaStrategy,
+        meta_dataloader: Any = None,
+        hypergrad: str = "finite_diff",
+        meta_interval: int = 1,
+        warmup_epochs: int = 0,
+        virtual_lr: float | None = None,
+        fd_eps: float = 1e-3,
+        meta_seed: int = 0,
+        track_noise_auroc: bool = True,
+        plot_every_n_epochs: int = 1,
+    ) -> None:
+        if not isinstance(strategy, MetaStrategy):
+            raise TypeError(f"strategy must be a MetaStrategy (L2RW(), MetaWeightNet()), got {type(strategy).__name__}")
+        if hypergrad not in HYPERGRADS:
+            raise ValueError(f"hypergrad must be one of {HYPERGRADS}, got {hypergrad!r}")
+        if meta_interval < 1:
+            raise ValueError(f"meta_interval must be >= 1, got {meta_interval}")
+        if meta_interval > 1 and not strategy.stateful:
+            raise ValueError(
+                f"{type(strategy).__name__} has no state between meta steps: use meta_interval=1 "
+                "(or a stateful strategy such as MetaWeightNet)"
+            )
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if virtual_lr is not None and virtual_lr <= 0:
+            raise ValueError(f"virtual_lr must be positive (or None for the optimizer's lr), got {virtual_lr}")
+        self.strategy = strategy
+        self.hypergrad = hypergrad
+        self.meta_interval = meta_interval
+        self.warmup_epochs = warmup_epochs
+        self.virtual_lr = virtual_lr
+        self.fd_eps = fd_eps
+        self.meta_seed = meta_seed
+        self.track_noise_auroc = track_noise_auroc
+        self.plot_every_n_epochs = plot_every_n_epochs
+        self._meta_loader = meta_dataloader
+        self._meta_iter: Iterator[Any] | None = None
+        self._meta_epoch = 0
+        self._meta_pos = 0
+        self._meta_steps = 0
+        self._rng: RNGState | None = None
+        self._trainer: L.Trainer | None = None
+        self._pending_extra: dict[str, Any] | None = None
+        self._noise_mask: Tensor | None = None
+        self._auroc = WeightNoiseAUROC()
+        self.auroc_history: list[float] = []
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        if any(bad in name for name in names for bad in _UNSUPPORTED):
+            raise RuntimeError(
+                f"MetaReweight does not support {type(trainer.strategy).__name__}: the meta step needs the full, "
+                "unsharded parameters. Use strategy='ddp' (or a single device)."
+            )
+        if not (hasattr(pl_module, "attach_weighting") and hasattr(pl_module, "per_sample_loss")):
+            raise TypeError(
+                f"{type(pl_module).__name__} must mix in lightning_reweight.ReweightingMixin (implement "
+                "per_sample_loss(batch) and return self.reweight(losses, batch) from training_step)"
+            )
+        if self._meta_loader is None:
+            dm = getattr(trainer, "datamodule", None)
+            if dm is None or not hasattr(dm, "meta_dataloader"):
+                raise ValueError(
+                    "MetaReweight needs clean meta data: pass meta_dataloader=... or use a datamodule with "
+                    "meta_dataloader() (e.g. lightning_reweight.data.DigitsDataModule)"
+                )
+            self._meta_loader = dm.meta_dataloader()
+        if self.track_noise_auroc:
+            mask = getattr(getattr(trainer, "datamodule", None), "noise_mask", None)
+            self._noise_mask = None if mask is None else torch.as_tensor(mask).bool().cpu()
+        self._trainer = trainer
+        pl_module.attach_weighting(type(self).__name__, self)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and hasattr(pl_module, "detach_weighting"):
+            pl_module.detach_weighting(type(self).__name__)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.strategy.to(pl_module.device)
+        self._auroc.to(pl_module.device)
+        if self._pending_extra is not None:  # after .to(device): optimizer state follows the parameters
+            self.strategy.load_extra_state(self._pending_extra)
+            self._pending_extra = None
+        if trainer.world_size > 1 and self.strategy.stateful:
+            state = trainer.strategy.broadcast({k: v.cpu() for k, v in self.strategy.state_dict().items()}, src=0)
+            self.strategy.load_state_dict(state)
+
+    # ------------------------------------------------------------------ per step
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._rng = capture_rng(pl_module.device)
+
+    def _meta_step_now(self, trainer: L.Trainer) -> bool:
+        return trainer.current_epoch >= self.warmup_epochs and trainer.global_step % self.meta_interval == 0
+
+    def sample_weights(self, losses: Tensor, context: WeightingContext) -> Tensor:
+        """The weights of this training batch (the :class:`~lightning_reweight.contract.SampleWeighting` hook)."""
+        trainer = self._trainer
+        ones = torch.ones_like(losses, dtype=torch.float32)
+        if trainer is None or not trainer.training or trainer.current_epoch < self.warmup_epochs:
+            return ones
+        module = context.module
+        if not self._meta_step_now(trainer):
+            return self.strategy.weights(losses.detach())
+        problem = MetaProblem(
+            module,
+            module.per_sample_loss,
+            lambda b: module.per_sample_loss(b).mean(),
+            context.batch,
+            move_data_to_device(self._next_meta_batch(trainer), module.device),
+            hypergrad=self.hypergrad,
+            losses=losses,
+            rng_state=self._rng,
+            fd_eps=self.fd_eps,
+            reduce=self._all_reduce if trainer.world_size > 1 else None,
+            reuse_graph=trainer.world_size == 1,
+        )
+        weights = self.strategy.meta_weights(problem, self._virtual_lr(trainer)).detach()
+        self._meta_steps += 1
+        if self._noise_mask is not None and context.indices is not None:
+            self._auroc.update(weights, self._noise_mask[context.indices.cpu()].to(weights.device))
+        return weights
+
+    def _virtual_lr(self, trainer: L.Trainer) -> float:
+        if self.virtual_lr is not None:
+            return self.virtual_lr
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def _all_reduce(self, tensors: list[Tensor]) -> list[Tensor]:
+        trainer = self._trainer
+        assert trainer is not None
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        flat = trainer.strategy.reduce(flat, reduce_op="mean")
+        out, start = [], 0
+        for t in tensors:
+            out.append(flat[start : start + t.numel()].view_as(t).to(t.dtype))
+            start += t.numel()
+        return out
+
+    def _next_meta_batch(self, trainer: L.Trainer) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            if self._meta_iter is None:
+                self._meta_iter = self._start_meta_epoch(trainer, skip=self._meta_pos)
+            try:
+                batch = next(self._meta_iter)
+            except StopIteration:
+                self._meta_epoch += 1
+                self._meta_pos = 0
+                self._meta_iter = self._start_meta_epoch(trainer, skip=0)
+                batch = next(self._meta_iter)
+        self._meta_pos += 1
+        return batch
+
+    def _start_meta_epoch(self, trainer: L.Trainer, skip: int) -> Iterator[Any]:
+        torch.manual_seed(self.meta_seed + 7919 * self._meta_epoch + 104729 * trainer.global_rank)
+        it = iter(self._meta_loader)  # type: ignore[arg-type]
+        for _ in range(skip):
+            next(it)
+        return it
+
+    # ------------------------------------------------------------------ epoch end: AUROC, figure
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._noise_mask is not None and trainer.current_epoch >= self.warmup_epochs:
+            if trainer.world_size > 1 or self._auroc.weights:
+                value = float(self._auroc.compute())
+                self.auroc_history.append(value)
+                pl_module.log("meta/weight_auroc", value, on_step=False, on_epoch=True, sync_dist=False)
+            self._auroc.reset()
+        every = self.plot_every_n_epochs
+        if every > 0 and (trainer.current_epoch + 1) % every == 0 and hasattr(self.strategy, "weight_net"):
+            self._log_weight_function(trainer)
+
+    @rank_zero_only
+    def _log_weight_function(self, trainer: L.Trainer) -> None:
+        from lightning_reweight.callbacks._plots import log_weight_function
+
+        log_weight_function(trainer, self.strategy)
+
+    def benchmark_metrics(self) -> dict[str, Any]:
+        """Figures for the benchmark record: the weight AUROC of the last epoch and its post-warm-up mean."""
+        hist = [h for h in self.auroc_history if h == h]
+        return {
+            "weight_auroc": hist[-1] if hist else None,
+            "weight_auroc_mean": sum(hist) / len(hist) if hist else None,
+            "meta_steps": self._meta_steps,
+        }
+
+    # ------------------------------------------------------------------ checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": {k: v.detach().cpu() for k, v in self.strategy.state_dict().items()},
+            "strategy_extra": self.strategy.extra_state(),
+            "meta_steps": self._meta_steps,
+            "meta_epoch": self._meta_epoch,
+            "meta_pos": self._meta_pos,
+            "auroc_history": list(self.auroc_history),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state_dict["strategy"])
+        self._pending_extra = state_dict.get("strategy_extra") or None
+        self._meta_steps = int(state_dict["meta_steps"])
+        self._meta_epoch = int(state_dict["meta_epoch"])
+        self._meta_pos = int(state_dict["meta_pos"])
+        self.auroc_history = list(state_dict.get("auroc_history", []))
+        self._meta_iter = None
