@@ -17,7 +17,8 @@ of the meta loss (at ``theta`` for L2RW; at the virtual-step parameters ``theta'
 Every extra forward runs through :func:`torch.func.functional_call` with **cloned buffers** (BatchNorm running
 statistics of the real model never change), inside :func:`torch.random.fork_rng` (the global RNG stream is
 restored afterwards), and forwards of the training batch replay the RNG state saved before the training forward
-(``rng_state``), so dropout draws the same masks as the training forward did. This replay is exact only if the
+(``rng_state``), so dropout draws the same masks as the training forward did (meta-batch forwards replay it too,
+so that every route sees the same meta masks). This replay is exact only if the
 training forward is the first consumer of the RNG after the state was saved. The optimizer is never touched.
 """
 
@@ -171,7 +172,8 @@ class MetaProblem:
             return functional_call(self._train_call, self._state(params), (self.train_batch,)).float()
 
     def meta_loss_at(self, params: Sequence[Tensor]) -> Tensor:
-        """The meta loss at ``params`` (fp32, cloned buffers)."""
+        """The meta loss at ``params`` (fp32, cloned buffers, random draws replayed from ``rng_state`` too)."""
+        self._replay()
         with self._fp32():
             return functional_call(self._meta_call, self._state(params), (self.meta_batch,)).float()
 

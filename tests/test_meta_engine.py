@@ -1,0 +1,179 @@
+"""The meta-gradient engine against independent references (per-sample gradient loops, textbook MW-Net)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from lightning_reweight.functional import l2rw_weights
+from lightning_reweight.meta import MetaProblem, MetaWeightNet, capture_rng
+
+
+def small_cnn(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(dropout), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).train()
+
+
+def data(b: int = 10, m: int = 8) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(b, 1, 8, 8, generator=g), torch.randint(0, 3, (b,), generator=g),
+            torch.randn(m, 1, 8, 8, generator=g), torch.randint(0, 3, (m,), generator=g))
+
+
+def reference_alignment(model: nn.Module, x, y, mx, my, rng=None) -> torch.Tensor:
+    """u_i = <grad l_i, grad L_meta>, per-sample gradients one by one (a deep copy: the model is not touched)."""
+    m = copy.deepcopy(model)
+    params = list(m.parameters())
+    if rng is not None:
+        torch.set_rng_state(rng)
+    g = torch.autograd.grad(F.cross_entropy(m(mx), my), params)
+    if rng is not None:
+        torch.set_rng_state(rng)
+    losses = F.cross_entropy(m(x), y, reduction="none")
+    rows = []
+    for i in range(len(y)):
+        gi = torch.autograd.grad(losses[i], params, retain_graph=True)
+        rows.append(sum((a.double() * b.double()).sum() for a, b in zip(gi, g)))
+    return torch.stack(rows)
+
+
+def problem(model: nn.Module, hypergrad: str, x, y, mx, my, **kw) -> MetaProblem:
+    def ce(b):
+        return F.cross_entropy(model(b[0]), b[1], reduction="none")
+
+    return MetaProblem(model, ce, lambda b: ce(b).mean(), (x, y), (mx, my), hypergrad=hypergrad, **kw)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_alignment_matches_per_sample_gradient_loop_with_batchnorm():
+    model = small_cnn()
+    x, y, mx, my = data()
+    ref = reference_alignment(model, x, y, mx, my)
+    assert rel(problem(model, "forward", x, y, mx, my).alignment(), ref) < 1e-5
+    assert rel(problem(model, "second_order", x, y, mx, my).alignment(), ref) < 1e-5
+    fd = problem(model, "finite_diff", x, y, mx, my).alignment()
+    assert F.cosine_similarity(fd.double(), ref, dim=0) > 0.999
+
+
+def test_l2rw_weights_forward_equals_second_order_and_fd_close():
+    model = small_cnn()
+    x, y, mx, my = data(16, 12)
+    exact = l2rw_weights(model, x, y, mx, my, hypergrad="second_order", lr=0.1)
+    fwd = l2rw_weights(model, x, y, mx, my, hypergrad="forward")
+    fd = l2rw_weights(model, x, y, mx, my, hypergrad="finite_diff")
+    assert exact.sum() > 0 and (exact >= 0).all()
+    assert torch.isclose(exact.sum(), torch.tensor(1.0))
+    assert rel(fwd, exact) < 1e-5
+    assert F.cosine_similarity(fd, exact, dim=0) > 0.999
+    # the weights are the clipped, normalised reference alignment
+    u = reference_alignment(model, x, y, mx, my).clamp_min(0)
+    assert rel(exact, (u / u.sum()).float()) < 1e-5
+
+
+def test_l2rw_weights_all_zero_when_nothing_aligns():
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    x = torch.tensor([[1.0, 0.0]])
+    # training label 1 pushes the opposite way to the meta label 0 for the same input
+    w = l2rw_weights(model, x, torch.tensor([1]), x, torch.tensor([0]), hypergrad="forward")
+    assert torch.equal(w, torch.zeros(1))
+
+
+@pytest.mark.parametrize("hypergrad", ["forward", "finite_diff", "second_order"])
+def test_model_buffers_rng_and_optimizer_untouched(hypergrad):
+    model = small_cnn(dropout=0.3)
+    x, y, mx, my = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt_state = copy.deepcopy(opt.state_dict())
+    mwn = MetaWeightNet(hidden=4)  # (its initialisation draws from the RNG)
+    rng = torch.get_rng_state()
+    l2rw_weights(model, x, y, mx, my, hypergrad=hypergrad)
+    mwn.meta_weights(problem(model, hypergrad, x, y, mx, my), lr=0.1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    after = opt.state_dict()
+    for k, s in opt_state["state"].items():
+        assert torch.equal(after["state"][k]["momentum_buffer"], s["momentum_buffer"])
+
+
+def test_dropout_masks_replayed_from_saved_state():
+    model = small_cnn(dropout=0.5)
+    x, y, mx, my = data()
+    rng = capture_rng()
+    ref = reference_alignment(model, x, y, mx, my, rng=rng[0])
+    # the training forward's losses (same mask) are reused by finite_diff
+    torch.set_rng_state(rng[0])
+    losses = F.cross_entropy(model(x), y, reduction="none").detach()
+    torch.manual_seed(123)  # the engine must replay the saved state, not use the current one
+    for hypergrad in ("forward", "second_order"):
+        assert rel(problem(model, hypergrad, x, y, mx, my, rng_state=rng).alignment(), ref) < 1e-5
+    fd = problem(model, "finite_diff", x, y, mx, my, rng_state=rng, losses=losses).alignment()
+    assert F.cosine_similarity(fd.double(), ref, dim=0) > 0.999
+
+
+def textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr):
+    """Meta-Weight-Net's meta gradient written out: virtual step, meta loss, backward to phi."""
+    m = copy.deepcopy(model)
+    names = [n for n, _ in m.named_parameters()]
+    params = list(m.parameters())
+    bufs = {n: b.clone() for n, b in m.named_buffers()}
+    losses = F.cross_entropy(m(x), y, reduction="none")
+    v = mwn.weight_net(losses.detach())
+    grads = torch.autograd.grad((v * losses).sum() / len(y), params, create_graph=True)
+    virtual = {n: p - lr * g for n, p, g in zip(names, params, grads)}
+    meta = F.cross_entropy(functional_call(m, {**virtual, **bufs}, (mx,)), my)
+    return torch.autograd.grad(meta, list(mwn.weight_net.parameters()))
+
+
+def flat(ts) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).double() for t in ts])
+
+
+def test_mwnet_meta_gradient_routes_match_textbook():
+    model = small_cnn()
+    x, y, mx, my = data(16, 12)
+    torch.manual_seed(3)
+    mwn = MetaWeightNet(hidden=16)
+    lr = 0.5
+    ref = flat(textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr))
+    second = flat(mwn.meta_gradient(problem(model, "second_order", x, y, mx, my), lr))
+    fwd = flat(mwn.meta_gradient(problem(model, "forward", x, y, mx, my), lr))
+    fd = flat(mwn.meta_gradient(problem(model, "finite_diff", x, y, mx, my), lr))
+    assert rel(second, ref) < 1e-5
+    assert rel(fwd, ref) < 1e-5  # exact: G_i is evaluated at the virtual-step parameters theta'
+    assert F.cosine_similarity(fd, ref, dim=0) > 0.999
+
+
+def test_mwnet_virtual_step_reuses_training_graph():
+    model = small_cnn()
+    x, y, mx, my = data()
+    mwn = MetaWeightNet(hidden=8)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    reused = flat(mwn.meta_gradient(problem(model, "forward", x, y, mx, my, losses=losses, reuse_graph=True), 0.3))
+    ref = flat(textbook_mwnet_gradient(model, mwn, x, y, mx, my, 0.3))
+    assert rel(reused, ref) < 1e-5
+
+
+def test_invalid_hypergrad():
+    model = small_cnn()
+    x, y, mx, my = data()
+    with pytest.raises(ValueError, match="hypergrad"):
+        l2rw_weights(model, x, y, mx, my, hypergrad="newton")
