@@ -1,0 +1,208 @@
+"""Step time and peak memory of one training step of ResNet-32 per hypergradient mode, as ratios to plain training.
+
+CIFAR-shaped: ResNet-32, batch 128 of 3x32x32 inputs, meta batch 100, SGD (lr 0.1, momentum 0.9, wd 5e-4). Each
+mode is a *step factory* in :data:`MODES` (name -> factory(model, optimizer) -> step(batch, meta_batch)); add a
+row by adding an entry (e.g. from another method's branch). A step does what one Lightning training step does
+(per-sample losses, the weighting, the weighted mean, backward, optimizer step) in plain PyTorch, without the
+Trainer's fixed overhead, which would flatter every ratio.
+
+Timing: every mode is timed in this one process, interleaved (mode A, B, C, ..., then again) for ``--repeats``
+rounds of ``--steps`` steps after ``--warmup`` untimed steps; the figure is the median step time, and the ratio
+is over the median of ``plain``. Peak memory: each mode also runs in a fresh subprocess (``--only MODE``) whose
+peak resident set size (``ru_maxrss``) is reported, and on CUDA the peak allocated memory
+(``torch.cuda.max_memory_allocated``) in this process.
+
+Run: ``PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/step_time_resnet32.py``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_reweight.meta import L2RW, MetaProblem, MetaStrategy, MetaWeightNet, capture_rng
+from lightning_reweight.models import resnet32
+
+Batch = tuple[Tensor, Tensor]
+Step = Callable[[Batch, Batch], None]
+StepFactory = Callable[[nn.Module, torch.optim.Optimizer], Step]
+
+RESULTS = Path(__file__).resolve().parent / "results" / "step_time_resnet32.json"
+
+
+def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
+    """Plain cross-entropy training step (the denominator of every ratio)."""
+
+    def step(batch: Batch, meta: Batch) -> None:
+        x, y = batch
+        loss = F.cross_entropy(model(x), y, reduction="none").mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str) -> StepFactory:
+    """A reweighted step: the per-sample losses of the training forward are handed to the meta engine, exactly
+    as :class:`~lightning_reweight.callbacks.MetaReweight` does inside ``training_step``."""
+
+    def factory(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
+        strat = strategy().to(next(model.parameters()).device)
+
+        def per_sample(b: Batch) -> Tensor:
+            return F.cross_entropy(model(b[0]), b[1], reduction="none")
+
+        def step(batch: Batch, meta: Batch) -> None:
+            rng = capture_rng(batch[0].device)
+            losses = per_sample(batch)
+            problem = MetaProblem(model, per_sample, lambda b: per_sample(b).mean(), batch, meta,
+                                  hypergrad=hypergrad, losses=losses, rng_state=rng, reuse_graph=True)
+            w = strat.meta_weights(problem, lr=opt.param_groups[0]["lr"])
+            loss = (w.detach() * losses).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    return factory
+
+
+#: mode name -> step factory; extend with more rows (``MODES["absgd"] = ...``)
+MODES: dict[str, StepFactory] = {"plain": plain_step}
+for _hg in ("finite_diff", "forward", "second_order"):
+    MODES[f"l2rw-{_hg}"] = meta_step(L2RW, _hg)
+    MODES[f"mwn-{_hg}"] = meta_step(MetaWeightNet, _hg)
+
+
+def make(batch: int, meta_batch: int, device: str, seed: int = 0) -> tuple[nn.Module, Batch, Batch]:
+    """A ResNet-32 in train mode and a random CIFAR-shaped batch and meta batch."""
+    torch.manual_seed(seed)
+    model = resnet32(num_classes=10).to(device).train()
+    g = torch.Generator().manual_seed(seed)
+    b = (torch.randn(batch, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
+    m = (torch.randn(meta_batch, 3, 32, 32, generator=g).to(device),
+         torch.randint(0, 10, (meta_batch,), generator=g).to(device))
+    return model, b, m
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_modes(modes: list[str], batch: int, meta_batch: int, device: str, steps: int, repeats: int,
+               warmup: int) -> dict[str, dict[str, Any]]:
+    """Median step time per mode, modes interleaved within each repeat."""
+    runners: dict[str, Step] = {}
+    data: dict[str, tuple[Batch, Batch]] = {}
+    for name in modes:
+        model, b, m = make(batch, meta_batch, device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        runners[name] = MODES[name](model, opt)
+        data[name] = (b, m)
+        for _ in range(warmup):
+            runners[name](b, m)
+    times: dict[str, list[float]] = {n: [] for n in modes}
+    peak: dict[str, int | None] = {}
+    for _ in range(repeats):
+        for name in modes:
+            b, m = data[name]
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                runners[name](b, m)
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+            peak[name] = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    return {n: {"median_ms": 1000 * statistics.median(t), "steps_timed": len(t), "cuda_peak_bytes": peak[n]}
+            for n, t in times.items()}
+
+
+def peak_rss_subprocess(mode: str, batch: int, meta_batch: int, device: str) -> int:
+    """Peak resident set size (bytes) of a fresh process that builds the model and runs 2 steps of ``mode``."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--only", mode, "--batch", str(batch), "--meta-batch", str(meta_batch),
+         "--device", device], capture_output=True, text=True, check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command line entry point; writes the JSON unless ``--only``."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--modes", nargs="*", default=list(MODES))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--meta-batch", type=int, default=100)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-mode subprocesses")
+    ap.add_argument("--only", help=argparse.SUPPRESS)
+    ap.add_argument("--output", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.only:  # child process: 2 steps, print peak RSS in bytes
+        model, b, m = make(args.batch, args.meta_batch, args.device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        step = MODES[args.only](model, opt)
+        for _ in range(2):
+            step(b, m)
+        scale = 1 if sys.platform == "darwin" else 1024
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+        return {}
+    modes = ["plain", *[m for m in args.modes if m != "plain"]]
+    res = time_modes(modes, args.batch, args.meta_batch, args.device, args.steps, args.repeats, args.warmup)
+    base = res["plain"]["median_ms"]
+    for name in modes:
+        res[name]["step_time_ratio"] = res[name]["median_ms"] / base
+        if res[name]["cuda_peak_bytes"] and res["plain"]["cuda_peak_bytes"]:
+            res[name]["cuda_peak_ratio"] = res[name]["cuda_peak_bytes"] / res["plain"]["cuda_peak_bytes"]
+    if not args.no_memory:
+        for name in modes:
+            res[name]["peak_rss_bytes"] = peak_rss_subprocess(name, args.batch, args.meta_batch, args.device)
+        for name in modes:
+            res[name]["peak_rss_ratio"] = res[name]["peak_rss_bytes"] / res["plain"]["peak_rss_bytes"]
+    record = {
+        "meta": {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/step_time_resnet32.py "
+                       + " ".join(argv if argv is not None else sys.argv[1:]),
+            "torch": torch.__version__,
+            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "threads": torch.get_num_threads(),
+            "batch": args.batch, "meta_batch": args.meta_batch, "steps": args.steps, "repeats": args.repeats,
+            "timing": "median step time over interleaved repeats, one process; ratio = mode / plain",
+            "memory": "peak_rss_bytes: ru_maxrss of a fresh subprocess running 2 steps of the mode",
+        },
+        "modes": res,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    for name in modes:
+        r = res[name]
+        print(f"{name:20s} {r['median_ms']:9.1f} ms  x{r['step_time_ratio']:.2f}"
+              + (f"  rss x{r['peak_rss_ratio']:.2f}" if "peak_rss_ratio" in r else ""))
+    return record
+
+
+if __name__ == "__main__":
+    main()
