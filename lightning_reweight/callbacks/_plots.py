@@ -36,7 +36,9 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError('plotting the weighting function needs matplotlib: pip install "lightning-reweight[plot]"') from err
+        raise ImportError(
+            'plotting the weighting function needs matplotlib: pip install "lightning-reweight[plot]"'
+        ) from err
     device = next(strategy.parameters()).device
     top = max_loss if max_loss is not None else 3.0 * float(torch.log(torch.tensor(10.0)))
     grid = torch.linspace(0.0, top, points, device=device)

@@ -162,7 +162,9 @@ class MetaReweight(Callback):
 
     # ------------------------------------------------------------------ per step
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._rng = capture_rng(pl_module.device)
 
     def _meta_step_now(self, trainer: L.Trainer) -> bool:

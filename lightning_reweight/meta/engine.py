@@ -132,6 +132,9 @@ class MetaProblem:
         self._params = [p for _, p in named]
         if self.rng_state is None:
             self.rng_state = capture_rng(self._params[0].device)
+        # losses computed under autocast (bf16/fp16 matmuls, even if the loss itself is fp32) cannot stand in
+        # for l(theta) in an fp32 finite difference
+        self._autocast = torch.is_autocast_enabled(self._params[0].device.type)
         self._train_call = _Call(self.module, self.train_loss)
         self._meta_call = _Call(self.module, self.meta_loss)
 
@@ -162,8 +165,8 @@ class MetaProblem:
     @contextlib.contextmanager
     def _forked(self) -> Iterator[None]:
         index = self.rng_state[2]  # type: ignore[index]
-        with torch.random.fork_rng(devices=[] if index is None else [index]):
-            yield
+        with torch.random.fork_rng(devices=[] if index is None else [index]), self._fp32():
+            yield  # autocast off for the backward passes too (they follow the autocast state of the caller)
 
     def train_losses_at(self, params: Sequence[Tensor]) -> Tensor:
         """Per-sample training losses at ``params`` (fp32, cloned buffers, the training forward's RNG)."""
@@ -191,7 +194,7 @@ class MetaProblem:
 
     def _base_losses(self) -> Tensor | None:
         """The training forward's losses, when they can stand in for ``l(theta)`` in fp32."""
-        if self.losses is None or self.losses.dtype != torch.float32:
+        if self.losses is None or self.losses.dtype != torch.float32 or self._autocast:
             return None
         return self.losses.detach()
 

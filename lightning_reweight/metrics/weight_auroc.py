@@ -35,8 +35,10 @@ def rank_auroc(scores: Tensor, positive: Tensor) -> Tensor:
 
 
 class WeightNoiseAUROC(Metric):
-    """AUROC of per-sample weights against the noise mask: the probability that a clean sample gets a higher
-    weight than a noisy one (1 = perfect separation, 0.5 = chance).
+    """AUROC of per-sample weights against the noise mask (higher weight = clean).
+
+    The probability that a clean sample gets a higher weight than a noisy one (1 = perfect separation,
+    0.5 = chance, ties count one half).
 
     States are concatenated across processes (``dist_reduce_fx="cat"``), so the value under DDP equals the value
     on all samples gathered in one process.

@@ -1,0 +1,174 @@
+"""MetaReweight in real Trainers: training, resume equivalence, DDP, refused strategies, bf16, the figure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_reweight import ReweightClassifier
+from lightning_reweight.callbacks import MetaReweight
+from lightning_reweight.callbacks._plots import log_weight_function
+from lightning_reweight.meta import L2RW, MetaProblem, MetaWeightNet
+from lightning_reweight.models import MLP
+
+ROOT = Path(__file__).resolve().parents[1]
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available.*")
+
+
+def loaders(n: int = 240, batch: int = 40, meta: int = 90, meta_batch: int = 30) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(n, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
+    noisy = torch.where(torch.rand(n, generator=g) < 0.4, torch.randint(0, 4, (n,), generator=g), y)
+    train = DataLoader(TensorDataset(x, noisy, torch.arange(n)), batch_size=batch, shuffle=False)
+    meta_loader = DataLoader(TensorDataset(x[:meta], y[:meta]), batch_size=meta_batch, shuffle=True)
+    return train, meta_loader
+
+
+def module(seed: int = 0) -> ReweightClassifier:
+    torch.manual_seed(seed)
+    return ReweightClassifier(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05, momentum=0.9)
+
+
+def trainer(epochs: int, callbacks: list, **kw) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, **kw)
+
+
+def flat(m: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+@pytest.mark.parametrize("strategy", [L2RW, MetaWeightNet])
+def test_trains_with_warmup_and_counts_meta_steps(strategy):
+    train, meta = loaders()
+    model = module()
+    cb = MetaReweight(strategy(), meta_dataloader=meta, hypergrad="finite_diff", warmup_epochs=1)
+    trainer(3, [cb]).fit(model, train)
+    assert cb.state_dict()["meta_steps"] == 2 * len(train)  # no meta step in the warm-up epoch
+    w = model.last_sample_weights
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    assert not torch.allclose(w, torch.ones_like(w))  # weights are not uniform after warm-up
+    if strategy is L2RW:
+        assert torch.isclose(w.sum(), torch.tensor(float(len(w)))) or w.sum() == 0  # mean scale
+    assert "MetaReweight" not in model.weightings  # detached at teardown
+
+
+def test_resume_continues_identically(tmp_path):
+    train, meta = loaders()
+    straight_model = module()
+    straight = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="forward", warmup_epochs=1)
+    torch.manual_seed(1)
+    straight.strategy.weight_net.load_state_dict(MetaWeightNet(hidden=8).weight_net.state_dict())
+    init = {k: v.clone() for k, v in straight.strategy.state_dict().items()}
+    trainer(4, [straight]).fit(straight_model, train)
+
+    first_model = module()
+    first = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="forward", warmup_epochs=1)
+    first.strategy.load_state_dict(init)
+    t = trainer(2, [first])
+    t.fit(first_model, train)
+    ckpt = tmp_path / "two.ckpt"
+    t.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)  # plain tensors and Python values only
+    assert any("MetaReweight" in k for k in state["callbacks"])
+
+    resumed_model = module(seed=5)
+    resumed = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="forward", warmup_epochs=1)
+    trainer(4, [resumed]).fit(resumed_model, train, ckpt_path=ckpt)
+    assert resumed.state_dict()["meta_steps"] == straight.state_dict()["meta_steps"]
+    assert resumed.state_dict()["meta_pos"] == straight.state_dict()["meta_pos"]
+    torch.testing.assert_close(flat(resumed.strategy), flat(straight.strategy), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(flat(resumed_model), flat(straight_model), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(flat(straight.strategy), torch.cat([v.reshape(-1) for v in init.values()]))
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_identical_meta_net(tmp_path):
+    script = Path(__file__).with_name("_ddp_meta_script.py")
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, _ = loaders()
+    for name in ("mwn", "l2rw"):
+        r0, r1 = (torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1))
+        assert r0["steps"] == r1["steps"] == len(train) // 2  # both trained, each on half the batches
+        torch.testing.assert_close(r0["model"], r1["model"])  # DDP kept the models in sync
+        assert torch.isfinite(r0["weights"]).all() and not torch.allclose(r0["weights"], torch.ones_like(r0["weights"]))
+        assert torch.equal(r0["meta"], r1["meta"])  # the meta-net is identical on both ranks
+    mwn = torch.load(tmp_path / "mwn_rank0.pt", weights_only=True)
+    assert not torch.allclose(mwn["meta"], mwn["init"])  # ... and it was trained
+
+
+def test_fsdp_and_deepspeed_refused_at_setup():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    train, meta = loaders()
+    cb = MetaReweight(L2RW(), meta_dataloader=meta)
+    fake = types.SimpleNamespace(strategy=FSDPStrategy(), datamodule=None)
+    with pytest.raises(RuntimeError, match="strategy='ddp'"):
+        cb.setup(fake, module(), "fit")  # type: ignore[arg-type]
+    DeepSpeedLike = type("DeepSpeedStrategy", (), {})
+    with pytest.raises(RuntimeError, match="DeepSpeed"):
+        cb.setup(types.SimpleNamespace(strategy=DeepSpeedLike(), datamodule=None), module(), "fit")  # type: ignore
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="meta_interval=1"):
+        MetaReweight(L2RW(), meta_interval=2)
+    with pytest.raises(ValueError, match="hypergrad"):
+        MetaReweight(L2RW(), hypergrad="exact")
+    train, _ = loaders()
+    with pytest.raises(ValueError, match="meta_dataloader"):
+        trainer(1, [MetaReweight(L2RW())]).fit(module(), train)
+
+
+def test_bf16_mixed_trains_and_meta_maths_in_fp32():
+    train, meta = loaders()
+    model = module()
+    cb = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="finite_diff")
+    trainer(1, [cb], precision="bf16-mixed").fit(model, train)
+    assert torch.isfinite(flat(cb.strategy)).all() and cb.state_dict()["meta_steps"] == len(train)
+    # under autocast the engine recomputes the losses in fp32: the same alignment as without autocast
+    x, y, _ = next(iter(train))
+    mx, my = next(iter(meta))
+
+    def ce(b):
+        return F.cross_entropy(model(b[0]), b[1], reduction="none")
+
+    ref = MetaProblem(model, ce, lambda b: ce(b).mean(), (x, y), (mx, my), hypergrad="finite_diff").alignment()
+    fp32_losses = ce((x, y)).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = ce((x, y))  # fp32 values from bf16 logits: not usable as l(theta) in a finite difference
+        assert not torch.allclose(losses.detach().float(), fp32_losses, rtol=1e-4, atol=0)
+        got = MetaProblem(model, ce, lambda b: ce(b).mean(), (x, y), (mx, my), hypergrad="finite_diff",
+                          losses=losses).alignment()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_function_figure_only_for_image_loggers():
+    calls = []
+
+    class TensorBoardLogger:  # the name is what the plot helper checks
+        experiment = types.SimpleNamespace(add_figure=lambda tag, fig, global_step: calls.append((tag, global_step)))
+
+    mwn = MetaWeightNet(hidden=8)
+    fake = types.SimpleNamespace(loggers=[TensorBoardLogger()], current_epoch=0, global_step=7)
+    assert log_weight_function(fake, mwn)
+    assert calls == [("meta/weight_function", 7)]
+    assert not log_weight_function(types.SimpleNamespace(loggers=[object()], current_epoch=0, global_step=0), mwn)

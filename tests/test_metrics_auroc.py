@@ -1,0 +1,59 @@
+"""WeightNoiseAUROC against scikit-learn and the pairwise definition; DDP gathering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_reweight.metrics import WeightNoiseAUROC, rank_auroc
+
+
+def pairwise_auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative) + 0.5 P(tie), by enumerating every pair."""
+    p, n = scores[positive], scores[~positive]
+    diff = p.view(-1, 1) - n.view(1, -1)
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_sklearn_and_pairwise_with_ties(seed):
+    sklearn = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(seed)
+    noisy = torch.rand(300, generator=g) < 0.4
+    weights = torch.rand(300, generator=g) + (~noisy).float() * 0.3
+    weights[:50] = torch.round(weights[:50] * 4) / 4  # ties
+    metric = WeightNoiseAUROC()
+    for chunk in range(0, 300, 70):
+        metric.update(weights[chunk : chunk + 70], noisy[chunk : chunk + 70])
+    got = float(metric.compute())
+    assert got == pytest.approx(sklearn.roc_auc_score((~noisy).numpy(), weights.numpy()), abs=1e-12)
+    assert got == pytest.approx(pairwise_auroc(weights, ~noisy), abs=1e-12)
+
+
+def test_large_weights_do_not_saturate_and_orientation():
+    noisy = torch.tensor([True, True, False, False])
+    assert float(rank_auroc(torch.tensor([100.0, 101.0, 102.0, 103.0]), ~noisy)) == 1.0
+    metric = WeightNoiseAUROC()
+    metric.update(torch.tensor([2.0, 3.0, 0.0, 1.0]), noisy)  # noisy samples weighted higher
+    assert float(metric.compute()) == 0.0
+
+
+def test_single_class_is_nan():
+    metric = WeightNoiseAUROC()
+    metric.update(torch.rand(5), torch.zeros(5, dtype=torch.bool))
+    assert torch.isnan(metric.compute())
+
+
+def test_states_concatenate_across_processes():
+    """The DDP reduction of the states (cat) gives the AUROC of the union of the ranks' samples."""
+    g = torch.Generator().manual_seed(3)
+    noisy = torch.rand(200, generator=g) < 0.5
+    weights = torch.rand(200, generator=g) + (~noisy).float() * 0.2
+    ranks = [WeightNoiseAUROC(), WeightNoiseAUROC()]
+    ranks[0].update(weights[:100], noisy[:100])
+    ranks[1].update(weights[100:], noisy[100:])
+    assert ranks[0]._reductions["weights"].__name__ == "dim_zero_cat"
+    merged = WeightNoiseAUROC()
+    merged.weights = [torch.cat([r.weights[0] for r in ranks])]
+    merged.noisy = [torch.cat([r.noisy[0] for r in ranks])]
+    assert float(merged.compute()) == pytest.approx(pairwise_auroc(weights, ~noisy), abs=1e-12)
