@@ -1,0 +1,47 @@
+"""Learning to Reweight or Meta-Weight-Net on the digits data with 40% symmetric label noise.
+
+Run: ``python examples/meta_reweight_digits.py --method mwn --hypergrad finite_diff --epochs 15``
+(about half a minute on one CPU core). Prints the test accuracy and the AUROC of the weights against the noise
+mask (how well the learned weights tell clean samples from noisy ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import lightning as L
+
+from lightning_reweight import ReweightClassifier
+from lightning_reweight.callbacks import MetaReweight
+from lightning_reweight.data import DigitsDataModule
+from lightning_reweight.meta import L2RW, MetaWeightNet
+from lightning_reweight.models import MLP
+
+
+def main() -> None:
+    """Train, test, print."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", choices=["l2rw", "mwn"], default="mwn")
+    ap.add_argument("--hypergrad", choices=["finite_diff", "forward", "second_order"], default="finite_diff")
+    ap.add_argument("--noise", type=float, default=0.4)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    L.seed_everything(args.seed, verbose=False)
+    dm = DigitsDataModule(noise_rate=args.noise, meta_per_class=10, batch_size=100, seed=args.seed)
+    dm.setup("fit")
+    model = ReweightClassifier(MLP(64, dm.num_classes, hidden=(256, 256)), dm.num_classes, lr=0.05, momentum=0.9)
+    strategy = L2RW() if args.method == "l2rw" else MetaWeightNet()
+    meta = MetaReweight(strategy, hypergrad=args.hypergrad)  # meta batches: dm.meta_dataloader(), cycled
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[meta], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    (test,) = trainer.test(model, datamodule=dm, verbose=False)
+    print(f"{args.method} ({args.hypergrad}), {args.noise:.0%} noise: test accuracy {100 * test['test/acc']:.2f}%, "
+          f"weight AUROC (last epoch) {meta.benchmark_metrics()['weight_auroc']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
