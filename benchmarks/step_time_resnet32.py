@@ -8,8 +8,10 @@ Trainer's fixed overhead, which would flatter every ratio.
 
 Timing: every mode is timed in this one process, interleaved (mode A, B, C, ..., then again) for ``--repeats``
 rounds of ``--steps`` steps after ``--warmup`` untimed steps; the figure is the median step time, and the ratio
-is over the median of ``plain``. Peak memory: each mode also runs in a fresh subprocess (``--only MODE``) whose
-peak resident set size (``ru_maxrss``) is reported, and on CUDA the peak allocated memory
+is over the median of ``plain``. Peak memory: each mode also runs 2 steps in a fresh subprocess (``--only MODE``)
+whose peak resident set size (Linux ``VmHWM``, which unlike ``ru_maxrss`` is not inherited from the forking
+parent) is reported, together with that of an idle subprocess (imports, model and data, no step) so that
+``peak_rss_over_idle_ratio`` compares the memory the steps themselves need; on CUDA, the peak allocated memory
 (``torch.cuda.max_memory_allocated``) in this process.
 
 Run: ``PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/step_time_resnet32.py``
@@ -136,8 +138,21 @@ def time_modes(modes: list[str], batch: int, meta_batch: int, device: str, steps
             for n, t in times.items()}
 
 
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (``VmHWM``; ``ru_maxrss`` where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def peak_rss_subprocess(mode: str, batch: int, meta_batch: int, device: str) -> int:
-    """Peak resident set size (bytes) of a fresh process that builds the model and runs 2 steps of ``mode``."""
+    """Peak resident set size (bytes) of a fresh process that builds the model and runs 2 steps of ``mode``
+    (``mode="idle"``: no step)."""
     out = subprocess.run(
         [sys.executable, __file__, "--only", mode, "--batch", str(batch), "--meta-batch", str(meta_batch),
          "--device", device], capture_output=True, text=True, check=True,
@@ -162,24 +177,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.only:  # child process: 2 steps, print peak RSS in bytes
         model, b, m = make(args.batch, args.meta_batch, args.device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        step = MODES[args.only](model, opt)
-        for _ in range(2):
-            step(b, m)
-        scale = 1 if sys.platform == "darwin" else 1024
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+        if args.only != "idle":
+            step = MODES[args.only](model, opt)
+            for _ in range(2):
+                step(b, m)
+        print(peak_rss())
         return {}
     modes = ["plain", *[m for m in args.modes if m != "plain"]]
+    memory: dict[str, int] = {}
+    if not args.no_memory:  # before the timing, while this process is small
+        for name in ["idle", *modes]:
+            memory[name] = peak_rss_subprocess(name, args.batch, args.meta_batch, args.device)
     res = time_modes(modes, args.batch, args.meta_batch, args.device, args.steps, args.repeats, args.warmup)
     base = res["plain"]["median_ms"]
     for name in modes:
         res[name]["step_time_ratio"] = res[name]["median_ms"] / base
         if res[name]["cuda_peak_bytes"] and res["plain"]["cuda_peak_bytes"]:
             res[name]["cuda_peak_ratio"] = res[name]["cuda_peak_bytes"] / res["plain"]["cuda_peak_bytes"]
-    if not args.no_memory:
-        for name in modes:
-            res[name]["peak_rss_bytes"] = peak_rss_subprocess(name, args.batch, args.meta_batch, args.device)
-        for name in modes:
-            res[name]["peak_rss_ratio"] = res[name]["peak_rss_bytes"] / res["plain"]["peak_rss_bytes"]
+        if memory:
+            res[name]["peak_rss_bytes"] = memory[name]
+            res[name]["peak_rss_ratio"] = memory[name] / memory["plain"]
+            res[name]["peak_rss_over_idle_ratio"] = (memory[name] - memory["idle"]) / (memory["plain"] - memory["idle"])
     record = {
         "meta": {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -191,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "batch": args.batch, "meta_batch": args.meta_batch, "steps": args.steps, "repeats": args.repeats,
             "timing": "median step time over interleaved repeats, one process; ratio = mode / plain",
-            "memory": "peak_rss_bytes: ru_maxrss of a fresh subprocess running 2 steps of the mode",
+            "memory": "peak_rss_bytes: VmHWM of a fresh subprocess running 2 steps of the mode; "
+                      "peak_rss_over_idle_ratio: (peak - idle) / (plain peak - idle), idle = same process, no step",
+            "idle_rss_bytes": memory.get("idle"),
         },
         "modes": res,
     }
@@ -200,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in modes:
         r = res[name]
         print(f"{name:20s} {r['median_ms']:9.1f} ms  x{r['step_time_ratio']:.2f}"
-              + (f"  rss x{r['peak_rss_ratio']:.2f}" if "peak_rss_ratio" in r else ""))
+              + (f"  rss x{r['peak_rss_ratio']:.2f} (over idle x{r['peak_rss_over_idle_ratio']:.2f})"
+                 if "peak_rss_ratio" in r else ""))
     return record
 
 
