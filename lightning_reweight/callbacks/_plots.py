@@ -42,11 +42,12 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
     device = next(strategy.parameters()).device
     top = max_loss if max_loss is not None else 3.0 * float(torch.log(torch.tensor(10.0)))
     grid = torch.linspace(0.0, top, points, device=device)
-    weights = strategy.weights(grid).float().cpu()
+    with torch.no_grad():
+        weights = strategy.weight_net(grid).float().cpu()  # V(l) itself, before any normalisation
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.plot(grid.cpu().numpy(), weights.numpy())
     ax.set_xlabel("loss")
-    ax.set_ylabel("weight")
+    ax.set_ylabel("weight V(loss)")
     ax.set_title(f"weighting function, epoch {trainer.current_epoch}")
     fig.tight_layout()
     step = trainer.global_step
