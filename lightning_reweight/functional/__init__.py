@@ -1,3 +1,17 @@
 """Pure tensor maths, no Lightning: each method's core formula, testable against the papers."""
 
-__all__: list[str] = []
+from lightning_reweight.functional.longtail import (
+    check_class_counts,
+    class_balanced_sample_weights,
+    class_balanced_weights,
+    ldam_margins,
+    logit_adjustment_offsets,
+)
+
+__all__: list[str] = [
+    "check_class_counts",
+    "class_balanced_sample_weights",
+    "class_balanced_weights",
+    "ldam_margins",
+    "logit_adjustment_offsets",
+]
