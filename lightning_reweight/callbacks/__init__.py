@@ -1,3 +1,6 @@
 """Lightning callbacks: schedules, the meta-net updater, monitors (one file per callback)."""
 
-__all__: list[str] = []
+from lightning_reweight.callbacks.deferred_resampling import DeferredResampling
+from lightning_reweight.callbacks.deferred_reweighting import ClassWeighting, DeferredReweighting
+
+__all__: list[str] = ["ClassWeighting", "DeferredResampling", "DeferredReweighting"]
