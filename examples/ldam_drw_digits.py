@@ -8,6 +8,7 @@ Prints balanced accuracy and many/medium/few-shot accuracy on the (balanced) tes
 """
 
 import argparse
+import logging
 
 import lightning as L
 import torch
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     print(f"{'method':<10} {'balanced %':>10} {'many %':>8} {'medium %':>9} {'few %':>7}")
     for method in ("ce", "ldam-drw"):
         r = train(method, args.epochs, args.seed)
