@@ -223,3 +223,33 @@ def test_drs_ddp_gloo_two_processes(tmp_path):
     expected = drs_class_probabilities([300, 60, 12], 0.9999)
     sd = (expected * (1 - expected) / drawn.numel()).sqrt()
     assert bool(((freq - expected).abs() < 5 * sd).all()), (freq, expected)
+
+
+class WrappingLoss(torch.nn.Module):
+    """A criterion that wraps a base loss and is itself a weighting source (the shape of ABSGD's loss)."""
+
+    def __init__(self, base_loss):
+        super().__init__()
+        self.base_loss = base_loss
+        self.seen_weights = []
+
+    def sample_weights(self, losses, context):
+        self.seen_weights.append(self.base_loss.weight.clone())
+        return torch.ones_like(losses)
+
+
+def test_drw_criterion_mode_reaches_wrapped_base_loss(tmp_path):
+    crit = WrappingLoss(LDAMLoss(COUNTS, s=5.0, reduction="none"))
+    model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3, criterion=crit, lr=0.05)
+    epochs = []
+
+    class Epochs(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            epochs.append(trainer.current_epoch)
+
+    trainer_for(tmp_path, 3, [DeferredReweighting(1, BETA, "criterion", COUNTS), Epochs()],
+                enable_checkpointing=False).fit(model, TinyDataModule())
+    expected = torch.tensor(cb_weights(COUNTS, BETA))
+    assert len(crit.seen_weights) == len(epochs) == 12
+    for e, w in zip(epochs, crit.seen_weights):
+        assert torch.allclose(w, expected if e >= 1 else torch.ones(3), rtol=1e-5)
