@@ -180,7 +180,7 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         elif hp.scheduler == "warmup_multistep":
             from lightning_reweight.schedules import warmup_multistep
 
-            sched = warmup_multistep(opt, hp.warmup_epochs, hp.milestones, hp.gamma)
+            sched = warmup_multistep(opt, hp.get("warmup_epochs", 5), hp.milestones, hp.gamma)
         else:
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
