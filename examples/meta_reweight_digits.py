@@ -32,8 +32,10 @@ def main() -> None:
     dm = DigitsDataModule(noise_rate=args.noise, meta_per_class=10, batch_size=100, seed=args.seed)
     dm.setup("fit")
     model = ReweightClassifier(MLP(64, dm.num_classes, hidden=(256, 256)), dm.num_classes, lr=0.05, momentum=0.9)
-    strategy = L2RW() if args.method == "l2rw" else MetaWeightNet()
-    meta = MetaReweight(strategy, hypergrad=args.hypergrad)  # meta batches: dm.meta_dataloader(), cycled
+    # MW-Net with sum-normalised weights and a short warm-up (see docs/methods/meta_weight_net.md)
+    strategy = L2RW() if args.method == "l2rw" else MetaWeightNet(normalize=True)
+    warmup = 0 if args.method == "l2rw" else 5
+    meta = MetaReweight(strategy, hypergrad=args.hypergrad, warmup_epochs=warmup)  # meta: dm.meta_dataloader()
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[meta], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)

@@ -67,6 +67,19 @@ def test_trains_with_warmup_and_counts_meta_steps(strategy):
     assert "MetaReweight" not in model.weightings  # detached at teardown
 
 
+def test_meta_interval_weights_with_current_meta_net_between_meta_steps():
+    train, meta = loaders()
+    model = module()
+    cb = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="forward", meta_interval=3)
+    trainer(1, [cb]).fit(model, train)
+    assert cb.state_dict()["meta_steps"] == len(range(0, len(train), 3))
+    # the last step is not a meta step: its weights are V(l) of the current meta-net, in (0, 1)
+    x, y, _ = list(train)[-1]
+    assert (len(train) - 1) % 3 != 0
+    assert model.last_sample_weights.shape == y.shape
+    assert ((model.last_sample_weights > 0) & (model.last_sample_weights < 1)).all()
+
+
 def test_resume_continues_identically(tmp_path):
     train, meta = loaders()
     straight_model = module()
