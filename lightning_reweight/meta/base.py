@@ -20,6 +20,14 @@ class MetaStrategy(nn.Module):
 
     Subclasses implement :meth:`meta_weights` (a meta step: update any learned state, return weights) and, if
     they have learned state, :meth:`weights` (weights between meta steps) and :meth:`extra_state`.
+
+    Example:
+        >>> import torch
+        >>> class Uniform(MetaStrategy):
+        ...     def meta_weights(self, problem, lr):
+        ...         return torch.ones_like(problem.detached_losses())
+        >>> Uniform().stateful
+        False
     """
 
     #: whether the strategy keeps learned state between steps (then ``meta_interval > 1`` makes sense)
