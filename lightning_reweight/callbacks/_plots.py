@@ -11,12 +11,12 @@ __all__ = ["image_loggers", "log_weight_function"]
 
 def image_loggers(trainer: Any) -> list[Any]:
     """The trainer's loggers that accept figures: TensorBoard (``add_figure``) and W&B (``log_image``)."""
-    out = []
-    for logger in getattr(trainer, "loggers", []) or []:
-        name = type(logger).__name__
-        if name == "TensorBoardLogger" or name == "WandbLogger":
-            out.append(logger)
-    return out
+    return [lg for lg in getattr(trainer, "loggers", []) or [] if _kind(lg) is not None]
+
+
+def _kind(logger: Any) -> str | None:
+    names = {cls.__name__ for cls in type(logger).__mro__}  # subclasses of the two loggers count too
+    return "tensorboard" if "TensorBoardLogger" in names else "wandb" if "WandbLogger" in names else None
 
 
 def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = None, points: int = 200) -> bool:
@@ -52,7 +52,7 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
     fig.tight_layout()
     step = trainer.global_step
     for logger in loggers:
-        if type(logger).__name__ == "TensorBoardLogger":
+        if _kind(logger) == "tensorboard":
             logger.experiment.add_figure("meta/weight_function", fig, global_step=step)
         else:
             logger.log_image(key="meta/weight_function", images=[fig], step=step)
