@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["log_figure", "log_histogram", "rich_loggers"]
+__all__ = ["define_epoch_axis", "log_figure", "log_histograms", "rich_loggers"]
 
 
 def rich_loggers(trainer: Any) -> list[tuple[str, Any]]:
@@ -39,32 +39,47 @@ def _is_global_zero(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_global_zero", True))
 
 
-def log_histogram(trainer: Any, key: str, values: Tensor, step: int | None = None) -> int:
-    """Log a histogram of ``values`` to every W&B and TensorBoard logger of ``trainer`` (rank zero only).
+def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = None) -> int:
+    """Log histograms to every W&B and TensorBoard logger of ``trainer`` (rank zero only; one W&B step).
 
     Args:
         trainer: the Lightning trainer.
-        key: the metric name, e.g. ``"memorization/weights_noisy"``.
-        values: the samples (any shape; flattened).
+        values: metric name -> samples (any shape; flattened); empty tensors are skipped.
         step: the step to log at (default ``trainer.global_step``).
 
     Returns:
-        How many loggers received the histogram.
+        How many loggers received the histograms.
     """
-    if values.numel() == 0 or not _is_global_zero(trainer):
+    data = {k: v.detach().float().flatten().cpu() for k, v in values.items() if v.numel() > 0}
+    if not data or not _is_global_zero(trainer):
         return 0
     step = int(trainer.global_step) if step is None else step
-    data = values.detach().float().flatten().cpu()
     written = 0
     for kind, logger in rich_loggers(trainer):
         if kind == "wandb":
             import wandb
 
-            logger.log_metrics({key: wandb.Histogram(data.numpy())}, step=step)
+            logger.log_metrics({k: wandb.Histogram(v.numpy()) for k, v in data.items()}, step=step)
         else:
-            logger.experiment.add_histogram(key, data, global_step=step)
+            for k, v in data.items():
+                logger.experiment.add_histogram(k, v, global_step=step)
         written += 1
     return written
+
+
+def define_epoch_axis(trainer: Any, pattern: str) -> None:
+    """Make W&B plot the metrics matching ``pattern`` (e.g. ``"memorization/*"``) against ``epoch``.
+
+    A no-op without a W&B logger or off rank zero.
+    """
+    if not _is_global_zero(trainer):
+        return
+    for kind, logger in rich_loggers(trainer):
+        if kind == "wandb":
+            experiment = logger.experiment
+            if hasattr(experiment, "define_metric"):
+                experiment.define_metric("epoch")
+                experiment.define_metric(pattern, step_metric="epoch")
 
 
 def log_figure(trainer: Any, key: str, figure: Any, step: int | None = None) -> int:

@@ -235,7 +235,8 @@ def test_logged_zeta_is_running_mean_and_subset_accuracy_is_exact(tmp_path):
     assert float(metrics["memorization/zeta"]) == pytest.approx(sum(drops) / 2, rel=1e-6)
     # the labels are uniform over the classes, fixed, and drawn from the monitor's own seed
     labels = monitor.random_labels
-    assert labels.shape == (96,) and torch.equal(labels, torch.randint(4, (96,), generator=torch.Generator().manual_seed(0)))
+    assert labels.shape == (96,)
+    assert torch.equal(labels, torch.randint(4, (96,), generator=torch.Generator().manual_seed(0)))
 
     # epoch-1 subset accuracy is that of the model after epoch 0; check epoch 0's with a 1-epoch run instead
     monitor1 = SusceptibilityMonitor(batch_size=32)
@@ -346,29 +347,38 @@ class _RecordZeta(L.Callback):
     def on_train_end(self, trainer, pl_module):
         monitor = next(c for c in trainer.callbacks if isinstance(c, SusceptibilityMonitor))
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
-        torch.save({"drops": [d for _, d in monitor.history], "zeta": monitor.zeta}, path)
+        torch.save({"drops": [d for _, d in monitor.history], "zeta": monitor.zeta, "logged": monitor.logged_history},
+                   path)
 
 
 @pytest.mark.ddp
 def test_ddp_ranks_agree_on_zeta(tmp_path):
     L.seed_everything(0, verbose=False)
     model = _module()
+    dm = _NoisyDM()
+    x, y, _ = dm.train_dataset.tensors
+    with torch.no_grad():
+        correct = copy.deepcopy(model).eval()(x).argmax(1) == y
     trainer = L.Trainer(
         max_epochs=2,
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy="ddp_fork",
         callbacks=[SusceptibilityMonitor(batch_size=16), _RecordZeta(str(tmp_path))],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, datamodule=_NoisyDM())
+    trainer.fit(model, datamodule=dm)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert len(r0["drops"]) == 2
     assert r0 == r1
+    # each rank evaluates half of the training set; the summed counts give the full-set accuracy
+    epoch0 = r0["logged"][0]
+    assert epoch0["memorization/train_acc_noisy"] == pytest.approx(correct[dm.noise_mask].float().mean().item())
+    assert epoch0["memorization/train_acc_clean"] == pytest.approx(correct[~dm.noise_mask].float().mean().item())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_reweight.contract import split_batch
 from lightning_reweight.functional.susceptibility import preserved_rng, susceptibility_step
-from lightning_reweight.loggers import log_histogram
+from lightning_reweight.loggers import define_epoch_axis, log_histograms
 
 __all__ = ["SusceptibilityMonitor"]
 
@@ -116,6 +116,7 @@ class SusceptibilityMonitor(Callback):
         self._labels: Tensor | None = None
         self._epochs: list[int] = []
         self._drops: list[float] = []
+        self._logged: list[dict[str, float]] = []
         self._pool: Tensor | None = None
         self._dataset: Any = None
         self._weights: list[Tensor] = []
@@ -131,6 +132,11 @@ class SusceptibilityMonitor(Callback):
     def zeta(self) -> float | None:
         """The susceptibility: running mean of the drops (``None`` before the first measurement)."""
         return sum(self._drops) / len(self._drops) if self._drops else None
+
+    @property
+    def logged_history(self) -> list[dict[str, float]]:
+        """Everything the monitor logged, one dict per epoch (``{"epoch": e, "memorization/drop": ...}``)."""
+        return [dict(d) for d in self._logged]
 
     @property
     def random_labels(self) -> Tensor | None:
@@ -173,6 +179,7 @@ class SusceptibilityMonitor(Callback):
             self.num_classes = int(n)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        define_epoch_axis(trainer, f"{self.prefix}/*")
         if self.unlabelled_loader is not None and self._pool is None:
             with preserved_rng():
                 chunks = [_inputs_of(b).cpu() for b in self.unlabelled_loader]
@@ -260,8 +267,14 @@ class SusceptibilityMonitor(Callback):
                 log[f"{self.prefix}/train_acc_noisy"] = noisy_ok / noisy_n
             if clean_n > 0:
                 log[f"{self.prefix}/train_acc_clean"] = clean_ok / clean_n
+        self._record(epoch, log)
         for key, value in log.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+
+    def _record(self, epoch: int, values: dict[str, float]) -> None:
+        if not self._logged or self._logged[-1]["epoch"] != epoch:
+            self._logged.append({"epoch": epoch})
+        self._logged[-1].update(values)
 
     def _subset_counts(self, trainer: Trainer, pl_module: LightningModule, mask: Tensor, forward: Any) -> Tensor:
         """``[noisy correct, noisy total, clean correct, clean total]`` over this rank's share of the train set."""
@@ -322,12 +335,17 @@ class SusceptibilityMonitor(Callback):
         self._weight_indices.clear()
         sums = torch.stack([weights[noisy].sum(), noisy.sum(), weights[~noisy].sum(), (~noisy).sum()]).double()
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        log = {}
         if float(sums[1]) > 0:
-            pl_module.log(f"{self.prefix}/weight_mean_noisy", float(sums[0] / sums[1]), on_epoch=True, batch_size=1)
+            log[f"{self.prefix}/weight_mean_noisy"] = float(sums[0] / sums[1])
         if float(sums[3]) > 0:
-            pl_module.log(f"{self.prefix}/weight_mean_clean", float(sums[2] / sums[3]), on_epoch=True, batch_size=1)
-        log_histogram(trainer, f"{self.prefix}/weights_noisy", weights[noisy])
-        log_histogram(trainer, f"{self.prefix}/weights_clean", weights[~noisy])
+            log[f"{self.prefix}/weight_mean_clean"] = float(sums[2] / sums[3])
+        self._record(trainer.current_epoch, log)
+        for key, value in log.items():
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        log_histograms(
+            trainer, {f"{self.prefix}/weights_noisy": weights[noisy], f"{self.prefix}/weights_clean": weights[~noisy]}
+        )
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -339,6 +357,7 @@ class SusceptibilityMonitor(Callback):
             "labels": None if self._labels is None else self._labels.clone(),
             "epochs": list(self._epochs),
             "drops": list(self._drops),
+            "logged": [dict(d) for d in self._logged],
         }
 
     @override
@@ -351,3 +370,4 @@ class SusceptibilityMonitor(Callback):
         self._labels = None if labels is None else torch.as_tensor(labels).clone()
         self._epochs = [int(e) for e in state_dict.get("epochs", [])]
         self._drops = [float(d) for d in state_dict.get("drops", [])]
+        self._logged = [dict(d) for d in state_dict.get("logged", [])]
