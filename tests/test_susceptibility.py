@@ -236,7 +236,9 @@ def test_logged_zeta_is_running_mean_and_subset_accuracy_is_exact(tmp_path):
     # the labels are uniform over the classes, fixed, and drawn from the monitor's own seed
     labels = monitor.random_labels
     assert labels.shape == (96,)
-    assert torch.equal(labels, torch.randint(4, (96,), generator=torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(0)
+    torch.randperm(96, generator=g)  # the documented recipe: pool indices first, then the labels
+    assert torch.equal(labels, torch.randint(4, (96,), generator=g))
 
     # epoch-1 subset accuracy is that of the model after epoch 0; check epoch 0's with a 1-epoch run instead
     monitor1 = SusceptibilityMonitor(batch_size=32)
@@ -298,6 +300,7 @@ def test_resume_restores_history_and_labels(tmp_path):
     ckpt = torch.load(path, weights_only=True)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("SusceptibilityMonitor")]
     assert state["epochs"] == [0, 1] and torch.equal(state["labels"], monitor.random_labels)
+    assert torch.equal(state["pool_indices"], torch.arange(96))
 
     resumed = SusceptibilityMonitor(batch_size=32, seed=5)
     L.seed_everything(0, verbose=False)

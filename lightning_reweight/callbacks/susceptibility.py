@@ -41,14 +41,17 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 class SusceptibilityMonitor(Callback):
     """Log the susceptibility to noisy labels, ``zeta``, once per epoch (Forouzesh, Sedghi & Thiran, ICLR 2023).
 
-    A randomly labelled set is built once: the training inputs (``trainer.datamodule.train_dataset``, else the
-    train loader's dataset) or the inputs of ``unlabelled_loader``, each given a label drawn uniformly over all
-    classes with a generator seeded by ``seed``; the labels are fixed for the run and saved in checkpoints. At the
+    A randomly labelled set is built once, at the first measurement: ``pool_size`` training inputs
+    (``trainer.datamodule.train_dataset``, else the train loader's dataset; chosen with a generator seeded by
+    ``seed``) or the first ``pool_size`` inputs of ``unlabelled_loader``, read into memory once (as the dataset
+    returns them then, transforms included), each given a label drawn uniformly over all classes with the same
+    generator. The labels and the chosen indices are fixed for the run and saved in checkpoints. At the
     start of every ``every_n_epochs``-th epoch, one batch of ``batch_size`` of that set (drawn with the monitor's
-    own generator) goes through :func:`~lightning_reweight.functional.susceptibility_step` with the training
-    optimizer ``trainer.optimizers[0]``: the loss drop of one step on random labels, after which parameters,
-    buffers, gradients, optimizer state and the random number generators are restored exactly. Training with the
-    monitor is therefore bit-identical to training without it.
+    own generator, seeded by ``seed`` and the epoch) goes through
+    :func:`~lightning_reweight.functional.susceptibility_step` with the training optimizer
+    ``trainer.optimizers[0]``: the loss drop of one step on random labels, after which parameters, buffers,
+    gradients, optimizer state and the random number generators are restored exactly. Training with the monitor
+    is therefore bit-identical to training without it.
 
     Logged (through ``LightningModule.log``, so every logger gets them; under DDP the drop is averaged over
     ranks so all ranks hold the same ``zeta``):
@@ -58,7 +61,8 @@ class SusceptibilityMonitor(Callback):
       carry as third element): ``memorization/train_acc_noisy`` and ``memorization/train_acc_clean``, the
       accuracy on the given (noisy) labels of the noisy and the clean training samples, from a no-grad eval
       pass over the training set at the same time as the probe (``log_subset_accuracy``; costs one forward
-      over the training set per measurement).
+      over the training set per measurement; the inputs are read once and kept in memory, each rank keeps
+      and evaluates its own 1/world share).
     - When a reweighting source is attached to the module (it sets ``last_sample_weights`` /
       ``last_sample_indices``) and the noise mask is known: ``memorization/weight_mean_clean`` and
       ``memorization/weight_mean_noisy`` each epoch, and histograms ``memorization/weights_clean`` /
@@ -72,12 +76,14 @@ class SusceptibilityMonitor(Callback):
         batch_size: size of the randomly labelled batch of each measurement (128 in the paper).
         every_n_epochs: measure at the start of every n-th epoch.
         unlabelled_loader: a loader of unlabelled inputs (batches of inputs or tuples whose first element is
-            the inputs) to draw from instead of the training inputs; read once into memory at the start of fit.
+            the inputs) to draw from instead of the training inputs; its first ``pool_size`` inputs are read
+            into memory at the first measurement.
         seed: seeds the random labels and the per-epoch batch choice.
         num_classes: number of classes (default: ``pl_module.num_classes`` or ``datamodule.num_classes``).
         log_subset_accuracy: log train accuracy on the noisy and clean subsets when the noise mask is known.
         log_weight_histograms: log the weights of clean and noisy samples when a reweighting source is active.
         eval_batch_size: batch size of the subset-accuracy pass.
+        pool_size: size of the randomly labelled set kept in memory (at least ``batch_size``).
         prefix: prefix of the logged keys.
 
     Example:
@@ -96,12 +102,15 @@ class SusceptibilityMonitor(Callback):
         log_subset_accuracy: bool = True,
         log_weight_histograms: bool = True,
         eval_batch_size: int = 512,
+        pool_size: int = 2048,
         prefix: str = "memorization",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if pool_size < batch_size:
+            raise ValueError(f"pool_size ({pool_size}) must be >= batch_size ({batch_size})")
         if eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         self.batch_size = batch_size
@@ -112,13 +121,16 @@ class SusceptibilityMonitor(Callback):
         self.log_subset_accuracy = log_subset_accuracy
         self.log_weight_histograms = log_weight_histograms
         self.eval_batch_size = eval_batch_size
+        self.pool_size = pool_size
         self.prefix = prefix
         self._labels: Tensor | None = None
         self._epochs: list[int] = []
         self._drops: list[float] = []
         self._logged: list[dict[str, float]] = []
         self._pool: Tensor | None = None
+        self._pool_indices: Tensor | None = None
         self._dataset: Any = None
+        self._eval_data: tuple[Tensor, Tensor, Tensor] | None = None
         self._weights: list[Tensor] = []
         self._weight_indices: list[Tensor] = []
 
@@ -180,59 +192,64 @@ class SusceptibilityMonitor(Callback):
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         define_epoch_axis(trainer, f"{self.prefix}/*")
-        if self.unlabelled_loader is not None and self._pool is None:
-            with preserved_rng():
-                chunks = [_inputs_of(b).cpu() for b in self.unlabelled_loader]
-            if not chunks:
-                raise ValueError("unlabelled_loader is empty: pass a loader that yields inputs")
-            self._pool = torch.cat(chunks)
 
-    def _source_size(self, trainer: Trainer) -> int:
-        if self._pool is not None:
-            return int(self._pool.shape[0])
+    def _train_dataset(self, trainer: Trainer) -> Any:
         if self._dataset is None:
             dm = trainer.datamodule
             dataset = getattr(dm, "train_dataset", None) if dm is not None else None
             if dataset is None:
-                loader = trainer.train_dataloader
-                dataset = getattr(loader, "dataset", None)
+                dataset = getattr(trainer.train_dataloader, "dataset", None)
             if dataset is None:
                 raise ValueError(
                     "SusceptibilityMonitor found no training dataset (trainer.datamodule.train_dataset or "
                     "trainer.train_dataloader.dataset): pass unlabelled_loader=..."
                 )
             self._dataset = dataset
-        return len(self._dataset)
+        return self._dataset
 
-    def _ensure_labels(self, size: int) -> Tensor:
-        if self._labels is None:
-            g = torch.Generator().manual_seed(self.seed)
-            self._labels = torch.randint(int(self.num_classes or 2), (size,), generator=g)
-        elif self._labels.shape[0] != size:
+    def _ensure_pool(self, trainer: Trainer) -> None:
+        """Read the randomly labelled set's inputs into memory once and draw its labels (first measurement)."""
+        if self._pool is not None:
+            return
+        g = torch.Generator().manual_seed(self.seed)
+        if self.unlabelled_loader is not None:
+            chunks, count = [], 0
+            for batch in self.unlabelled_loader:
+                chunks.append(_inputs_of(batch).cpu())
+                count += chunks[-1].shape[0]
+                if count >= self.pool_size:
+                    break
+            if not chunks:
+                raise ValueError("unlabelled_loader is empty: pass a loader that yields inputs")
+            pool = torch.cat(chunks)[: self.pool_size]
+            indices = torch.arange(pool.shape[0])
+        else:
+            dataset = self._train_dataset(trainer)
+            size = len(dataset)
+            indices = torch.randperm(size, generator=g)[: self.pool_size].sort().values
+            pool = torch.stack([_inputs_of(dataset[int(i)]) for i in indices])
+        if self._pool_indices is not None and not torch.equal(self._pool_indices, indices):
             raise ValueError(
-                f"the checkpoint's random labels cover {self._labels.shape[0]} inputs but the randomly labelled "
-                f"set now has {size}: resume with the same training data (or unlabelled_loader)"
+                "the checkpoint's randomly labelled set differs from the one rebuilt now (different data, seed or "
+                "pool_size): resume with the same training data, seed and pool_size"
             )
-        return self._labels
+        labels = torch.randint(int(self.num_classes or 2), (indices.shape[0],), generator=g)
+        if self._labels is not None and not torch.equal(self._labels, labels):
+            raise ValueError("the checkpoint's random labels differ from the ones drawn now: same seed/num_classes?")
+        self._pool_indices, self._labels, self._pool = indices, labels, pool
 
     def probe_batch(self, trainer: Trainer, epoch: int) -> tuple[Tensor, Tensor]:
         """The randomly labelled batch of ``epoch`` (inputs on CPU, labels), the same on every rank."""
-        size = self._source_size(trainer)
-        labels = self._ensure_labels(size)
+        self._ensure_pool(trainer)
+        assert self._pool is not None and self._labels is not None
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
-        idx = torch.randperm(size, generator=g)[: self.batch_size]
-        if self._pool is not None:
-            inputs = self._pool[idx]
-        else:
-            inputs = torch.stack([_inputs_of(self._dataset[int(i)]) for i in idx])
-        return inputs, labels[idx]
+        idx = torch.randperm(self._pool.shape[0], generator=g)[: self.batch_size]
+        return self._pool[idx], self._labels[idx]
 
     def _noise_mask(self, trainer: Trainer) -> Tensor | None:
         dm = trainer.datamodule
         mask = getattr(dm, "noise_mask", None) if dm is not None else None
-        if mask is None or self._pool is not None:
-            return None
-        return torch.as_tensor(mask, dtype=torch.bool)
+        return None if mask is None else torch.as_tensor(mask, dtype=torch.bool)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -278,33 +295,33 @@ class SusceptibilityMonitor(Callback):
 
     def _subset_counts(self, trainer: Trainer, pl_module: LightningModule, mask: Tensor, forward: Any) -> Tensor:
         """``[noisy correct, noisy total, clean correct, clean total]`` over this rank's share of the train set."""
-        dataset = self._dataset
-        if dataset is None:
-            self._source_size(trainer)
-            dataset = self._dataset
-        world, rank = trainer.world_size, trainer.global_rank
-        positions = list(range(rank, len(dataset), world))
-        loader = DataLoader(
-            Subset(dataset, positions), batch_size=self.eval_batch_size, shuffle=False, generator=torch.Generator()
-        )
-        counts = torch.zeros(4, dtype=torch.float64)
-        start = 0
-        with torch.no_grad(), _eval_mode(pl_module):
+        if self._eval_data is None:
+            dataset = self._train_dataset(trainer)
+            positions = torch.arange(trainer.global_rank, len(dataset), trainer.world_size)
+            loader = DataLoader(
+                Subset(dataset, positions.tolist()),
+                batch_size=self.eval_batch_size,
+                shuffle=False,
+                generator=torch.Generator(),
+            )
+            xs, ys, ids, seen = [], [], [], 0
             for batch in loader:
                 x, y, idx = split_batch(batch)
-                if idx is None:
-                    idx = torch.as_tensor(positions[start : start + len(y)])
-                start += len(y)
-                correct = forward(x.to(pl_module.device)).argmax(dim=1).cpu() == y.cpu()
-                noisy = mask[idx.cpu()]
-                counts += torch.stack(
-                    [
-                        (correct & noisy).sum(),
-                        noisy.sum(),
-                        (correct & ~noisy).sum(),
-                        (~noisy).sum(),
-                    ]
-                ).double()
+                xs.append(x)
+                ys.append(y)
+                ids.append(positions[seen : seen + len(y)] if idx is None else idx)
+                seen += len(y)
+            self._eval_data = (torch.cat(xs), torch.cat(ys).cpu(), mask[torch.cat(ids).cpu()])
+        x_all, y_all, noisy = self._eval_data
+        correct = torch.empty_like(noisy)
+        with torch.no_grad(), _eval_mode(pl_module):
+            for start in range(0, x_all.shape[0], self.eval_batch_size):
+                x = x_all[start : start + self.eval_batch_size].to(pl_module.device)
+                pred = forward(x).argmax(dim=1).cpu()
+                correct[start : start + x.shape[0]] = pred == y_all[start : start + x.shape[0]]
+        counts = torch.stack(
+            [(correct & noisy).sum(), noisy.sum(), (correct & ~noisy).sum(), (~noisy).sum()]
+        ).double()
         return counts.to(pl_module.device)
 
     @override
@@ -354,6 +371,8 @@ class SusceptibilityMonitor(Callback):
             "seed": self.seed,
             "num_classes": self.num_classes,
             "batch_size": self.batch_size,
+            "pool_size": self.pool_size,
+            "pool_indices": None if self._pool_indices is None else self._pool_indices.clone(),
             "labels": None if self._labels is None else self._labels.clone(),
             "epochs": list(self._epochs),
             "drops": list(self._drops),
@@ -366,8 +385,12 @@ class SusceptibilityMonitor(Callback):
         if state_dict.get("num_classes") is not None:
             self.num_classes = int(state_dict["num_classes"])
         self.batch_size = int(state_dict.get("batch_size", self.batch_size))
+        self.pool_size = int(state_dict.get("pool_size", self.pool_size))
         labels = state_dict.get("labels")
         self._labels = None if labels is None else torch.as_tensor(labels).clone()
+        indices = state_dict.get("pool_indices")
+        self._pool_indices = None if indices is None else torch.as_tensor(indices).clone()
+        self._pool = None
         self._epochs = [int(e) for e in state_dict.get("epochs", [])]
         self._drops = [float(d) for d in state_dict.get("drops", [])]
         self._logged = [dict(d) for d in state_dict.get("logged", [])]
