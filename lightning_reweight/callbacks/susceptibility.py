@@ -53,8 +53,9 @@ class SusceptibilityMonitor(Callback):
     gradients, optimizer state and the random number generators are restored exactly. Training with the monitor
     is therefore bit-identical to training without it.
 
-    Logged (through ``LightningModule.log``, so every logger gets them; under DDP the drop is averaged over
-    ranks so all ranks hold the same ``zeta``):
+    Logged to every logger of the trainer (and put in ``trainer.callback_metrics``, so ``ModelCheckpoint`` can
+    monitor ``memorization/zeta``; under DDP the drop is averaged over ranks so all ranks hold the same ``zeta``,
+    and rank zero writes):
 
     - ``memorization/drop``: this epoch's drop; ``memorization/zeta``: the running mean of the drops.
     - When the datamodule has a ``noise_mask`` (True = noisy, indexed by the dataset index the train batches
@@ -284,14 +285,24 @@ class SusceptibilityMonitor(Callback):
                 log[f"{self.prefix}/train_acc_noisy"] = noisy_ok / noisy_n
             if clean_n > 0:
                 log[f"{self.prefix}/train_acc_clean"] = clean_ok / clean_n
-        self._record(epoch, log)
-        for key, value in log.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        self._publish(trainer, epoch, log)
 
-    def _record(self, epoch: int, values: dict[str, float]) -> None:
+    def _publish(self, trainer: Trainer, epoch: int, values: dict[str, float]) -> None:
+        """Record ``values``, expose them in ``trainer.callback_metrics`` and send them to every logger.
+
+        The values are already identical on every rank (reduced), so they bypass ``LightningModule.log`` (whose
+        per-call bookkeeping costs about a millisecond per key) and go straight to the loggers, which write on
+        rank zero only. ``ModelCheckpoint``/``EarlyStopping`` can monitor them through ``callback_metrics``.
+        """
+        if not values:
+            return
         if not self._logged or self._logged[-1]["epoch"] != epoch:
             self._logged.append({"epoch": epoch})
         self._logged[-1].update(values)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({**values, "epoch": epoch}, step=trainer.global_step)
 
     def _subset_counts(self, trainer: Trainer, pl_module: LightningModule, mask: Tensor, forward: Any) -> Tensor:
         """``[noisy correct, noisy total, clean correct, clean total]`` over this rank's share of the train set."""
@@ -357,9 +368,7 @@ class SusceptibilityMonitor(Callback):
             log[f"{self.prefix}/weight_mean_noisy"] = float(sums[0] / sums[1])
         if float(sums[3]) > 0:
             log[f"{self.prefix}/weight_mean_clean"] = float(sums[2] / sums[3])
-        self._record(trainer.current_epoch, log)
-        for key, value in log.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        self._publish(trainer, trainer.current_epoch, log)
         log_histograms(
             trainer, {f"{self.prefix}/weights_noisy": weights[noisy], f"{self.prefix}/weights_clean": weights[~noisy]}
         )
