@@ -42,7 +42,7 @@ def preserved_rng() -> Iterator[None]:
         True
     """
     cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     py = random.getstate()
     np_mod = sys.modules.get("numpy")
     np_state = np_mod.random.get_state() if np_mod is not None else None
@@ -187,7 +187,7 @@ def susceptibility_step(
     fwd = forward if forward is not None else model
     with preserved_training_state(model, optimizer), torch.enable_grad():
         rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None
