@@ -245,7 +245,8 @@ def main() -> None:
         "meta": {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": "python benchmarks/susceptibility_digits.py",
-            "args": {k: str(v) for k, v in vars(args).items()},
+            "args": {k: (str(v.relative_to(ROOT)) if isinstance(v, Path) and v.is_relative_to(ROOT) else str(v))
+                     for k, v in vars(args).items()},
             "torch": torch.__version__,
             "lightning": L.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
