@@ -81,7 +81,7 @@ def preserved_training_state(model: nn.Module, optimizer: torch.optim.Optimizer 
         >>> before = net.weight.detach().clone()
         >>> with preserved_training_state(net):
         ...     with torch.no_grad():
-        ...         net.weight.add_(1.0)
+        ...         _ = net.weight.add_(1.0)
         >>> bool(torch.equal(net.weight, before))
         True
     """
