@@ -200,24 +200,25 @@ def _trainer(tmp_path, callbacks, epochs=3, **kw):
     )
 
 
-def _fit(tmp_path, callbacks, seed=0, epochs=3):
+def _fit(tmp_path, callbacks, seed=0, epochs=3, **kw):
     L.seed_everything(seed, verbose=False)
     model = _module(seed)
-    _trainer(tmp_path, callbacks, epochs).fit(model, datamodule=_NoisyDM())
+    _trainer(tmp_path, callbacks, epochs, **kw).fit(model, datamodule=_NoisyDM())
     return model
 
 
-def test_training_with_monitor_is_bit_identical(tmp_path):
-    plain = _fit(tmp_path, [])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_training_with_monitor_is_bit_identical(tmp_path, precision):
+    plain = _fit(tmp_path, [], precision=precision)
     monitor = SusceptibilityMonitor(batch_size=32)
-    probed = _fit(tmp_path, [monitor])
+    probed = _fit(tmp_path, [monitor], precision=precision)
     assert len(monitor.history) == 3
     assert all(np.isfinite(d) for _, d in monitor.history)
     for (name, a), (_, b) in zip(plain.state_dict().items(), probed.state_dict().items()):
         assert torch.equal(a, b), name
     # the drops are real measurements: a different probe seed gives different drops
     other = SusceptibilityMonitor(batch_size=32, seed=1)
-    _fit(tmp_path, [other])
+    _fit(tmp_path, [other], precision=precision)
     assert [d for _, d in other.history] != [d for _, d in monitor.history]
 
 
