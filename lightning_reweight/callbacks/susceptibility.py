@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
@@ -269,7 +270,13 @@ class SusceptibilityMonitor(Callback):
 
         with preserved_rng():
             mask = self._noise_mask(trainer) if self.log_subset_accuracy else None
-            counts = self._subset_counts(trainer, pl_module, mask, forward) if mask is not None else None
+            counts = None
+            if mask is not None:
+                try:
+                    counts = self._subset_counts(trainer, pl_module, mask, forward)
+                except TypeError as err:  # the train batches are not (inputs, targets[, indices])
+                    rank_zero_warn(f"SusceptibilityMonitor: noisy/clean subset accuracy disabled ({err})")
+                    self.log_subset_accuracy = False
             inputs, targets = self.probe_batch(trainer, epoch)
             drop = susceptibility_step(
                 pl_module, optimizer, inputs.to(device), targets.to(device), forward=forward
