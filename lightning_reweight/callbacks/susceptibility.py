@@ -154,8 +154,14 @@ class SusceptibilityMonitor(Callback):
 
     @property
     def random_labels(self) -> Tensor | None:
-        """The fixed random labels of the randomly labelled set (``None`` before the start of fit)."""
+        """The fixed random labels of the randomly labelled set (``None`` before the first measurement)."""
         return self._labels
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """Checkpoint key; monitors with different ``prefix`` keep separate states."""
+        return self._generate_state_key(prefix=self.prefix)
 
     # ------------------------------------------------------------------ overridable policy
     def compute_logits(self, pl_module: LightningModule, inputs: Tensor) -> Tensor:
