@@ -1,5 +1,19 @@
 """Pure tensor maths, no Lightning: each method's core formula, testable against the papers."""
 
+from lightning_reweight.functional.longtail import (
+    check_class_counts,
+    class_balanced_sample_weights,
+    class_balanced_weights,
+    ldam_margins,
+    logit_adjustment_offsets,
+)
 from lightning_reweight.functional.susceptibility import susceptibility_step
 
-__all__: list[str] = ["susceptibility_step"]
+__all__: list[str] = [
+    "check_class_counts",
+    "class_balanced_sample_weights",
+    "class_balanced_weights",
+    "ldam_margins",
+    "logit_adjustment_offsets",
+    "susceptibility_step",
+]

@@ -1,3 +1,6 @@
 """Loss modules (``nn.Module``); state that must survive checkpoints and ``.to(device)`` is a buffer."""
 
-__all__: list[str] = []
+from lightning_reweight.losses.ldam import LDAMLoss
+from lightning_reweight.losses.logit_adjusted import LogitAdjustedLoss
+
+__all__: list[str] = ["LDAMLoss", "LogitAdjustedLoss"]
