@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_reweight.callbacks import SusceptibilityMonitor
 from lightning_reweight.classifier import ReweightClassifier
 from lightning_reweight.functional import susceptibility_step
-from lightning_reweight.metrics import select_models
+from lightning_reweight.metrics import select_models, susceptibility_from_checkpoint
 from lightning_reweight.models import MLP
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -313,6 +313,8 @@ def test_resume_restores_history_and_labels(tmp_path):
     assert float(trainer2.callback_metrics["memorization/zeta"]) == pytest.approx(
         sum(d for _, d in resumed.history) / 4, rel=1e-6
     )
+    # the selection rule's input straight from a checkpoint file
+    assert susceptibility_from_checkpoint(path) == pytest.approx(sum(d for _, d in monitor.history) / 2)
 
 
 def test_missing_num_classes_is_reported(tmp_path):

@@ -1,7 +1,12 @@
 """torchmetrics Metrics for reweighting (DDP-correct through ``dist_reduce_fx``)."""
 
 from lightning_reweight.metrics.longtail import BalancedAccuracy, PerClassAccuracy, ShotAccuracy
-from lightning_reweight.metrics.selection import ModelSelection, plot_model_selection, select_models
+from lightning_reweight.metrics.selection import (
+    ModelSelection,
+    plot_model_selection,
+    select_models,
+    susceptibility_from_checkpoint,
+)
 
 __all__: list[str] = [
     "BalancedAccuracy",
@@ -10,4 +15,5 @@ __all__: list[str] = [
     "ShotAccuracy",
     "plot_model_selection",
     "select_models",
+    "susceptibility_from_checkpoint",
 ]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["QUADRANTS", "ModelSelection", "plot_model_selection", "select_models"]
+__all__ = ["QUADRANTS", "ModelSelection", "plot_model_selection", "select_models", "susceptibility_from_checkpoint"]
 
 #: The four quadrants; the first is the preferred one.
 QUADRANTS: tuple[str, ...] = (
@@ -122,6 +123,35 @@ def select_models(
         quadrants=tuple(quadrants),
         preferred=tuple(labels[i] for i in preferred),
     )
+
+
+def susceptibility_from_checkpoint(checkpoint: str | Path | dict[str, Any], prefix: str = "memorization") -> float:
+    """The ``zeta`` a :class:`~lightning_reweight.callbacks.SusceptibilityMonitor` had reached in a checkpoint.
+
+    Args:
+        checkpoint: a Lightning checkpoint path (loaded with ``weights_only=True``) or its loaded dict.
+        prefix: the monitor's ``prefix`` (it is part of the callback's state key).
+
+    Returns:
+        The running mean of the drops measured up to that checkpoint.
+
+    Raises:
+        KeyError: when the checkpoint holds no monitor state with measurements.
+
+    Example:
+        >>> ckpt = {"callbacks": {"SusceptibilityMonitor{'prefix': 'memorization'}": {"drops": [0.1, 0.3]}}}
+        >>> round(susceptibility_from_checkpoint(ckpt), 6)
+        0.2
+    """
+    if not isinstance(checkpoint, dict):
+        import torch
+
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("SusceptibilityMonitor") and f"'prefix': '{prefix}'" in key and state.get("drops"):
+            drops = [float(d) for d in state["drops"]]
+            return sum(drops) / len(drops)
+    raise KeyError(f"no SusceptibilityMonitor state with prefix {prefix!r} and measurements in this checkpoint")
 
 
 def plot_model_selection(selection: ModelSelection, ax: Any = None, *, annotate: bool = True) -> Any:
