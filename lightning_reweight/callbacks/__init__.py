@@ -2,5 +2,6 @@
 
 from lightning_reweight.callbacks.deferred_resampling import DeferredResampling
 from lightning_reweight.callbacks.deferred_reweighting import ClassWeighting, DeferredReweighting
+from lightning_reweight.callbacks.susceptibility import SusceptibilityMonitor
 
-__all__: list[str] = ["ClassWeighting", "DeferredResampling", "DeferredReweighting"]
+__all__: list[str] = ["ClassWeighting", "DeferredResampling", "DeferredReweighting", "SusceptibilityMonitor"]

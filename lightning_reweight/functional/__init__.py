@@ -7,6 +7,7 @@ from lightning_reweight.functional.longtail import (
     ldam_margins,
     logit_adjustment_offsets,
 )
+from lightning_reweight.functional.susceptibility import susceptibility_step
 
 __all__: list[str] = [
     "check_class_counts",
@@ -14,4 +15,5 @@ __all__: list[str] = [
     "class_balanced_weights",
     "ldam_margins",
     "logit_adjustment_offsets",
+    "susceptibility_step",
 ]

@@ -1,5 +1,19 @@
 """torchmetrics Metrics for reweighting (DDP-correct through ``dist_reduce_fx``)."""
 
 from lightning_reweight.metrics.longtail import BalancedAccuracy, PerClassAccuracy, ShotAccuracy
+from lightning_reweight.metrics.selection import (
+    ModelSelection,
+    plot_model_selection,
+    select_models,
+    susceptibility_from_checkpoint,
+)
 
-__all__: list[str] = ["BalancedAccuracy", "PerClassAccuracy", "ShotAccuracy"]
+__all__: list[str] = [
+    "BalancedAccuracy",
+    "ModelSelection",
+    "PerClassAccuracy",
+    "ShotAccuracy",
+    "plot_model_selection",
+    "select_models",
+    "susceptibility_from_checkpoint",
+]
