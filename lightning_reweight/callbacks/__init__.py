@@ -1,3 +1,5 @@
 """Lightning callbacks: schedules, the meta-net updater, monitors (one file per callback)."""
 
-__all__: list[str] = []
+from lightning_reweight.callbacks.dro_schedule import DROSchedule
+
+__all__: list[str] = ["DROSchedule"]

@@ -1,3 +1,5 @@
 """Pure tensor maths, no Lightning: each method's core formula, testable against the papers."""
 
-__all__: list[str] = []
+from lightning_reweight.functional.dro import dro_objective, dro_weights, log_mean_exp
+
+__all__: list[str] = ["dro_objective", "dro_weights", "log_mean_exp"]

@@ -1,3 +1,5 @@
 """Loss modules (``nn.Module``); state that must survive checkpoints and ``.to(device)`` is a buffer."""
 
-__all__: list[str] = []
+from lightning_reweight.losses.absgd import AttentionalDROLoss
+
+__all__: list[str] = ["AttentionalDROLoss"]
