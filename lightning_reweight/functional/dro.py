@@ -54,7 +54,7 @@ def log_mean_exp(x: Tensor, *, distributed: bool = False) -> Tensor:
             torch.distributed.all_gather(gathered, packed)
             stacked = torch.stack(gathered)
             lse, count = torch.logsumexp(stacked[:, 0], dim=0), stacked[:, 1].sum()
-    return lse - count.log()
+    return torch.where(count > 0, lse - count.clamp_min(1.0).log(), lse.new_tensor(-math.inf))
 
 
 def dro_weights(losses: Tensor, lam: float | None, *, normalization: str = "sum") -> Tensor:
