@@ -92,7 +92,10 @@ class AttentionalDROLoss(nn.Module):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         # the lam that u was accumulated with (NaN: none yet); a different lam re-initialises u
         self.register_buffer("u_lam", torch.full((), math.nan, dtype=torch.float32))
-        self.last_objective: Tensor | None = None
+        self._last: tuple[Tensor, float, float] | None = None
+        self._const_key: tuple[Any, ...] | None = None
+        self._const: tuple[Tensor, ...] = ()
+        self._u_lam: float | None = None
 
     # ------------------------------------------------------------------ hyperparameters
     @property
@@ -118,24 +121,64 @@ class AttentionalDROLoss(nn.Module):
 
     # ------------------------------------------------------------------ the maths
     def _log_weights(self, losses: Tensor, update: bool) -> Tensor:
-        """``log(B * p_i) = l_i / lam - log u`` (fp32, detached); updates ``u`` when ``update``."""
-        assert self.lam is not None
-        z = losses.detach().float() / self.lam
-        stat = log_mean_exp(z, distributed=self.sync_dist and update)  # log mean exp(l / lam) of the batch
-        lam = torch.tensor(self.lam, dtype=torch.float32, device=z.device)
-        fresh = ~self.initialised | (self.u_lam != lam)
-        new = stat + math.log(self.alpha)
-        if self.gamma < 1.0:
-            moved = torch.logaddexp(self.log_u.float() + math.log1p(-self.gamma), new + math.log(self.gamma))
-            log_u = torch.where(fresh, new, moved)
-        else:
-            log_u = new
-        if update:
-            self.log_u.copy_(log_u)
-            self.initialised.fill_(True)
-            self.u_lam.copy_(lam)
-            self.last_objective = self.lam * stat
-        return z - log_u
+        """``log(B * p_i) = l_i / lam - log u`` (fp32, detached); updates ``u`` when ``update``.
+
+        The hot path is a handful of tensor ops and no host-device synchronisation: whether ``u`` must be
+        (re-)initialised is known on the host (``_u_lam``, mirrored from the buffers when a state dict loads).
+        """
+        lam = self.lam
+        assert lam is not None
+        with torch.no_grad():
+            dist = torch.distributed
+            distributed = update and self.sync_dist and dist.is_available() and dist.is_initialized()
+            n = 1 if distributed else losses.numel()  # log_mean_exp already divides by the global count
+            inv_lam, c_fresh, c_decay, c_new = self._constants(lam, n, losses.device)
+            z = losses.float() * inv_lam
+            if distributed:
+                lse = log_mean_exp(z, distributed=True)  # over every rank's batch: identical on all ranks
+            else:
+                m = z.amax()
+                lse = (z - m).exp_().sum().log_().add_(m)  # logsumexp, in fewer kernels than torch.logsumexp
+            # the batch statistic log mean exp(l / lam) is lse - log n
+            fresh = self._u_lam != lam
+            if fresh or self.gamma == 1.0:
+                log_u = lse + c_fresh
+            else:
+                log_u = torch.logaddexp(self.log_u + c_decay, lse + c_new)
+            if update:
+                self.log_u.copy_(log_u)
+                if fresh:
+                    self.initialised.fill_(True)
+                    self.u_lam.fill_(lam)
+                    self._u_lam = lam
+                self._last = (lse, math.log(n), lam)
+            return z - log_u
+
+    def _constants(self, lam: float, n: int, device: torch.device) -> tuple[Tensor, ...]:
+        # scalar tensors cached per (lam, n, device): python-float operands would be converted on every step
+        key = (lam, n, device, self.gamma, self.alpha)
+        if self._const_key != key:
+            g, a, log_n = self.gamma, self.alpha, math.log(n)
+            values = (1.0 / lam, math.log(a) - log_n, math.log1p(-g) if g < 1 else 0.0, math.log(g * a) - log_n)
+            self._const = tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in values)
+            self._const_key = key
+        return self._const
+
+    @property
+    def last_objective(self) -> Tensor | None:
+        """The DRO objective ``lam * log mean exp(l / lam)`` of the last training batch (detached fp32)."""
+        if self._last is None:
+            return None
+        lse, log_n, lam = self._last
+        return (lse - log_n) * lam
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sync_host_state()
+
+    def _sync_host_state(self) -> None:
+        # the lam that u belongs to, on the host (None: u not initialised); read once per state-dict load
+        self._u_lam = float(self.u_lam) if bool(self.initialised) and not bool(self.u_lam.isnan()) else None
 
     def sample_weights(self, losses: Tensor, context: WeightingContext | None = None) -> Tensor:
         """Mean-scale weights ``B * p_i = exp(l_i / lam) / u`` (detached, fp32); updates ``u`` in training mode.
@@ -151,8 +194,7 @@ class AttentionalDROLoss(nn.Module):
         check_per_sample_losses(losses)
         if self.lam is None:
             return torch.ones_like(losses, dtype=torch.float32).detach()
-        with torch.no_grad():
-            weights = self._log_weights(losses, update=self.training).exp()
+        weights = self._log_weights(losses, update=self.training).exp_()
         if self.training and context is not None:
             self._log(context.module)
         return weights
@@ -166,7 +208,7 @@ class AttentionalDROLoss(nn.Module):
 
     def _log(self, module: Any) -> None:
         trainer = getattr(module, "_trainer", None)
-        if trainer is None or not hasattr(module, "log") or self.last_objective is None:
+        if trainer is None or not hasattr(module, "log") or self._last is None:
             return
         every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
         if trainer.global_step % every:
