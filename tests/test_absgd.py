@@ -195,13 +195,17 @@ def _fit(max_epochs, root, ckpt_path=None, model=None):
                                         lr=0.1)
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=root, callbacks=[DROSchedule(start_epoch=1, lam=0.5, lam_schedule={3: 0.8})])
+                        default_root_dir=root, log_every_n_steps=1, callbacks=[DROSchedule(start_epoch=1, lam=0.5, lam_schedule={3: 0.8})])
     trainer.fit(model, _loader(), ckpt_path=ckpt_path)
     return model, trainer
 
 
 def test_resume_gives_same_u_and_weights(tmp_path):
-    straight, _ = _fit(4, tmp_path / "a")
+    straight, trainer = _fit(4, tmp_path / "a")
+    metrics = trainer.callback_metrics
+    assert float(metrics["absgd/lam"]) == pytest.approx(0.8)
+    assert torch.isclose(metrics["absgd/dro_objective"], straight.criterion.last_objective)
+    assert torch.equal(metrics["absgd/log_u"], straight.criterion.log_u)
     first, trainer = _fit(2, tmp_path / "b")
     path = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(path)

@@ -82,9 +82,8 @@ class DROSchedule(Callback):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._apply(trainer)
-        if trainer.logger is not None:
-            pl_module.log("absgd/lam", float("nan") if self._current is None else self._current, on_epoch=True,
-                          on_step=False, batch_size=1)
+        lam = float("nan") if self._current is None else self._current
+        pl_module.log("absgd/lam", lam, on_epoch=True, on_step=False, batch_size=1)
 
     @override
     def state_dict(self) -> dict[str, Any]:
