@@ -195,7 +195,8 @@ def _fit(max_epochs, root, ckpt_path=None, model=None):
                                         lr=0.1)
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=root, log_every_n_steps=1, callbacks=[DROSchedule(start_epoch=1, lam=0.5, lam_schedule={3: 0.8})])
+                        default_root_dir=root, log_every_n_steps=1,
+                        callbacks=[DROSchedule(start_epoch=1, lam=0.5, lam_schedule={3: 0.8})])
     trainer.fit(model, _loader(), ckpt_path=ckpt_path)
     return model, trainer
 

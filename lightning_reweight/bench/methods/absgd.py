@@ -23,13 +23,14 @@ from lightning_reweight.callbacks.dro_schedule import DROSchedule
 from lightning_reweight.losses.absgd import AttentionalDROLoss
 
 LT_LAM = 1.0
-LT_START = 0.2
+LT_START = 0.0
 NOISE_LAM = -1.0
-NOISE_START = 0.0
+NOISE_START = 0.1
 GAMMA = 0.9
 ALPHA = 1.0
 DRW_START = 0.8
 DRW_BETA = 0.9999
+DRW_LAM = 2.0
 
 
 def _effective_number_weights(counts: Any, beta: float) -> Tensor:
@@ -51,9 +52,11 @@ class _DeferredClassWeights(Callback):
         self.loss.weight.copy_(self.weights if on else torch.ones_like(self.weights))
 
 
-def _stages(ctx: BuildContext, lam: float, start: float, base: nn.Module | None = None) -> MethodParts:
+def _stages(
+    ctx: BuildContext, lam: float, start: float, base: nn.Module | None = None, later: dict[int, float] | None = None
+) -> MethodParts:
     criterion = AttentionalDROLoss(lam=None, gamma=GAMMA, alpha=ALPHA, base_loss=base)
-    schedule = DROSchedule(start_epoch=round(start * ctx.recipe.epochs), lam=lam)
+    schedule = DROSchedule(start_epoch=round(start * ctx.recipe.epochs), lam=lam, lam_schedule=later)
     return MethodParts(criterion=criterion, callbacks=[schedule])
 
 
@@ -68,9 +71,10 @@ def build_absgd_drw(ctx: BuildContext) -> MethodParts:
     """ABSGD with class-balanced (effective number) weights inside the loss from the DRW epoch."""
     counts = ctx.datamodule.train_class_counts
     base = nn.CrossEntropyLoss(weight=torch.ones(len(counts)), reduction="none")
-    parts = _stages(ctx, LT_LAM, LT_START, base)
+    drw_epoch = round(DRW_START * ctx.recipe.epochs)
+    parts = _stages(ctx, LT_LAM, LT_START, base, {drw_epoch: DRW_LAM} if DRW_LAM != LT_LAM else None)
     weights = _effective_number_weights(counts, DRW_BETA)
-    parts.callbacks.append(_DeferredClassWeights(base, weights, round(DRW_START * ctx.recipe.epochs)))
+    parts.callbacks.append(_DeferredClassWeights(base, weights, drw_epoch))
     return parts
 
 
