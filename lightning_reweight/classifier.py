@@ -19,7 +19,7 @@ from lightning_reweight.contract import (
 __all__ = ["ReweightClassifier", "build_optimizer"]
 
 _OPTIMIZERS = ("sgd", "adam", "adamw")
-_SCHEDULERS = ("none", "cosine", "multistep")
+_SCHEDULERS = ("none", "cosine", "multistep", "warmup_multistep")
 
 
 def build_optimizer(
@@ -74,9 +74,12 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         momentum: SGD momentum.
         weight_decay: weight decay.
         nesterov: Nesterov momentum.
-        scheduler: ``"none"``, ``"cosine"`` (over ``max_epochs``) or ``"multistep"`` (``milestones``, ``gamma``).
+        scheduler: ``"none"``, ``"cosine"`` (over ``max_epochs``), ``"multistep"`` (``milestones``, ``gamma``) or
+            ``"warmup_multistep"`` (linear warm-up over ``warmup_epochs``, then multistep; see
+            :func:`lightning_reweight.schedules.warmup_multistep`).
         milestones: epochs at which ``"multistep"`` multiplies the lr by ``gamma``.
         gamma: the multistep factor.
+        warmup_epochs: warm-up epochs of ``"warmup_multistep"``.
 
     Example:
         >>> import torch
@@ -100,6 +103,7 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         scheduler: str = "none",
         milestones: tuple[int, ...] = (),
         gamma: float = 0.1,
+        warmup_epochs: int = 5,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -173,6 +177,10 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         if hp.scheduler == "cosine":
             epochs = max(int(self.trainer.max_epochs or 1), 1)
             sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        elif hp.scheduler == "warmup_multistep":
+            from lightning_reweight.schedules import warmup_multistep
+
+            sched = warmup_multistep(opt, hp.get("warmup_epochs", 5), hp.milestones, hp.gamma)
         else:
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -38,6 +38,7 @@ def quiet() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         warnings.filterwarnings("ignore", message=".*GPU available.*")
         warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+        warnings.filterwarnings("ignore", message=".*treespec.*")  # lightning 2.6 on torch >= 2.10
         try:
             yield
         finally:

@@ -1,3 +1,5 @@
 """torchmetrics Metrics for reweighting (DDP-correct through ``dist_reduce_fx``)."""
 
-__all__: list[str] = []
+from lightning_reweight.metrics.longtail import BalancedAccuracy, PerClassAccuracy, ShotAccuracy
+
+__all__: list[str] = ["BalancedAccuracy", "PerClassAccuracy", "ShotAccuracy"]

@@ -1,0 +1,182 @@
+"""DRW: deferred re-weighting (Cao et al. 2019): unit class weights, then class-balanced weights from an epoch on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_reweight.contract import WeightingContext
+from lightning_reweight.functional.longtail import check_class_counts, class_balanced_weights
+
+__all__ = ["ClassWeighting", "DeferredReweighting"]
+
+_MODES = ("weighting", "criterion")
+
+
+class ClassWeighting:
+    """A weighting source giving PyTorch's class-weighted mean: ``w_i = c_{y_i} * B / sum_j c_{y_j}``.
+
+    With these mean-scale weights, ``mean(w * l) = sum(c_y l) / sum(c_y)``, exactly what
+    ``cross_entropy(..., weight=c)`` computes per batch.
+
+    Args:
+        class_weights: one positive weight per class, shape ``(C,)``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_reweight.contract import WeightingContext
+        >>> src = ClassWeighting(torch.tensor([1.0, 3.0]))
+        >>> src.sample_weights(torch.ones(2), WeightingContext(None, targets=torch.tensor([0, 1])))
+        tensor([0.5000, 1.5000])
+    """
+
+    def __init__(self, class_weights: Tensor) -> None:
+        self.class_weights = torch.as_tensor(class_weights, dtype=torch.float32).detach()
+
+    def sample_weights(self, losses: Tensor, context: WeightingContext) -> Tensor:
+        """Mean-scale weights of the batch's targets."""
+        if context.targets is None:
+            raise ValueError("class weighting needs the batch's targets: batches must be (inputs, targets[, indices])")
+        c = self.class_weights.to(losses.device)[context.targets.long()]
+        return c * (c.numel() / c.sum())
+
+
+class DeferredReweighting(Callback):
+    """Unit class weights before ``start_epoch``, class-balanced weights from it on (DRW).
+
+    The class-balanced weights are :func:`~lightning_reweight.functional.class_balanced_weights`
+    (``(1 - beta) / (1 - beta^n_j)``, summing to ``C``). Class counts come from ``cls_num_list`` or, when it is
+    ``None``, from ``trainer.datamodule.train_class_counts``. Two ways to apply them:
+
+    - ``mode="weighting"`` (default): attach a :class:`ClassWeighting` source to the module (it must use
+      :class:`~lightning_reweight.contract.ReweightingMixin`); the training loss is then exactly PyTorch's
+      class-weighted mean ``sum(c_y l) / sum(c_y)`` per batch. Before ``start_epoch`` nothing is attached.
+    - ``mode="criterion"``: write the weights into the class-weight buffer of ``pl_module.criterion`` (or of
+      ``pl_module.criterion.base_loss`` when the criterion wraps a base loss, e.g. ABSGD's attentional loss, so
+      the class weight multiplies the loss inside the exponential), and ones before ``start_epoch``. With a
+      ``reduction="none"`` criterion the per-sample losses are ``c_y l``; the batch mean is then
+      ``sum(c_y l) / B``, not the weighted mean.
+
+    The state is a function of the epoch (applied in ``on_train_epoch_start``), so a run resumed from a checkpoint
+    taken on either side of ``start_epoch`` continues exactly as the uninterrupted run.
+
+    Args:
+        start_epoch: first epoch (0-based) with class-balanced weights (160 of 200 on CIFAR in the paper).
+        beta: the effective-number parameter, in ``[0, 1)``.
+        mode: ``"weighting"`` or ``"criterion"``.
+        cls_num_list: training count of every class (default: the datamodule's ``train_class_counts``).
+
+    Example:
+        >>> cb = DeferredReweighting(start_epoch=160, beta=0.9999, cls_num_list=[500, 50, 5])
+        >>> cb.class_weights().round(decimals=3)
+        tensor([0.0280, 0.2710, 2.7020])
+    """
+
+    def __init__(
+        self,
+        start_epoch: int,
+        beta: float = 0.9999,
+        mode: str = "weighting",
+        cls_num_list: Sequence[int] | None = None,
+    ) -> None:
+        if start_epoch < 0:
+            raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        self.start_epoch = int(start_epoch)
+        self.beta = float(beta)
+        self.mode = mode
+        self._counts: list[int] | None = None if cls_num_list is None else self._validated(cls_num_list)
+        self._active = False
+
+    @staticmethod
+    def _validated(cls_num_list: Sequence[int] | Tensor) -> list[int]:
+        return [int(n) for n in check_class_counts(cls_num_list).tolist()]
+
+    @property
+    def active(self) -> bool:
+        """Whether the class-balanced weights are applied in the current epoch."""
+        return self._active
+
+    def class_weights(self) -> Tensor:
+        """The class-balanced weights applied from ``start_epoch`` on."""
+        if self._counts is None:
+            raise RuntimeError("class counts are not known yet: pass cls_num_list or run setup with a datamodule")
+        return class_balanced_weights(self._counts, self.beta)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self._counts is None:
+            counts = getattr(trainer.datamodule, "train_class_counts", None)
+            if counts is None:
+                raise ValueError(
+                    "DeferredReweighting needs class counts: pass cls_num_list=[n_0, n_1, ...] or use a datamodule "
+                    "with a `train_class_counts` attribute"
+                )
+            self._counts = self._validated(counts)
+        if self.mode == "weighting":
+            if not hasattr(pl_module, "attach_weighting"):
+                raise TypeError(
+                    f"{type(pl_module).__name__} does not use ReweightingMixin; mix it in, or use "
+                    "DeferredReweighting(mode='criterion') with a criterion that has a class-weight buffer"
+                )
+        else:
+            self._weight_buffer(pl_module)
+
+    def _weight_buffer(self, pl_module: LightningModule) -> Tensor:
+        criterion = getattr(pl_module, "criterion", None)
+        target = getattr(criterion, "base_loss", None)
+        target = criterion if target is None else target
+        weight = getattr(target, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 1:
+            raise ValueError(
+                "mode='criterion' needs `pl_module.criterion.weight` (or `.criterion.base_loss.weight`) to be a "
+                "class-weight tensor, e.g. LDAMLoss(...) or nn.CrossEntropyLoss(weight=torch.ones(C)); "
+                "or use mode='weighting'"
+            )
+        assert self._counts is not None
+        if weight.numel() != len(self._counts):
+            raise ValueError(f"criterion weight has {weight.numel()} classes but cls_num_list has {len(self._counts)}")
+        return weight
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._active = trainer.current_epoch >= self.start_epoch
+        if self.mode == "weighting":
+            if self._active:
+                pl_module.attach_weighting(self._name, ClassWeighting(self.class_weights()))  # type: ignore[operator]
+            else:
+                pl_module.detach_weighting(self._name)  # type: ignore[operator]
+        else:
+            buffer = self._weight_buffer(pl_module)
+            with torch.no_grad():
+                buffer.copy_(self.class_weights() if self._active else torch.ones(buffer.numel()))
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self.mode == "weighting" and hasattr(pl_module, "detach_weighting"):
+            pl_module.detach_weighting(self._name)
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"start_epoch": self.start_epoch, "beta": self.beta, "mode": self.mode, "cls_num_list": self._counts}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The schedule is a function of the epoch; the constructor's arguments win over the saved ones.
+        if self._counts is None and state_dict.get("cls_num_list") is not None:
+            self._counts = list(state_dict["cls_num_list"])

@@ -1,0 +1,233 @@
+"""The shared reweighting data pipeline: validation, meta, long-tail and noisy training splits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from lightning_reweight.data._checks import as_labels, check_choice, check_int, check_real, generator
+from lightning_reweight.data.indexed import IndexedDataset, RelabeledSubset
+from lightning_reweight.data.longtail import IMBALANCE_PROFILES, class_counts, long_tailed_indices
+from lightning_reweight.data.noise import NOISE_KINDS, inject_label_noise
+from lightning_reweight.data.split import balanced_meta_split, stratified_split
+
+__all__ = ["ReweightDataModule"]
+
+# Offsets that give each random stage of the pipeline its own stream for a given seed.
+_VAL_STREAM, _META_STREAM, _LONGTAIL_STREAM, _NOISE_STREAM, _SHUFFLE_STREAM, _META_SHUFFLE_STREAM = range(6)
+
+
+def _stage_seed(seed: int, stream: int) -> int:
+    return (seed * 1_000_003 + stream) % (2**63 - 1)
+
+
+class ReweightDataModule(L.LightningDataModule):
+    """Base datamodule: noisy, optionally long-tailed training data plus clean meta, validation and test sets.
+
+    Subclasses only load the raw data, by implementing :meth:`load_train_pool` and :meth:`load_test_set`
+    (and optionally setting :attr:`train_transform` / :attr:`eval_transform`). :meth:`setup` then, from the
+    training pool and deterministically for ``seed``:
+
+    1. splits off a stratified validation set (``val_fraction``, clean labels);
+    2. splits off a clean, class-balanced meta set (``meta_per_class`` per class; 0 means no meta set);
+    3. long-tail subsamples the rest (``imbalance_ratio``, ``imbalance_profile``; ``imbalance_ratio=1`` keeps
+       everything), leaving the meta, validation and test sets untouched;
+    4. injects label noise (``noise_rate``, ``noise_kind``) into that training part only.
+
+    After :meth:`setup` the module exposes ``num_classes``, ``train_dataset`` (yields ``(x, noisy_y, i)``,
+    ``i`` in ``0..len-1``), ``meta_dataset``, ``val_dataset`` and ``test_dataset`` (yield ``(x, y)``),
+    ``train_targets`` (noisy), ``clean_train_targets``, ``noise_mask`` (``True`` = noisy, aligned with the
+    training indices ``i``), ``train_class_counts`` (of the noisy labels), ``clean_train_class_counts``, and
+    ``val_indices`` / ``meta_indices`` / ``train_indices`` (positions in the training pool). Setting
+    ``train_sampler`` to a :class:`~torch.utils.data.Sampler` (or ``BatchSampler``) makes
+    :meth:`train_dataloader` use it instead of shuffling.
+
+    The meta set uses the training transform (it is training data); validation and test use the evaluation
+    transform.
+
+    Args:
+        noise_rate: fraction of training labels to corrupt, in ``[0, 1)``.
+        noise_kind: ``"symmetric"``, ``"symmetric_all"`` or ``"pairflip"`` (see
+            :func:`~lightning_reweight.data.inject_label_noise`; for a transition matrix, call that function).
+        imbalance_ratio: head-to-tail ratio of the training part (``>= 1``; 1 keeps all samples).
+        imbalance_profile: ``"exp"`` or ``"step"``.
+        meta_per_class: clean meta samples per class (``>= 0``).
+        val_fraction: stratified fraction of the pool held out for validation, in ``[0, 1)``.
+        batch_size: training batch size.
+        meta_batch_size: meta batch size.
+        eval_batch_size: validation/test batch size.
+        num_workers: dataloader workers.
+        seed: seed of every random choice of the pipeline and of the training shuffle.
+
+    Example:
+        >>> from lightning_reweight.data.indexed import TensorClassificationDataset
+        >>> class Toy(ReweightDataModule):
+        ...     num_classes = 2
+        ...     def load_train_pool(self):
+        ...         y = torch.arange(2).repeat(50)
+        ...         return TensorClassificationDataset(torch.randn(100, 3), y), y
+        ...     def load_test_set(self):
+        ...         return TensorClassificationDataset(torch.randn(10, 3), torch.arange(2).repeat(5))
+        >>> dm = Toy(noise_rate=0.2, meta_per_class=5, val_fraction=0.1)
+        >>> dm.setup()
+        >>> len(dm.val_dataset), len(dm.meta_dataset), len(dm.train_dataset), int(dm.noise_mask.sum())
+        (10, 10, 80, 16)
+    """
+
+    #: Number of classes; subclasses set it (otherwise it is inferred from the pool's labels in setup).
+    num_classes: int
+    #: Transform applied to training and meta inputs (``None`` = identity).
+    train_transform: Callable[[Any], Any] | None = None
+    #: Transform applied to validation and test inputs (``None`` = identity).
+    eval_transform: Callable[[Any], Any] | None = None
+
+    def __init__(
+        self,
+        noise_rate: float = 0.0,
+        noise_kind: str = "symmetric",
+        imbalance_ratio: float = 1.0,
+        imbalance_profile: str = "exp",
+        meta_per_class: int = 10,
+        val_fraction: float = 0.1,
+        batch_size: int = 100,
+        meta_batch_size: int = 100,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.noise_rate = check_real("noise_rate", noise_rate, low=0.0, high=1.0)
+        self.noise_kind = check_choice("noise_kind", noise_kind, NOISE_KINDS)
+        self.imbalance_ratio = check_real("imbalance_ratio", imbalance_ratio, low=1.0)
+        self.imbalance_profile = check_choice("imbalance_profile", imbalance_profile, IMBALANCE_PROFILES)
+        self.meta_per_class = check_int("meta_per_class", meta_per_class, minimum=0)
+        self.val_fraction = check_real("val_fraction", val_fraction, low=0.0, high=1.0)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.meta_batch_size = check_int("meta_batch_size", meta_batch_size, minimum=1)
+        self.eval_batch_size = check_int("eval_batch_size", eval_batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
+        self.seed = check_int("seed", seed)
+        self.save_hyperparameters()
+        #: Optional sampler replacing the shuffled order of :meth:`train_dataloader`.
+        self.train_sampler: Sampler | None = None
+        self._is_set_up = False
+
+    # ------------------------------------------------------------------ to implement in subclasses
+    def load_train_pool(self) -> tuple[Dataset, Tensor]:
+        """Load the raw training pool.
+
+        Returns:
+            ``(dataset, targets)``: a map-style dataset yielding ``(x, y)`` with untransformed inputs, and its
+            clean labels as a 1-D ``int64`` tensor.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement load_train_pool()")
+
+    def load_test_set(self) -> Dataset:
+        """Load the raw test set, a map-style dataset yielding ``(x, y)`` with untransformed inputs."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load_test_set()")
+
+    # ------------------------------------------------------------------ pipeline
+    def setup(self, stage: str | None = None) -> None:
+        """Build every split (idempotent: later calls do nothing).
+
+        Args:
+            stage: the Lightning stage; all splits are built whatever it is.
+        """
+        if self._is_set_up:
+            return
+        pool, pool_targets = self.load_train_pool()
+        if not hasattr(self, "num_classes"):
+            self.num_classes = int(torch.as_tensor(pool_targets).max()) + 1
+        pool_targets = as_labels(pool_targets, self.num_classes, name="pool targets")
+        test_set = self.load_test_set()
+
+        all_idx = torch.arange(pool_targets.numel())
+        if self.val_fraction > 0:
+            val_idx, rest = stratified_split(pool_targets, [self.val_fraction], seed=self._seed(_VAL_STREAM))
+        else:
+            val_idx, rest = all_idx[:0], all_idx
+        if self.meta_per_class > 0:
+            meta_pos, train_pos = balanced_meta_split(
+                pool_targets[rest], self.meta_per_class, seed=self._seed(_META_STREAM)
+            )
+            meta_idx, rest = rest[meta_pos], rest[train_pos]
+        else:
+            meta_idx = all_idx[:0]
+        if self.imbalance_ratio > 1:
+            kept = long_tailed_indices(
+                pool_targets[rest], self.imbalance_ratio, profile=self.imbalance_profile,
+                seed=self._seed(_LONGTAIL_STREAM),
+            )
+            rest = rest[kept]
+        train_idx = rest
+        clean = pool_targets[train_idx]
+        noisy, mask = inject_label_noise(
+            clean, self.noise_rate, kind=self.noise_kind, num_classes=self.num_classes,
+            seed=self._seed(_NOISE_STREAM),
+        )
+
+        self.val_indices, self.meta_indices, self.train_indices = val_idx, meta_idx, train_idx
+        self.clean_train_targets: Tensor = clean
+        self.train_targets: Tensor = noisy
+        self.noise_mask: Tensor = mask
+        self.train_class_counts: list[int] = class_counts(noisy, self.num_classes)
+        self.clean_train_class_counts: list[int] = class_counts(clean, self.num_classes)
+        self.train_dataset = IndexedDataset(RelabeledSubset(pool, train_idx, noisy, self.train_transform))
+        self.meta_dataset: Dataset | None = (
+            RelabeledSubset(pool, meta_idx, pool_targets[meta_idx], self.train_transform)
+            if self.meta_per_class > 0 else None
+        )
+        self.val_dataset = RelabeledSubset(pool, val_idx, pool_targets[val_idx], self.eval_transform)
+        self.test_dataset = RelabeledSubset(test_set, torch.arange(len(test_set)), None, self.eval_transform)
+        self._is_set_up = True
+
+    def _seed(self, stream: int) -> int:
+        return _stage_seed(self.seed, stream)
+
+    def _require_setup(self) -> None:
+        if not self._is_set_up:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called before requesting dataloaders")
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Training batches ``(x, noisy_y, idx)``: seeded shuffle, or ``self.train_sampler`` when set."""
+        self._require_setup()
+        sampler = self.train_sampler
+        if sampler is None:
+            shuffle_generator = generator(self._seed(_SHUFFLE_STREAM))
+            return self._loader(self.train_dataset, self.batch_size, shuffle=True, generator=shuffle_generator)
+        if isinstance(sampler, BatchSampler):
+            return DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
+        return self._loader(self.train_dataset, self.batch_size, sampler=sampler)
+
+    def meta_dataloader(self) -> DataLoader:
+        """Clean, balanced meta batches ``(x, y)`` (shuffled, ``meta_batch_size``, last batch kept)."""
+        self._require_setup()
+        if self.meta_dataset is None:
+            raise RuntimeError("no meta set: meta_per_class=0; pass meta_per_class >= 1 to build one")
+        return self._loader(
+            self.meta_dataset, self.meta_batch_size, shuffle=True, drop_last=False,
+            generator=generator(self._seed(_META_SHUFFLE_STREAM)),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches ``(x, y)`` (clean labels, ``eval_batch_size``); empty if ``val_fraction=0``."""
+        self._require_setup()
+        return self._loader(self.val_dataset, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches ``(x, y)`` (``eval_batch_size``)."""
+        self._require_setup()
+        return self._loader(self.test_dataset, self.eval_batch_size)

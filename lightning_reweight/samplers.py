@@ -1,0 +1,90 @@
+"""A training sampler that shuffles until an epoch, then draws by per-sample weights (used by DRS)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+__all__ = ["DeferredWeightedSampler"]
+
+
+class DeferredWeightedSampler(Sampler[int]):
+    """Shuffle before ``start_epoch``; from it on, draw with replacement proportionally to ``weights``.
+
+    Every epoch yields ``num_samples`` indices from a generator seeded with ``seed + epoch``, so all DDP ranks
+    build the same list (Lightning's ``DistributedSamplerWrapper`` then gives each rank its share) and a resumed
+    run draws what the uninterrupted run drew.
+
+    The epoch is read when the indices are drawn: from ``epoch_source()`` when given (e.g. the trainer's
+    ``current_epoch``), else from the value passed to :meth:`set_epoch`. Lightning creates the first epoch's
+    loader iterator (and prefetches a batch) before ``on_train_epoch_start``, and ``set_epoch`` after it, so a
+    callback should pass ``epoch_source``; reading the trainer's epoch is right at both points.
+
+    Args:
+        num_samples: the dataset size (indices drawn per epoch).
+        weights: per-sample weights used from ``start_epoch`` on, shape ``(num_samples,)``; ``None``: always shuffle.
+        start_epoch: first epoch that samples by ``weights``.
+        seed: base seed of the per-epoch generator.
+        epoch_source: optional callable returning the current epoch.
+
+    Example:
+        >>> import torch
+        >>> s = DeferredWeightedSampler(4, weights=torch.tensor([0.0, 0.0, 0.0, 1.0]), start_epoch=1)
+        >>> sorted(s)  # epoch 0: a permutation
+        [0, 1, 2, 3]
+        >>> s.set_epoch(1)
+        >>> list(s)
+        [3, 3, 3, 3]
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        weights: Tensor | None = None,
+        start_epoch: int = 0,
+        seed: int = 0,
+        epoch_source: Callable[[], int] | None = None,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+            if weights.shape != (num_samples,):
+                raise ValueError(f"weights must have shape ({num_samples},), got {tuple(weights.shape)}")
+            if bool((weights < 0).any()) or not float(weights.sum()) > 0:
+                raise ValueError("weights must be non-negative with a positive sum")
+        self.num_samples = int(num_samples)
+        self.weights = weights
+        self.start_epoch = int(start_epoch)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.epoch_source = epoch_source
+
+    def set_epoch(self, epoch: int) -> None:
+        """Record the epoch (Lightning calls this on a loader's sampler); ``epoch_source`` takes precedence."""
+        self.epoch = int(epoch)
+
+    def current_epoch(self) -> int:
+        """The epoch the next iteration draws for."""
+        return int(self.epoch_source()) if self.epoch_source is not None else self.epoch
+
+    def is_weighted(self, epoch: int | None = None) -> bool:
+        """Whether ``epoch`` (default: the current one) samples by the weights."""
+        epoch = self.current_epoch() if epoch is None else epoch
+        return self.weights is not None and epoch >= self.start_epoch
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.current_epoch()
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        if self.is_weighted(epoch):
+            assert self.weights is not None
+            idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
+        else:
+            idx = torch.randperm(self.num_samples, generator=g)
+        return iter(idx.tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -1,0 +1,109 @@
+"""Benchmark harness and the command line, on tiny settings."""
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from lightning_reweight.bench import METHODS, SCENARIOS, MethodParts, register_method, run_benchmark, run_one
+from lightning_reweight.bench.report import format_table, summarise
+from lightning_reweight.cli import main
+
+
+class HalfWeights:
+    def sample_weights(self, losses, context):
+        return torch.full_like(losses, 0.5)
+
+
+class AttachHalf:
+    """A callback that attaches a weighting source and reports an extra metric."""
+
+    def __init__(self):
+        from lightning.pytorch import Callback
+
+        class _CB(Callback):
+            def setup(self, trainer, pl_module, stage):
+                pl_module.attach_weighting("half", HalfWeights())
+
+            def benchmark_metrics(self):
+                return {"extra_metric": 42.0}
+
+        self.cb = _CB()
+
+
+@pytest.fixture
+def half_method():
+    register_method("test-half", {"clean"}, "test method: halves every weight")(
+        lambda ctx: MethodParts(callbacks=[AttachHalf().cb])
+    )
+    yield "test-half"
+    del METHODS["test-half"]
+
+
+def test_scenarios_match_their_names():
+    assert SCENARIOS["digits-sym60"].noise_rate == 0.6 and SCENARIOS["digits-sym60"].noise_kind == "symmetric"
+    assert SCENARIOS["digits-pair40"].noise_kind == "pairflip"
+    assert SCENARIOS["digits-lt50"].imbalance_ratio == 50.0 and SCENARIOS["digits-lt10"].imbalance_ratio == 10.0
+    assert SCENARIOS["digits-clean"].noise_rate == 0.0 and SCENARIOS["digits-clean"].imbalance_ratio == 1.0
+    assert "ce" in METHODS and {"clean", "noise", "longtail"} <= METHODS["ce"].tags
+
+
+def test_run_one_record():
+    rec = run_one("ce", "digits-lt10", seed=1, epochs=2)
+    assert rec["scenario"] == "digits-lt10" and rec["seed"] == 1 and rec["epochs"] == 2
+    assert 0.0 <= rec["test_acc"] <= 100.0 and 0.0 <= rec["test_balanced_acc"] <= 100.0
+    assert rec["step_time_ms"] > 0 and rec["steps_timed"] > 0
+    with pytest.raises(ValueError, match="unknown method"):
+        run_one("nope", "digits-clean")
+
+
+def test_run_benchmark_adds_baseline_first_and_ratios(half_method):
+    result = run_benchmark([half_method], ["digits-clean", "digits-lt10"], seeds=[0], epochs=2, progress=False)
+    recs = result["records"]
+    # test-half only applies to "clean" scenarios; the baseline runs everywhere, first
+    assert [(r["method"], r["scenario"]) for r in recs] == [
+        ("ce", "digits-clean"), ("test-half", "digits-clean"), ("ce", "digits-lt10"),
+    ]
+    ce, half = recs[0], recs[1]
+    assert ce["step_time_ratio"] == pytest.approx(1.0)
+    assert half["step_time_ratio"] == pytest.approx(half["step_time_ms"] / ce["step_time_ms"])
+    assert half["extra_metric"] == 42.0
+    assert result["meta"]["scenarios"]["digits-clean"]["noise_rate"] == 0.0
+
+
+def test_summarise_against_statistics():
+    recs = [
+        {"method": "m", "scenario": "s", "seed": i, "test_acc": a, "test_balanced_acc": b, "step_time_ratio": r}
+        for i, (a, b, r) in enumerate([(90.0, 80.0, 1.1), (92.0, 81.0, 1.3), (97.0, 85.0, 1.2)])
+    ]
+    (row,) = summarise(recs)
+    assert row["test_acc_mean"] == pytest.approx(statistics.mean([90, 92, 97]))
+    assert row["test_acc_std"] == pytest.approx(statistics.stdev([90, 92, 97]))
+    assert row["step_time_ratio_mean"] == pytest.approx(1.2)
+    assert "m" in format_table([row]) and "93.00" in format_table([row])
+
+
+def test_cli_benchmark_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(["benchmark", "--methods", "ce", "--scenarios", "digits-clean", "--seeds", "0", "1",
+                 "--epochs", "1", "--output", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "digits-clean" in printed and "balanced acc" in printed
+    data = json.loads(out.read_text())
+    assert [r["seed"] for r in data["records"]] == [0, 1]
+    assert data["summary"][0]["seeds"] == 2 and data["meta"]["preset"] == "quick"
+
+
+def test_cli_fit_runs_lightning_cli(tmp_path):
+    code = main(["fit", "--trainer.max_epochs=1", "--trainer.enable_checkpointing=false",
+                 f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+                 "--data.init_args.noise_rate=0.2"])
+    assert code == 0
+    assert (tmp_path / "lightning_logs").exists()
+
+
+def test_cli_usage(capsys):
+    assert main([]) == 0 and "benchmark" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2

@@ -1,0 +1,160 @@
+"""The reweighting contract against hand-written reductions."""
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_reweight.contract import (
+    ReweightingMixin,
+    WeightingContext,
+    check_per_sample_losses,
+    mean_scale,
+    split_batch,
+    weight_statistics,
+)
+
+
+class Tiny(ReweightingMixin, L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(4, 3)
+
+    def per_sample_loss(self, batch):
+        x, y, _ = split_batch(batch)
+        return F.cross_entropy(self.net(x), y, reduction="none")
+
+
+class FixedWeights:
+    def __init__(self, w):
+        self.w = w
+        self.seen = []
+
+    def sample_weights(self, losses, context):
+        self.seen.append(context)
+        return self.w
+
+
+def _batch(n=6, with_idx=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return (x, y, torch.arange(10, 10 + n)) if with_idx else (x, y)
+
+
+def test_uniform_is_plain_mean():
+    m = Tiny()
+    batch = _batch()
+    x, y, _ = batch
+    expected = F.cross_entropy(m.net(x), y)  # PyTorch's own mean reduction
+    assert torch.allclose(m.reweight(m.per_sample_loss(batch), batch), expected)
+    assert torch.equal(m.last_sample_weights, torch.ones(6))
+    assert torch.equal(m.last_sample_indices, torch.arange(10, 16))
+
+
+def test_attached_source_gives_weighted_mean_and_context():
+    m = Tiny()
+    batch = _batch()
+    w = torch.tensor([0.0, 1.0, 2.0, 0.5, 0.5, 2.0])
+    src = FixedWeights(w)
+    m.attach_weighting("fixed", src)
+    losses = m.per_sample_loss(batch)
+    out = m.reweight(losses, batch)
+    manual = sum(float(w[i]) * float(losses[i]) for i in range(6)) / 6
+    assert out.item() == pytest.approx(manual, rel=1e-6)
+    ctx = src.seen[-1]
+    assert isinstance(ctx, WeightingContext) and ctx.module is m
+    assert torch.equal(ctx.targets, batch[1]) and torch.equal(ctx.indices, batch[2])
+
+
+def test_sources_compose_by_product_and_detach():
+    m = Tiny()
+    batch = _batch()
+    a = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0, 3.0], requires_grad=True)
+    b = torch.tensor([2.0, 0.5, 2.0, 1.0, 0.0, 1.0])
+    m.attach_weighting("a", FixedWeights(a))
+    m.attach_weighting("b", FixedWeights(b))
+    losses = m.per_sample_loss(batch)
+    out = m.reweight(losses, batch)
+    assert out.item() == pytest.approx(float((a.detach() * b * losses).sum() / 6), rel=1e-6)
+    out.backward()
+    assert a.grad is None  # weights are constants of the backward pass
+    m.detach_weighting("b")
+    assert list(m.weightings) == ["a"]
+
+
+def test_class_weighted_mean_matches_pytorch():
+    # mean-scale weights c_y * B / sum(c_y) reproduce PyTorch's class-weighted mean reduction
+    m = Tiny()
+    batch = _batch(8)
+    x, y, _ = batch
+    c = torch.tensor([0.2, 1.0, 3.0])
+    w = c[y] * y.numel() / c[y].sum()
+    m.attach_weighting("cw", FixedWeights(w))
+    out = m.reweight(m.per_sample_loss(batch), batch)
+    assert torch.allclose(out, F.cross_entropy(m.net(x), y, weight=c), rtol=1e-6)
+
+
+def test_already_reduced_loss_is_rejected():
+    m = Tiny()
+    with pytest.raises(ValueError, match="reduction='none'"):
+        m.reweight(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="shape"):
+        check_per_sample_losses(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="batch has 3"):
+        check_per_sample_losses(torch.ones(2), 3)
+
+
+def test_wrong_weight_shape_and_non_source_rejected():
+    m = Tiny()
+    m.attach_weighting("bad", FixedWeights(torch.ones(3)))
+    with pytest.raises(ValueError, match="shape"):
+        m.reweight(m.per_sample_loss(_batch()), _batch())
+    with pytest.raises(TypeError, match="sample_weights"):
+        m.attach_weighting("x", object())
+
+
+def test_split_batch_layouts():
+    x, y, idx = split_batch(_batch(with_idx=False))
+    assert idx is None and x.shape == (6, 4)
+    with pytest.raises(TypeError, match="batch"):
+        split_batch({"x": 1})
+
+
+def test_mean_scale_and_statistics():
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    assert torch.allclose(mean_scale(w), torch.tensor([0.4, 0.8, 1.2, 1.6]))
+    assert torch.equal(mean_scale(torch.zeros(3)), torch.zeros(3))
+    stats = weight_statistics(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    # ESS = (sum w)^2 / (B * sum w^2) = 16 / (4 * 16)
+    assert stats["ess"].item() == pytest.approx(0.25)
+    assert stats["zero_frac"].item() == pytest.approx(0.75)
+    assert stats["max"].item() == 4.0 and stats["mean"].item() == 1.0
+    assert weight_statistics(torch.zeros(3))["ess"].item() == 0.0
+
+
+def test_weight_statistics_are_logged_in_training(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(Tiny):
+        def training_step(self, batch, batch_idx):
+            return self.reweight(self.per_sample_loss(batch), batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    m = Module()
+    m.attach_weighting("fixed", FixedWeights(torch.tensor([1.0, 3.0, 1.0, 3.0])))
+    ds = TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    trainer = L.Trainer(
+        max_epochs=1, logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False,
+    )
+    trainer.fit(m, DataLoader(ds, batch_size=4))
+    text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    header = text.splitlines()[0].split(",")
+    assert "weights/ess" in header and "weights/max" in header
+    row = dict(zip(header, text.splitlines()[1].split(",")))
+    assert float(row["weights/ess"]) == pytest.approx(8**2 / (4 * 20))  # (1+3+1+3)^2 / (B * (1+9+1+9))

@@ -1,0 +1,132 @@
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_reweight.data import CIFAR10DataModule, CIFAR100DataModule
+
+torchvision = pytest.importorskip("torchvision")
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def _dump(path, obj):
+    # The real files are Python 2 pickles whose str keys torchvision reads back as str ("data", "labels").
+    with open(path, "wb") as handle:
+        pickle.dump(obj, handle, protocol=2)
+
+
+@pytest.fixture(scope="module")
+def cifar10_dir(tmp_path_factory):
+    """5 training batches of 20 images (image k has label k % 10) and a 20-image test batch."""
+    root = tmp_path_factory.mktemp("cifar10")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, size=(100, 3072), dtype=np.uint8)
+    labels = [k % 10 for k in range(100)]
+    for b in range(5):
+        rows = slice(20 * b, 20 * (b + 1))
+        _dump(folder / f"data_batch_{b + 1}", {"batch_label": f"training batch {b + 1} of 5",
+                                                "data": data[rows], "labels": labels[rows],
+                                                "filenames": [f"img{k}.png" for k in range(20)]})
+    test_labels = [(3 * k) % 10 for k in range(20)]
+    _dump(folder / "test_batch", {"data": rng.integers(0, 256, size=(20, 3072), dtype=np.uint8),
+                                  "labels": test_labels})
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    _dump(folder / "batches.meta", {"label_names": names, "num_cases_per_batch": 20, "num_vis": 3072})
+    return root, data, torch.tensor(labels), torch.tensor(test_labels)
+
+
+@pytest.fixture(scope="module")
+def cifar100_dir(tmp_path_factory):
+    """300 training images (3 per fine class, label k % 100) and 100 test images."""
+    root = tmp_path_factory.mktemp("cifar100")
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    fine = [k % 100 for k in range(300)]
+    _dump(folder / "train", {"data": rng.integers(0, 256, size=(300, 3072), dtype=np.uint8),
+                             "fine_labels": fine, "coarse_labels": [f // 5 for f in fine]})
+    test_fine = [(7 * k) % 100 for k in range(100)]
+    _dump(folder / "test", {"data": rng.integers(0, 256, size=(100, 3072), dtype=np.uint8),
+                            "fine_labels": test_fine, "coarse_labels": [f // 5 for f in test_fine]})
+    _dump(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)],
+                            "coarse_label_names": [f"s{i}" for i in range(20)]})
+    return root, torch.tensor(fine), torch.tensor(test_fine)
+
+
+def _cifar10(root, **kwargs):
+    kwargs.setdefault("verify_checksums", False)
+    dm = CIFAR10DataModule(data_dir=str(root), **kwargs)
+    dm.setup()
+    return dm
+
+
+def test_reads_images_and_labels(cifar10_dir):
+    root, data, labels, test_labels = cifar10_dir
+    dm = _cifar10(root, augment=False, val_fraction=0.0, meta_per_class=0, batch_size=10)
+    assert len(dm.train_dataset) == 100 and len(dm.test_dataset) == 20
+    assert dm.num_classes == 10
+    assert torch.equal(dm.clean_train_targets, labels[dm.train_indices])
+    assert torch.equal(torch.tensor([int(dm.test_dataset[i][1]) for i in range(20)]), test_labels)
+    raw = dm.train_dataset.dataset.dataset
+    assert isinstance(raw, torchvision.datasets.CIFAR10) and raw.classes[9] == "truck"
+    i = 37
+    x, y, idx = dm.train_dataset[i]
+    assert idx == i and int(y) == labels[dm.train_indices[i]]
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    expected = torch.tensor(data[int(dm.train_indices[i])], dtype=torch.float32).view(3, 32, 32) / 255
+    assert torch.allclose(x * std + mean, expected, atol=1e-5)
+    xb, yb, ib = next(iter(dm.train_dataloader()))
+    assert xb.shape == (10, 3, 32, 32) and torch.equal(dm.train_targets[ib], yb)
+    # datasets must pickle (spawned dataloader workers, DDP)
+    copy = pickle.loads(pickle.dumps(dm.train_dataset))
+    assert torch.equal(copy[i][0], x) and type(copy.dataset.dataset).__name__ == "UnverifiedCIFAR10"
+
+
+def test_long_tail_and_noise_apply(cifar10_dir):
+    root, _, labels, _ = cifar10_dir
+    dm = _cifar10(root, val_fraction=0.1, meta_per_class=2, imbalance_ratio=7.0, noise_rate=0.5, seed=1)
+    # 10 per class: 1 validation, 2 meta, 7 left -> n_max = 7
+    assert len(dm.val_dataset) == 10 and len(dm.meta_dataset) == 20
+    assert dm.clean_train_class_counts == [int(7 * (1 / 7) ** (i / 9)) for i in range(10)]
+    assert int(dm.noise_mask.sum()) == round(0.5 * len(dm.train_dataset))
+    assert torch.equal(dm.noise_mask, dm.train_targets != dm.clean_train_targets)
+    meta_labels = torch.tensor([int(dm.meta_dataset[i][1]) for i in range(20)])
+    assert torch.equal(meta_labels, labels[dm.meta_indices])
+    assert dm.meta_dataset[0][0].shape == (3, 32, 32)  # augmented crop keeps the size
+
+
+def test_checksums_missing_files_and_prepare_data(cifar10_dir, tmp_path):
+    root = cifar10_dir[0]
+    with pytest.raises(RuntimeError, match="verify_checksums=False"):
+        CIFAR10DataModule(data_dir=str(root)).setup()
+    dm = CIFAR10DataModule(data_dir=str(tmp_path))
+    dm.prepare_data()  # download=False: nothing to do, no network
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        dm.setup()
+    with pytest.raises(TypeError, match="download"):
+        CIFAR10DataModule(download="yes")
+
+
+def test_cifar100_fine_labels(cifar100_dir):
+    root, fine, test_fine = cifar100_dir
+    dm = CIFAR100DataModule(data_dir=str(root), verify_checksums=False, val_fraction=0.0, meta_per_class=1,
+                            noise_rate=0.2, augment=False)
+    dm.setup()
+    assert dm.num_classes == 100 and len(dm.meta_dataset) == 100 and len(dm.train_dataset) == 200
+    assert torch.equal(dm.clean_train_targets, fine[dm.train_indices])
+    assert dm.clean_train_class_counts == [2] * 100
+    assert int(dm.noise_mask.sum()) == 40
+    assert torch.equal(torch.tensor([int(dm.test_dataset[i][1]) for i in range(100)]), test_fine)
+    raw = dm.train_dataset.dataset.dataset
+    assert isinstance(raw, torchvision.datasets.CIFAR100) and raw.classes[5] == "c5"
+
+
+def test_missing_torchvision_names_the_extra(cifar10_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(ImportError, match=r"lightning-reweight\[vision\]"):
+        CIFAR10DataModule(data_dir=str(cifar10_dir[0]), verify_checksums=False).setup()

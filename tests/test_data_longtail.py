@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from lightning_reweight.data import class_counts, long_tailed_counts, long_tailed_indices
+
+
+def test_cifar10_lt_counts_match_published_numbers():
+    counts = long_tailed_counts(5000, 10, 100)
+    assert counts == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert sum(counts) == 12406
+    # Dataset sizes reported for CIFAR-10-LT / CIFAR-100-LT (LDAM-DRW protocol).
+    assert sum(long_tailed_counts(5000, 10, 10)) == 20431
+    assert sum(long_tailed_counts(500, 100, 100)) == 10847
+
+
+def test_balanced_and_step_profiles():
+    assert long_tailed_counts(5000, 10, 1.0) == [5000] * 10
+    assert long_tailed_counts(5000, 10, 10, profile="step") == [5000] * 5 + [500] * 5
+    assert long_tailed_counts(300, 5, 100, profile="step") == [300, 300, 3, 3, 3]
+    assert long_tailed_counts(7, 1, 50) == [7]
+
+
+def test_class_counts_by_hand():
+    assert class_counts([3, 0, 3, 1]) == [1, 1, 0, 2]
+    assert class_counts(torch.tensor([1]), num_classes=4) == [0, 1, 0, 0]
+
+
+def test_indices_follow_exp_profile():
+    y = torch.arange(10).repeat(50)  # 50 per class, interleaved
+    kept = long_tailed_indices(y, 10.0, seed=1)
+    expected = [int(50 * 0.1 ** (i / 9)) for i in range(10)]
+    assert expected[0] == 50 and expected[-1] == 5
+    assert class_counts(y[kept], 10) == expected
+    assert torch.equal(kept, kept.sort().values) and kept.unique().numel() == kept.numel()
+    assert kept.dtype == torch.long
+
+
+def test_rho_one_keeps_everything_and_step_profile():
+    y = torch.arange(4).repeat_interleave(20)
+    assert torch.equal(long_tailed_indices(y, 1.0), torch.arange(80))
+    kept = long_tailed_indices(y, 4.0, profile="step")
+    assert class_counts(y[kept]) == [20, 20, 5, 5]
+
+
+def test_default_n_max_is_smallest_class():
+    y = torch.tensor([0] * 30 + [1] * 20 + [2] * 25)
+    kept = long_tailed_indices(y, 2.0)
+    assert class_counts(y[kept]) == [20, 14, 10]  # 20 * 0.5 ** 0.5 = 14.1
+
+
+def test_deterministic_and_seed_dependent():
+    y = torch.arange(5).repeat(100)
+    assert torch.equal(long_tailed_indices(y, 5.0, seed=3), long_tailed_indices(y.tolist(), 5.0, seed=3))
+    assert not torch.equal(long_tailed_indices(y, 5.0, seed=3), long_tailed_indices(y, 5.0, seed=4))
+
+
+def test_errors():
+    y = torch.arange(3).repeat(10)
+    with pytest.raises(ValueError, match="imbalance_ratio"):
+        long_tailed_indices(y, 0.5)
+    with pytest.raises(ValueError, match="imbalance_ratio"):
+        long_tailed_counts(10, 3, 0.9)
+    with pytest.raises(ValueError, match="profile"):
+        long_tailed_indices(y, 2.0, profile="linear")
+    with pytest.raises(ValueError, match="class 0 holds 10"):
+        long_tailed_indices(y, 2.0, n_max=11)
+    with pytest.raises(ValueError, match="n_max"):
+        long_tailed_counts(0, 3, 2.0)
+    with pytest.raises(ValueError, match="num_classes"):
+        long_tailed_counts(10, 0, 2.0)

@@ -1,0 +1,255 @@
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_reweight import ReweightClassifier
+from lightning_reweight.callbacks import DeferredResampling, DeferredReweighting
+from lightning_reweight.losses import LDAMLoss
+from lightning_reweight.models import MLP
+
+COUNTS = [40, 16, 8]
+BETA = 0.99
+
+
+def cb_weights(counts, beta):
+    raw = [(1 - beta) / (1 - beta**n) for n in counts]
+    return [r * len(counts) / sum(raw) for r in raw]
+
+
+def make_data(counts=COUNTS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    x = torch.randn(y.numel(), 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
+    return TensorDataset(x, y, torch.arange(y.numel()))
+
+
+class TinyDataModule(L.LightningDataModule):
+    """The attributes DRW/DRS read: train_class_counts, train_targets, train_sampler."""
+
+    def __init__(self, counts=COUNTS, batch_size=16, num_workers=0):
+        super().__init__()
+        self.num_workers = num_workers
+        self.dataset = make_data(counts)
+        self.train_targets = self.dataset.tensors[1]
+        self.train_class_counts = list(counts)
+        self.train_sampler = None
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.train_sampler,
+                          shuffle=self.train_sampler is None, num_workers=self.num_workers)
+
+
+class Probe(L.Callback):
+    """Records, per training batch: epoch, targets, the contract's weights, the criterion's weight buffer, loss."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._batch = batch
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        x, y, _ = self._batch
+        with torch.no_grad():
+            logits = pl_module(x)
+        self.rows.append({
+            "epoch": trainer.current_epoch, "y": y.clone(), "loss": float(loss.detach()), "logits": logits,
+            "w": pl_module.sample_weights(torch.ones(y.numel()), self._batch).clone(),
+            "crit_w": pl_module.criterion.weight.clone(),
+        })
+
+
+def trainer_for(tmp_path, epochs, callbacks, **kw):
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks, **kw)
+
+
+def model_for():
+    torch.manual_seed(0)
+    return ReweightClassifier(MLP(64, 3, hidden=(16,)), 3, criterion=LDAMLoss(COUNTS, s=5.0, reduction="none"),
+                              lr=0.05)
+
+
+def check_rows(rows, start, mode):
+    expected = torch.tensor(cb_weights(COUNTS, BETA))
+    for r in rows:
+        y = r["y"]
+        if r["epoch"] < start:
+            assert torch.equal(r["w"], torch.ones(y.numel()))
+            assert torch.equal(r["crit_w"], torch.ones(3))
+            ref = LDAMLoss(COUNTS, s=5.0)(r["logits"], y)
+        elif mode == "weighting":
+            c = expected[y]
+            assert torch.allclose(r["w"], c * y.numel() / c.sum(), rtol=1e-5)
+            assert torch.equal(r["crit_w"], torch.ones(3))
+            # PyTorch's weighted mean sum(c_y l) / sum(c_y)
+            ref = LDAMLoss(COUNTS, s=5.0, weight=expected)(r["logits"], y)
+        else:
+            assert torch.equal(r["w"], torch.ones(y.numel()))
+            assert torch.allclose(r["crit_w"], expected, rtol=1e-5)
+            ref = LDAMLoss(COUNTS, s=5.0, weight=expected, reduction="sum")(r["logits"], y) / y.numel()
+        assert r["loss"] == pytest.approx(float(ref), rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["weighting", "criterion"])
+def test_drw_switches_exactly_at_start_epoch(tmp_path, mode):
+    probe = Probe()
+    drw = DeferredReweighting(start_epoch=2, beta=BETA, mode=mode)  # counts from the datamodule
+    trainer_for(tmp_path, 4, [drw, probe], enable_checkpointing=False).fit(model_for(), datamodule=TinyDataModule())
+    assert sorted({r["epoch"] for r in probe.rows}) == [0, 1, 2, 3]
+    check_rows(probe.rows, 2, mode)
+
+
+@pytest.mark.parametrize("mode", ["weighting", "criterion"])
+def test_drw_resume_on_both_sides_of_start(tmp_path, mode):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer_for(tmp_path, 4, [DeferredReweighting(2, BETA, mode, COUNTS), ckpt]).fit(model_for(), TinyDataModule())
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=True)
+    assert torch.equal(saved["state_dict"]["criterion.weight"], torch.ones(3))
+    if mode == "criterion":
+        after = torch.load(tmp_path / "ckpt" / "epoch=2.ckpt", weights_only=True)
+        assert torch.allclose(after["state_dict"]["criterion.weight"], torch.tensor(cb_weights(COUNTS, BETA)))
+    for name, first in (("epoch=0.ckpt", 1), ("epoch=2.ckpt", 3)):  # before / after start_epoch
+        probe = Probe()
+        trainer = trainer_for(tmp_path, 4, [DeferredReweighting(2, BETA, mode, COUNTS), probe],
+                              enable_checkpointing=False)
+        trainer.fit(model_for(), TinyDataModule(), ckpt_path=tmp_path / "ckpt" / name)
+        assert min(r["epoch"] for r in probe.rows) == first
+        check_rows(probe.rows, 2, mode)
+
+
+def test_drw_errors():
+    with pytest.raises(ValueError, match="cls_num_list"):
+        DeferredReweighting(2, cls_num_list=[5, 0, 3])
+    with pytest.raises(ValueError, match="mode"):
+        DeferredReweighting(2, mode="loss")
+    with pytest.raises(ValueError, match="beta"):
+        DeferredReweighting(2, beta=1.0)
+    model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3)  # CrossEntropyLoss without a weight tensor
+    trainer = trainer_for(None, 1, [DeferredReweighting(0, mode="criterion", cls_num_list=COUNTS)])
+    with pytest.raises(ValueError, match="criterion.weight"):
+        trainer.fit(model, TinyDataModule())
+
+
+class ClassCounter(L.Callback):
+    def __init__(self):
+        self.per_epoch = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        counts = self.per_epoch.setdefault(trainer.current_epoch, torch.zeros(3, dtype=torch.long))
+        counts += torch.bincount(batch[1], minlength=3)
+
+
+def drs_class_probabilities(counts, beta):
+    w = cb_weights(counts, beta)
+    mass = [n * wj for n, wj in zip(counts, w)]
+    return torch.tensor([m / sum(mass) for m in mass])
+
+
+def test_drs_changes_measured_class_frequencies(tmp_path):
+    counts = [300, 60, 12]
+    counter = ClassCounter()
+    dm = TinyDataModule(counts, batch_size=31)
+    trainer = trainer_for(tmp_path, 5, [DeferredResampling(start_epoch=2, beta=0.9999, seed=1), counter],
+                          enable_checkpointing=False)
+    trainer.fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), dm)
+    for epoch in (0, 1):  # every sample exactly once: the natural counts
+        assert counter.per_epoch[epoch].tolist() == counts
+    drawn = sum(counter.per_epoch[e] for e in (2, 3, 4)).double()
+    freq = drawn / drawn.sum()
+    expected = drs_class_probabilities(counts, 0.9999)  # ~ uniform over classes
+    sd = (expected * (1 - expected) / drawn.sum()).sqrt()
+    assert bool(((freq - expected).abs() < 5 * sd).all()), (freq, expected)
+    assert float(freq[2]) > 0.25  # the rare class (3% of the data) is drawn about a third of the time
+    assert dm.train_sampler is None  # restored on teardown
+
+
+def test_drs_resume_after_start_samples_balanced(tmp_path):
+    counts = [300, 60, 12]
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer_for(tmp_path, 3, [DeferredResampling(1, seed=3), ckpt]).fit(
+        ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule(counts, 31))
+    counter = ClassCounter()
+    trainer = trainer_for(tmp_path, 5, [DeferredResampling(1), counter], enable_checkpointing=False)
+    # a worker process makes the loader draw its indices as soon as Lightning builds the iterator, before any
+    # epoch hook: the sampler must read the resumed epoch itself
+    trainer.fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule(counts, 31, num_workers=1),
+                ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt")
+    assert sorted(counter.per_epoch) == [3, 4]
+    for e in (3, 4):  # the first epoch after the resume is already class-balanced
+        assert int(counter.per_epoch[e][2]) > 60
+
+
+def test_drs_needs_sampler_attribute(tmp_path):
+    class NoSampler(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(make_data(), batch_size=8)
+
+    with pytest.raises(ValueError, match="train_sampler"):
+        trainer_for(tmp_path, 1, [DeferredResampling(0)]).fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3),
+                                                              NoSampler())
+
+
+class Indices(L.Callback):
+    def __init__(self, out):
+        self.out, self.seen = out, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.setdefault(str(trainer.current_epoch), []).extend(batch[2].tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        Path(f"{self.out}.{trainer.global_rank}").write_text(json.dumps(self.seen))
+
+
+@pytest.mark.ddp
+def test_drs_ddp_gloo_two_processes(tmp_path):
+    out = str(tmp_path / "seen")
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[DeferredResampling(start_epoch=2, beta=0.9999), Indices(out)])
+    trainer.fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule([300, 60, 12], 31))
+    seen = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    targets = torch.cat([torch.full((n,), c) for c, n in enumerate([300, 60, 12])])
+    for epoch in ("0", "1"):  # shards of one shared permutation: together every sample exactly once
+        assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(372))
+    drawn = torch.tensor(seen[0]["2"] + seen[0]["3"] + seen[1]["2"] + seen[1]["3"])
+    freq = torch.bincount(targets[drawn], minlength=3).double() / drawn.numel()
+    expected = drs_class_probabilities([300, 60, 12], 0.9999)
+    sd = (expected * (1 - expected) / drawn.numel()).sqrt()
+    assert bool(((freq - expected).abs() < 5 * sd).all()), (freq, expected)
+
+
+class WrappingLoss(torch.nn.Module):
+    """A criterion that wraps a base loss and is itself a weighting source (the shape of ABSGD's loss)."""
+
+    def __init__(self, base_loss):
+        super().__init__()
+        self.base_loss = base_loss
+        self.seen_weights = []
+
+    def sample_weights(self, losses, context):
+        self.seen_weights.append(self.base_loss.weight.clone())
+        return torch.ones_like(losses)
+
+
+def test_drw_criterion_mode_reaches_wrapped_base_loss(tmp_path):
+    crit = WrappingLoss(LDAMLoss(COUNTS, s=5.0, reduction="none"))
+    model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3, criterion=crit, lr=0.05)
+    epochs = []
+
+    class Epochs(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            epochs.append(trainer.current_epoch)
+
+    trainer_for(tmp_path, 3, [DeferredReweighting(1, BETA, "criterion", COUNTS), Epochs()],
+                enable_checkpointing=False).fit(model, TinyDataModule())
+    expected = torch.tensor(cb_weights(COUNTS, BETA))
+    assert len(crit.seen_weights) == len(epochs) == 12
+    for e, w in zip(epochs, crit.seen_weights):
+        assert torch.allclose(w, expected if e >= 1 else torch.ones(3), rtol=1e-5)

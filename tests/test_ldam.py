@@ -1,0 +1,124 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_reweight import ReweightClassifier
+from lightning_reweight.functional import class_balanced_weights, ldam_margins
+from lightning_reweight.losses import LDAMLoss
+from lightning_reweight.models import MLP, NormalizedLinear
+
+CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+def reference_ldam(logits, target, counts, max_m, s, weight=None):
+    """LDAM written out per sample in float64: margins, target-only subtraction, scale, log-sum-exp."""
+    raw = [n ** -0.25 for n in counts]
+    margins = [m * max_m / max(raw) for m in raw]
+    losses, ws = [], []
+    for z, y in zip(logits.double().tolist(), target.tolist()):
+        adj = [s * (zj - (margins[j] if j == y else 0.0)) for j, zj in enumerate(z)]
+        top = max(adj)
+        lse = top + math.log(sum(math.exp(a - top) for a in adj))
+        w = 1.0 if weight is None else float(weight[y])
+        losses.append(w * (lse - adj[y]))
+        ws.append(w)
+    return losses, ws
+
+
+def test_margins_cifar10_lt100():
+    m = ldam_margins(CIFAR10_LT_100, max_m=0.5)
+    expected = [0.5 * (50 / n) ** 0.25 for n in CIFAR10_LT_100]
+    assert torch.allclose(m, torch.tensor(expected), atol=1e-6)
+    assert round(float(m[0]), 3) == 0.158
+    assert float(m[-1]) == pytest.approx(0.5)
+    assert bool((m[1:] > m[:-1]).all())  # rarer classes get larger margins
+
+
+def test_class_balanced_weights_formula():
+    counts = CIFAR10_LT_100
+    for beta in (0.9, 0.99, 0.999, 0.9999):
+        raw = [(1 - beta) / (1 - beta**n) for n in counts]
+        expected = torch.tensor([r * len(counts) / sum(raw) for r in raw])
+        assert torch.allclose(class_balanced_weights(counts, beta), expected.float(), rtol=1e-5)
+    assert torch.equal(class_balanced_weights(counts, 0.0), torch.ones(10))
+    assert float(class_balanced_weights(counts, 0.9999).sum()) == pytest.approx(10.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("use_weight", [False, True])
+def test_ldam_matches_formula(use_weight):
+    torch.manual_seed(0)
+    counts = [500, 120, 40, 7]
+    logits = torch.randn(16, 4)
+    target = torch.randint(0, 4, (16,))
+    weight = torch.tensor([0.2, 0.7, 1.3, 1.8]) if use_weight else None
+    losses, ws = reference_ldam(logits, target, counts, 0.4, 10.0, weight)
+    mean = LDAMLoss(counts, max_m=0.4, s=10.0, weight=weight)(logits, target)
+    assert float(mean) == pytest.approx(sum(losses) / sum(ws), rel=1e-5)
+    per = LDAMLoss(counts, max_m=0.4, s=10.0, weight=weight, reduction="none")(logits, target)
+    assert torch.allclose(per.double(), torch.tensor(losses, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    total = LDAMLoss(counts, max_m=0.4, s=10.0, weight=weight, reduction="sum")(logits, target)
+    assert float(total) == pytest.approx(sum(losses), rel=1e-5)
+
+
+def test_weight_buffer_set_later_survives_state_dict():
+    loss = LDAMLoss(CIFAR10_LT_100)
+    assert torch.equal(loss.weight, torch.ones(10))
+    assert {"margins", "weight"} <= set(loss.state_dict())
+    loss.weight.copy_(class_balanced_weights(CIFAR10_LT_100))
+    fresh = LDAMLoss(CIFAR10_LT_100)
+    fresh.load_state_dict(loss.state_dict())
+    assert torch.equal(fresh.weight, loss.weight)
+
+
+@pytest.mark.parametrize("counts", [[10, 0, 3], [10, -2, 3], []])
+def test_bad_counts_raise(counts):
+    with pytest.raises(ValueError, match="cls_num_list"):
+        LDAMLoss(counts)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="max_m"):
+        LDAMLoss([3, 2], max_m=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        LDAMLoss([3, 2], reduction="batchmean")
+    with pytest.raises(ValueError, match="weight"):
+        LDAMLoss([3, 2], weight=[1.0, 2.0, 3.0])
+
+
+def test_bf16_logits_finite_and_fp32():
+    torch.manual_seed(0)
+    logits = (torch.rand(32, 10) * 2 - 1).bfloat16()
+    out = LDAMLoss(CIFAR10_LT_100, reduction="none")(logits, torch.randint(0, 10, (32,)))
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+
+
+def test_bf16_mixed_training_loss_finite():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 4, (64,))
+    backbone = MLP(64, 4, hidden=(16,))
+    backbone.classifier = NormalizedLinear(16, 4)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    model = ReweightClassifier(backbone, 4, criterion=LDAMLoss([40, 15, 6, 3], reduction="none"), lr=0.05)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Record()])
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+
+
+def test_gradient_pushes_rare_class_harder():
+    # Same logits, the margin of the rare class makes its loss larger than the common class's.
+    loss = LDAMLoss([1000, 10], max_m=0.5, s=30.0, reduction="none")
+    z = torch.tensor([[0.5, 0.0], [0.0, 0.5]])
+    out = loss(z, torch.tensor([0, 1]))
+    assert float(out[1]) > float(out[0])
+    assert isinstance(loss, nn.Module)
