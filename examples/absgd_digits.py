@@ -16,6 +16,7 @@ import argparse
 import lightning as L
 
 from lightning_reweight import ReweightClassifier
+from lightning_reweight.bench.runner import quiet
 from lightning_reweight.callbacks import DROSchedule
 from lightning_reweight.data import DigitsDataModule
 from lightning_reweight.losses import AttentionalDROLoss
@@ -31,11 +32,12 @@ def train(dm: DigitsDataModule, lam: float | None, start_epoch: int, epochs: int
         criterion = AttentionalDROLoss(lam=None, gamma=0.9, alpha=1.0)
         callbacks.append(DROSchedule(start_epoch=start_epoch, lam=lam))
     model = ReweightClassifier(MLP(64, dm.num_classes, hidden=(256, 256)), dm.num_classes, criterion=criterion, lr=0.05)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=dm)
-    (result,) = trainer.test(model, datamodule=dm, verbose=False)
+    with quiet():  # silence Lightning's informational messages
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=dm)
+        (result,) = trainer.test(model, datamodule=dm, verbose=False)
     return result
 
 
