@@ -283,3 +283,30 @@ def test_ddp_u_identical_and_global(tmp_path):
         m = sum(math.exp(v / lam) for v in both) / len(both)
         u = alpha * m if u is None else (1 - gamma) * u + gamma * alpha * m
     assert math.isclose(r0["log_u"], math.log(u), rel_tol=1e-5)
+
+
+class _RecordLogU(L.Callback):
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        crit = pl_module.criterion
+        path = os.path.join(self.out, f"lightning_rank{trainer.global_rank}.json")
+        with open(path, "w") as f:
+            json.dump({"log_u": float(crit.log_u), "lam": crit.lam, "w": pl_module.last_sample_weights.tolist()}, f)
+
+
+@pytest.mark.ddp
+def test_lightning_ddp_contract_route(tmp_path):
+    # the ReweightClassifier route under a real Lightning DDP run: 2 CPU processes (forked), DistributedSampler
+    # gives each rank different samples; u must end identical on both ranks
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=None, gamma=0.7), lr=0.1)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[DROSchedule(start_epoch=1, lam=0.5), _RecordLogU(str(tmp_path))])
+    trainer.fit(model, _loader())
+    r0, r1 = (json.loads((tmp_path / f"lightning_rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["lam"] == r1["lam"] == 0.5
+    assert r0["log_u"] == r1["log_u"]
+    assert r0["w"] != r1["w"]  # different data per rank, same normaliser
