@@ -310,3 +310,16 @@ def test_lightning_ddp_contract_route(tmp_path):
     assert r0["lam"] == r1["lam"] == 0.5
     assert r0["log_u"] == r1["log_u"]
     assert r0["w"] != r1["w"]  # different data per rank, same normaliser
+
+
+def test_bf16_mixed_trainer(tmp_path):
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=0.1), lr=0.1)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, _loader())
+    crit = model.criterion
+    assert crit.log_u.dtype == torch.float32 and torch.isfinite(crit.log_u)
+    assert torch.isfinite(model.last_sample_weights).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
