@@ -143,10 +143,13 @@ class AttentionalDROLoss(nn.Module):
             fresh = self._u_lam != lam
             if fresh or self.gamma == 1.0:
                 log_u = lse + c_fresh
+                if update:
+                    self.log_u.copy_(log_u)
+            elif update:  # written straight into the buffer (its old value is read first)
+                log_u = torch.logaddexp(self.log_u + c_decay, lse + c_new, out=self.log_u)
             else:
                 log_u = torch.logaddexp(self.log_u + c_decay, lse + c_new)
             if update:
-                self.log_u.copy_(log_u)
                 if fresh:
                     self.initialised.fill_(True)
                     self.u_lam.fill_(lam)

@@ -37,8 +37,11 @@ DRW_LAM = 2.0
 def _stages(
     ctx: BuildContext, lam: float, start: float, base: nn.Module | None = None, later: dict[int, float] | None = None
 ) -> MethodParts:
+    start_epoch = round(start * ctx.recipe.epochs)
+    if start_epoch == 0 and not later:  # one stage: no callback needed (Lightning calls every callback every step)
+        return MethodParts(criterion=AttentionalDROLoss(lam=lam, gamma=GAMMA, alpha=ALPHA, base_loss=base))
     criterion = AttentionalDROLoss(lam=None, gamma=GAMMA, alpha=ALPHA, base_loss=base)
-    schedule = DROSchedule(start_epoch=round(start * ctx.recipe.epochs), lam=lam, lam_schedule=later)
+    schedule = DROSchedule(start_epoch=start_epoch, lam=lam, lam_schedule=later)
     return MethodParts(criterion=criterion, callbacks=[schedule])
 
 
