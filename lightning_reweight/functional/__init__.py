@@ -1,5 +1,6 @@
 """Pure tensor maths, no Lightning: each method's core formula, testable against the papers."""
 
+from lightning_reweight.functional.dro import dro_objective, dro_weights, log_mean_exp
 from lightning_reweight.functional.longtail import (
     check_class_counts,
     class_balanced_sample_weights,
@@ -13,7 +14,10 @@ __all__: list[str] = [
     "check_class_counts",
     "class_balanced_sample_weights",
     "class_balanced_weights",
+    "dro_objective",
+    "dro_weights",
     "ldam_margins",
+    "log_mean_exp",
     "logit_adjustment_offsets",
     "susceptibility_step",
 ]

@@ -79,3 +79,6 @@ def register_method(
 # Built-in methods (import order = table order).
 from lightning_reweight.bench.methods import ce  # noqa: E402, F401
 from lightning_reweight.bench.methods import longtail as _longtail  # noqa: E402, F401
+
+# isort: split
+from lightning_reweight.bench.methods import absgd as _absgd  # noqa: E402, F401
