@@ -175,13 +175,23 @@ def test_bf16_mixed_trains_and_meta_maths_in_fp32():
 
 
 def test_weight_function_figure_only_for_image_loggers():
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     calls = []
 
-    class TensorBoardLogger:  # the name is what the plot helper checks
-        experiment = types.SimpleNamespace(add_figure=lambda tag, fig, global_step: calls.append((tag, global_step)))
+    class FakeTensorBoard(TensorBoardLogger):  # no tensorboard needed: only the experiment is used
+        def __init__(self) -> None:
+            pass
+
+        @property
+        def experiment(self):
+            def add_figure(tag, fig, global_step, close):
+                calls.append((tag, global_step))
+
+            return types.SimpleNamespace(add_figure=add_figure)
 
     mwn = MetaWeightNet(hidden=8)
-    fake = types.SimpleNamespace(loggers=[TensorBoardLogger()], current_epoch=0, global_step=7)
+    fake = types.SimpleNamespace(loggers=[FakeTensorBoard()], current_epoch=0, global_step=7, is_global_zero=True)
     assert log_weight_function(fake, mwn)
     assert calls == [("meta/weight_function", 7)]
     assert not log_weight_function(types.SimpleNamespace(loggers=[object()], current_epoch=0, global_step=0), mwn)

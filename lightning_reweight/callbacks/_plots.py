@@ -6,29 +6,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["image_loggers", "log_weight_function"]
+from lightning_reweight.loggers import log_figure, rich_loggers
 
-
-def image_loggers(trainer: Any) -> list[Any]:
-    """The trainer's loggers that accept figures: TensorBoard (``add_figure``) and W&B (``log_image``)."""
-    return [lg for lg in getattr(trainer, "loggers", []) or [] if _kind(lg) is not None]
-
-
-def _kind(logger: Any) -> str | None:
-    names = {cls.__name__ for cls in type(logger).__mro__}  # subclasses of the two loggers count too
-    return "tensorboard" if "TensorBoardLogger" in names else "wandb" if "WandbLogger" in names else None
+__all__ = ["log_weight_function"]
 
 
 def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = None, points: int = 200) -> bool:
-    """Plot ``V(l)`` for ``l`` in ``[0, max_loss]`` and send it to every image-capable logger.
+    """Plot ``V(l)`` for ``l`` in ``[0, max_loss]`` and send it to every W&B / TensorBoard logger.
 
     Does nothing (returns ``False``) when no logger takes images; matplotlib is imported only when one does.
 
     Raises:
         ImportError: when a logger takes images and matplotlib is missing.
     """
-    loggers = image_loggers(trainer)
-    if not loggers:
+    if not rich_loggers(trainer):
         return False
     try:
         import matplotlib
@@ -50,11 +41,6 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
     ax.set_ylabel("weight V(loss)")
     ax.set_title(f"weighting function, epoch {trainer.current_epoch}")
     fig.tight_layout()
-    step = trainer.global_step
-    for logger in loggers:
-        if _kind(logger) == "tensorboard":
-            logger.experiment.add_figure("meta/weight_function", fig, global_step=step)
-        else:
-            logger.log_image(key="meta/weight_function", images=[fig], step=step)
+    written = log_figure(trainer, "meta/weight_function", fig)
     plt.close(fig)
-    return True
+    return written > 0

@@ -6,6 +6,7 @@ the built-in methods.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from lightning.pytorch import Callback
 from torch import nn
 
-__all__ = ["METHODS", "BuildContext", "MethodParts", "MethodSpec", "register_method"]
+__all__ = ["BUILTIN_MODULES", "METHODS", "BuildContext", "MethodParts", "MethodSpec", "register_method"]
 
 
 @dataclass
@@ -76,7 +77,8 @@ def register_method(
     return decorator
 
 
-# Built-in methods (import order = table order).
-from lightning_reweight.bench.methods import ce  # noqa: E402, F401
-from lightning_reweight.bench.methods import longtail as _longtail  # noqa: E402, F401
-from lightning_reweight.bench.methods import meta as _meta  # noqa: E402, F401
+#: Built-in method modules, imported in this order (= table order); each registers its rows when imported.
+BUILTIN_MODULES: tuple[str, ...] = ("ce", "longtail", "absgd", "meta")
+
+for _module in BUILTIN_MODULES:
+    importlib.import_module(f"{__name__}.{_module}")

@@ -1,0 +1,99 @@
+"""The two-stage ABSGD recipe: plain ERM until an epoch, then the attentional DRO loss with a lam schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from lightning_reweight.losses.absgd import AttentionalDROLoss
+
+__all__ = ["DROSchedule"]
+
+
+class DROSchedule(Callback):
+    """Set the ``lam`` of every :class:`~lightning_reweight.losses.AttentionalDROLoss` in the module by epoch.
+
+    Before ``start_epoch`` the loss is plain ERM (``lam = None``); from ``start_epoch`` on it is ``lam``, or the
+    value of the latest ``lam_schedule`` entry whose epoch is ``<= current_epoch`` (e.g. ``{0: 5.0, 40: 3.0}``
+    with ``start_epoch=20`` is ERM for epochs 0-19, 5 for 20-39, 3 from 40). The value depends only on the
+    epoch, so a resumed run sets the same ``lam`` as an uninterrupted one; the loss keeps its ``u`` (a buffer)
+    across the checkpoint and re-initialises it from the next batch whenever ``lam`` changes.
+
+    Logs ``absgd/lam`` (NaN during ERM) at every epoch start.
+
+    Args:
+        start_epoch: first epoch of the DRO stage (0: from the start).
+        lam: the DRO temperature of that stage (non-zero; negative for label noise).
+        lam_schedule: optional ``{epoch: lam}`` overrides from those epochs on (epochs ``>= start_epoch``).
+
+    Example:
+        >>> cb = DROSchedule(start_epoch=20, lam=5.0, lam_schedule={40: 3.0})
+        >>> [cb.lam_at(e) for e in (0, 19, 20, 39, 40)]
+        [None, None, 5.0, 5.0, 3.0]
+    """
+
+    def __init__(self, start_epoch: int = 0, lam: float = 1.0, lam_schedule: dict[int, float] | None = None) -> None:
+        super().__init__()
+        if start_epoch < 0:
+            raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
+        values = [lam, *(lam_schedule or {}).values()]
+        if any(v is None or float(v) == 0.0 for v in values):
+            raise ValueError(f"lam and the lam_schedule values must be non-zero numbers, got {values}")
+        early = [e for e in (lam_schedule or {}) if int(e) < start_epoch]
+        if early:
+            raise ValueError(f"lam_schedule epochs {early} come before start_epoch={start_epoch}; remove them")
+        self._start_epoch = int(start_epoch)
+        self._lam = float(lam)
+        self._schedule = {int(e): float(v) for e, v in sorted((lam_schedule or {}).items())}
+        self._losses: list[AttentionalDROLoss] = []
+        self._current: float | None = None
+
+    def lam_at(self, epoch: int) -> float | None:
+        """The ``lam`` used during ``epoch`` (``None``: plain ERM)."""
+        if epoch < self._start_epoch:
+            return None
+        lam = self._lam
+        for e, v in self._schedule.items():
+            if e <= epoch:
+                lam = v
+        return lam
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._losses = [m for m in pl_module.modules() if isinstance(m, AttentionalDROLoss)]
+        if stage == "fit" and not self._losses:
+            raise ValueError(
+                "DROSchedule found no AttentionalDROLoss in the LightningModule: pass one as the criterion, e.g. "
+                "ReweightClassifier(backbone, num_classes, criterion=AttentionalDROLoss(lam=None)), or keep it as "
+                "an attribute (submodule) of your module"
+            )
+
+    def _apply(self, trainer: Trainer) -> None:
+        self._current = self.lam_at(trainer.current_epoch)
+        for loss in self._losses:
+            loss.lam = self._current
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._apply(trainer)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._apply(trainer)
+        lam = float("nan") if self._current is None else self._current
+        pl_module.log("absgd/lam", lam, on_epoch=True, on_step=False, batch_size=1)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"start_epoch": self._start_epoch, "lam": self._lam, "lam_schedule": dict(self._schedule),
+                "current": self._current}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._current = state_dict.get("current")
+
+    def benchmark_metrics(self) -> dict[str, Any]:
+        """What the benchmark runner records for this callback: the schedule."""
+        return {"dro_start_epoch": self._start_epoch, "dro_lam": self._lam, "dro_lam_schedule": dict(self._schedule)}

@@ -1,0 +1,418 @@
+"""SusceptibilityMonitor: watch memorisation of noisy labels without clean labels."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from typing_extensions import override
+
+from lightning_reweight.contract import split_batch
+from lightning_reweight.functional.susceptibility import preserved_rng, susceptibility_step
+from lightning_reweight.loggers import define_epoch_axis, log_histograms
+
+__all__ = ["SusceptibilityMonitor"]
+
+
+def _inputs_of(sample: Any) -> Tensor:
+    if isinstance(sample, (tuple, list)):
+        sample = sample[0]
+    elif isinstance(sample, dict):
+        sample = sample.get("x", sample.get("inputs", sample.get("input")))
+    return sample if isinstance(sample, Tensor) else torch.as_tensor(sample)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class SusceptibilityMonitor(Callback):
+    """Log the susceptibility to noisy labels, ``zeta``, once per epoch (Forouzesh, Sedghi & Thiran, ICLR 2023).
+
+    A randomly labelled set is built once, at the first measurement: ``pool_size`` training inputs
+    (``trainer.datamodule.train_dataset``, else the train loader's dataset; chosen with a generator seeded by
+    ``seed``) or the first ``pool_size`` inputs of ``unlabelled_loader``, read into memory once (as the dataset
+    returns them then, transforms included), each given a label drawn uniformly over all classes with the same
+    generator. The labels and the chosen indices are fixed for the run and saved in checkpoints. At the
+    start of every ``every_n_epochs``-th epoch, one batch of ``batch_size`` of that set (drawn with the monitor's
+    own generator, seeded by ``seed`` and the epoch) goes through
+    :func:`~lightning_reweight.functional.susceptibility_step` with the training optimizer
+    ``trainer.optimizers[0]``: the loss drop of one step on random labels, after which parameters, buffers,
+    gradients, optimizer state and the random number generators are restored exactly. Training with the monitor
+    is therefore bit-identical to training without it.
+
+    Logged to every logger of the trainer (and put in ``trainer.callback_metrics``, so ``ModelCheckpoint`` can
+    monitor ``memorization/zeta``; under DDP the drop is averaged over ranks so all ranks hold the same ``zeta``,
+    and rank zero writes):
+
+    - ``memorization/drop``: this epoch's drop; ``memorization/zeta``: the running mean of the drops.
+    - When the datamodule has a ``noise_mask`` (True = noisy, indexed by the dataset index the train batches
+      carry as third element): ``memorization/train_acc_noisy`` and ``memorization/train_acc_clean``, the
+      accuracy on the given (noisy) labels of the noisy and the clean training samples, from a no-grad eval
+      pass over the training set at the same time as the probe (``log_subset_accuracy``; costs one forward
+      over the training set per measurement; the inputs are read once and kept in memory, each rank keeps
+      and evaluates its own 1/world share).
+    - When a reweighting source is attached to the module (it sets ``last_sample_weights`` /
+      ``last_sample_indices``) and the noise mask is known: ``memorization/weight_mean_clean`` and
+      ``memorization/weight_mean_noisy`` each epoch, and histograms ``memorization/weights_clean`` /
+      ``memorization/weights_noisy`` to W&B and TensorBoard (``log_weight_histograms``; rank zero's samples).
+
+    The probe calls the LightningModule's ``forward`` on a batch of inputs (inside the trainer's precision
+    context) and expects logits; override :meth:`compute_logits` for modules whose forward returns something
+    else.
+
+    Args:
+        batch_size: size of the randomly labelled batch of each measurement (128 in the paper).
+        every_n_epochs: measure at the start of every n-th epoch.
+        unlabelled_loader: a loader of unlabelled inputs (batches of inputs or tuples whose first element is
+            the inputs) to draw from instead of the training inputs; its first ``pool_size`` inputs are read
+            into memory at the first measurement.
+        seed: seeds the random labels and the per-epoch batch choice.
+        num_classes: number of classes (default: ``pl_module.num_classes`` or ``datamodule.num_classes``).
+        log_subset_accuracy: log train accuracy on the noisy and clean subsets when the noise mask is known.
+        log_weight_histograms: log the weights of clean and noisy samples when a reweighting source is active.
+        eval_batch_size: batch size of the subset-accuracy pass.
+        pool_size: size of the randomly labelled set kept in memory (at least ``batch_size``).
+        prefix: prefix of the logged keys.
+
+    Example:
+        >>> monitor = SusceptibilityMonitor(batch_size=64)
+        >>> monitor.zeta is None
+        True
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        every_n_epochs: int = 1,
+        unlabelled_loader: DataLoader | None = None,
+        seed: int = 0,
+        num_classes: int | None = None,
+        log_subset_accuracy: bool = True,
+        log_weight_histograms: bool = True,
+        eval_batch_size: int = 512,
+        pool_size: int = 2048,
+        prefix: str = "memorization",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if pool_size < batch_size:
+            raise ValueError(f"pool_size ({pool_size}) must be >= batch_size ({batch_size})")
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        self.batch_size = batch_size
+        self.every_n_epochs = every_n_epochs
+        self.unlabelled_loader = unlabelled_loader
+        self.seed = seed
+        self.num_classes = num_classes
+        self.log_subset_accuracy = log_subset_accuracy
+        self.log_weight_histograms = log_weight_histograms
+        self.eval_batch_size = eval_batch_size
+        self.pool_size = pool_size
+        self.prefix = prefix
+        self._labels: Tensor | None = None
+        self._epochs: list[int] = []
+        self._drops: list[float] = []
+        self._logged: list[dict[str, float]] = []
+        self._pool: Tensor | None = None
+        self._pool_indices: Tensor | None = None
+        self._dataset: Any = None
+        self._eval_data: tuple[Tensor, Tensor, Tensor] | None = None
+        self._weights: list[Tensor] = []
+        self._weight_indices: list[Tensor] = []
+
+    # ------------------------------------------------------------------ public read-only views
+    @property
+    def history(self) -> list[tuple[int, float]]:
+        """``(epoch, drop)`` of every measurement so far."""
+        return list(zip(self._epochs, self._drops))
+
+    @property
+    def zeta(self) -> float | None:
+        """The susceptibility: running mean of the drops (``None`` before the first measurement)."""
+        return sum(self._drops) / len(self._drops) if self._drops else None
+
+    @property
+    def logged_history(self) -> list[dict[str, float]]:
+        """Everything the monitor logged, one dict per epoch (``{"epoch": e, "memorization/drop": ...}``)."""
+        return [dict(d) for d in self._logged]
+
+    @property
+    def random_labels(self) -> Tensor | None:
+        """The fixed random labels of the randomly labelled set (``None`` before the first measurement)."""
+        return self._labels
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """Checkpoint key; monitors with different ``prefix`` keep separate states."""
+        return self._generate_state_key(prefix=self.prefix)
+
+    # ------------------------------------------------------------------ overridable policy
+    def compute_logits(self, pl_module: LightningModule, inputs: Tensor) -> Tensor:
+        """Logits of ``inputs``; default ``pl_module(inputs)``. Override when ``forward`` returns more."""
+        return pl_module(inputs)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = type(trainer.strategy).__name__
+        if "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name:
+            raise ValueError(
+                f"SusceptibilityMonitor does not support the {name} strategy (its probe steps the unsharded "
+                "module's optimizer); use strategy='ddp' or remove the monitor"
+            )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.optimizers:
+            raise ValueError(
+                "SusceptibilityMonitor needs the training optimizer (trainer.optimizers[0]); "
+                "configure_optimizers returned none"
+            )
+        if self.num_classes is None:
+            n = getattr(pl_module, "num_classes", None)
+            if n is None and trainer.datamodule is not None:
+                n = getattr(trainer.datamodule, "num_classes", None)
+            if n is None:
+                raise ValueError(
+                    "SusceptibilityMonitor could not infer the number of classes: pass num_classes=... "
+                    "(or give the module or the datamodule a num_classes attribute)"
+                )
+            self.num_classes = int(n)
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        define_epoch_axis(trainer, f"{self.prefix}/*")
+
+    def _train_dataset(self, trainer: Trainer) -> Any:
+        if self._dataset is None:
+            dm = trainer.datamodule
+            dataset = getattr(dm, "train_dataset", None) if dm is not None else None
+            if dataset is None:
+                dataset = getattr(trainer.train_dataloader, "dataset", None)
+            if dataset is None:
+                raise ValueError(
+                    "SusceptibilityMonitor found no training dataset (trainer.datamodule.train_dataset or "
+                    "trainer.train_dataloader.dataset): pass unlabelled_loader=..."
+                )
+            self._dataset = dataset
+        return self._dataset
+
+    def _ensure_pool(self, trainer: Trainer) -> None:
+        """Read the randomly labelled set's inputs into memory once and draw its labels (first measurement)."""
+        if self._pool is not None:
+            return
+        g = torch.Generator().manual_seed(self.seed)
+        if self.unlabelled_loader is not None:
+            chunks, count = [], 0
+            for batch in self.unlabelled_loader:
+                chunks.append(_inputs_of(batch).cpu())
+                count += chunks[-1].shape[0]
+                if count >= self.pool_size:
+                    break
+            if not chunks:
+                raise ValueError("unlabelled_loader is empty: pass a loader that yields inputs")
+            pool = torch.cat(chunks)[: self.pool_size]
+            indices = torch.arange(pool.shape[0])
+        else:
+            dataset = self._train_dataset(trainer)
+            size = len(dataset)
+            indices = torch.randperm(size, generator=g)[: self.pool_size].sort().values
+            pool = torch.stack([_inputs_of(dataset[int(i)]) for i in indices])
+        if self._pool_indices is not None and not torch.equal(self._pool_indices, indices):
+            raise ValueError(
+                "the checkpoint's randomly labelled set differs from the one rebuilt now (different data, seed or "
+                "pool_size): resume with the same training data, seed and pool_size"
+            )
+        labels = torch.randint(int(self.num_classes or 2), (indices.shape[0],), generator=g)
+        if self._labels is not None and not torch.equal(self._labels, labels):
+            raise ValueError("the checkpoint's random labels differ from the ones drawn now: same seed/num_classes?")
+        self._pool_indices, self._labels, self._pool = indices, labels, pool
+
+    def probe_batch(self, trainer: Trainer, epoch: int) -> tuple[Tensor, Tensor]:
+        """The randomly labelled batch of ``epoch`` (inputs on CPU, labels), the same on every rank."""
+        self._ensure_pool(trainer)
+        assert self._pool is not None and self._labels is not None
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
+        idx = torch.randperm(self._pool.shape[0], generator=g)[: self.batch_size]
+        return self._pool[idx], self._labels[idx]
+
+    def _noise_mask(self, trainer: Trainer) -> Tensor | None:
+        dm = trainer.datamodule
+        mask = getattr(dm, "noise_mask", None) if dm is not None else None
+        return None if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._weights.clear()
+        self._weight_indices.clear()
+        epoch = trainer.current_epoch
+        if epoch % self.every_n_epochs or (self._epochs and self._epochs[-1] >= epoch):
+            return
+        optimizer = trainer.optimizers[0]
+        device = pl_module.device
+        precision = trainer.precision_plugin
+
+        def forward(x: Tensor) -> Tensor:
+            with precision.forward_context():
+                return self.compute_logits(pl_module, x)
+
+        with preserved_rng():
+            mask = self._noise_mask(trainer) if self.log_subset_accuracy else None
+            counts = None
+            if mask is not None:
+                try:
+                    counts = self._subset_counts(trainer, pl_module, mask, forward)
+                except TypeError as err:  # the train batches are not (inputs, targets[, indices])
+                    rank_zero_warn(f"SusceptibilityMonitor: noisy/clean subset accuracy disabled ({err})")
+                    self.log_subset_accuracy = False
+            inputs, targets = self.probe_batch(trainer, epoch)
+            drop = susceptibility_step(
+                pl_module, optimizer, inputs.to(device), targets.to(device), forward=forward
+            )
+        drop = trainer.strategy.reduce(drop, reduce_op="mean")
+        self._epochs.append(epoch)
+        self._drops.append(float(drop))
+        log = {f"{self.prefix}/drop": float(drop), f"{self.prefix}/zeta": float(self.zeta or 0.0)}
+        if counts is not None:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            noisy_ok, noisy_n, clean_ok, clean_n = (float(c) for c in counts)
+            if noisy_n > 0:
+                log[f"{self.prefix}/train_acc_noisy"] = noisy_ok / noisy_n
+            if clean_n > 0:
+                log[f"{self.prefix}/train_acc_clean"] = clean_ok / clean_n
+        self._publish(trainer, epoch, log)
+
+    def _publish(self, trainer: Trainer, epoch: int, values: dict[str, float]) -> None:
+        """Record ``values``, expose them in ``trainer.callback_metrics`` and send them to every logger.
+
+        The values are already identical on every rank (reduced), so they bypass ``LightningModule.log`` (whose
+        per-call bookkeeping costs about a millisecond per key) and go straight to the loggers, which write on
+        rank zero only. ``ModelCheckpoint``/``EarlyStopping`` can monitor them through ``callback_metrics``.
+        """
+        if not values:
+            return
+        if not self._logged or self._logged[-1]["epoch"] != epoch:
+            self._logged.append({"epoch": epoch})
+        self._logged[-1].update(values)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({**values, "epoch": epoch}, step=trainer.global_step)
+
+    def _subset_counts(self, trainer: Trainer, pl_module: LightningModule, mask: Tensor, forward: Any) -> Tensor:
+        """``[noisy correct, noisy total, clean correct, clean total]`` over this rank's share of the train set."""
+        if self._eval_data is None:
+            dataset = self._train_dataset(trainer)
+            positions = torch.arange(trainer.global_rank, len(dataset), trainer.world_size)
+            loader = DataLoader(
+                Subset(dataset, positions.tolist()),
+                batch_size=self.eval_batch_size,
+                shuffle=False,
+                generator=torch.Generator(),
+            )
+            xs, ys, ids, seen = [], [], [], 0
+            for batch in loader:
+                x, y, idx = split_batch(batch)
+                xs.append(x)
+                ys.append(y)
+                ids.append(positions[seen : seen + len(y)] if idx is None else idx)
+                seen += len(y)
+            self._eval_data = (torch.cat(xs), torch.cat(ys).cpu(), mask[torch.cat(ids).cpu()])
+        x_all, y_all, noisy = self._eval_data
+        correct = torch.empty_like(noisy)
+        with torch.no_grad(), _eval_mode(pl_module):
+            for start in range(0, x_all.shape[0], self.eval_batch_size):
+                x = x_all[start : start + self.eval_batch_size].to(pl_module.device)
+                pred = forward(x).argmax(dim=1).cpu()
+                correct[start : start + x.shape[0]] = pred == y_all[start : start + x.shape[0]]
+        counts = torch.stack(
+            [(correct & noisy).sum(), noisy.sum(), (correct & ~noisy).sum(), (~noisy).sum()]
+        ).double()
+        return counts.to(pl_module.device)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.log_weight_histograms or not getattr(pl_module, "weightings", None):
+            return
+        weights = getattr(pl_module, "last_sample_weights", None)
+        indices = getattr(pl_module, "last_sample_indices", None)
+        if weights is None or indices is None:
+            return
+        self._weights.append(weights.detach())
+        self._weight_indices.append(indices.detach())
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._weights:
+            return
+        mask = self._noise_mask(trainer)
+        if mask is None:
+            self._weights.clear()
+            self._weight_indices.clear()
+            return
+        weights = torch.cat(self._weights).float()
+        noisy = mask.to(weights.device)[torch.cat(self._weight_indices).to(weights.device)]
+        self._weights.clear()
+        self._weight_indices.clear()
+        sums = torch.stack([weights[noisy].sum(), noisy.sum(), weights[~noisy].sum(), (~noisy).sum()]).double()
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        log = {}
+        if float(sums[1]) > 0:
+            log[f"{self.prefix}/weight_mean_noisy"] = float(sums[0] / sums[1])
+        if float(sums[3]) > 0:
+            log[f"{self.prefix}/weight_mean_clean"] = float(sums[2] / sums[3])
+        self._publish(trainer, trainer.current_epoch, log)
+        log_histograms(
+            trainer, {f"{self.prefix}/weights_noisy": weights[noisy], f"{self.prefix}/weights_clean": weights[~noisy]}
+        )
+
+    # ------------------------------------------------------------------ checkpointing
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "num_classes": self.num_classes,
+            "batch_size": self.batch_size,
+            "pool_size": self.pool_size,
+            "pool_indices": None if self._pool_indices is None else self._pool_indices.clone(),
+            "labels": None if self._labels is None else self._labels.clone(),
+            "epochs": list(self._epochs),
+            "drops": list(self._drops),
+            "logged": [dict(d) for d in self._logged],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = int(state_dict["seed"])
+        if state_dict.get("num_classes") is not None:
+            self.num_classes = int(state_dict["num_classes"])
+        self.batch_size = int(state_dict.get("batch_size", self.batch_size))
+        self.pool_size = int(state_dict.get("pool_size", self.pool_size))
+        labels = state_dict.get("labels")
+        self._labels = None if labels is None else torch.as_tensor(labels).clone()
+        indices = state_dict.get("pool_indices")
+        self._pool_indices = None if indices is None else torch.as_tensor(indices).clone()
+        self._pool = None
+        self._epochs = [int(e) for e in state_dict.get("epochs", [])]
+        self._drops = [float(d) for d in state_dict.get("drops", [])]
+        self._logged = [dict(d) for d in state_dict.get("logged", [])]

@@ -1,0 +1,208 @@
+"""Susceptibility to noisy labels (Forouzesh, Sedghi & Thiran, ICLR 2023): one probe step on random labels.
+
+The probe takes a batch of inputs with labels drawn uniformly at random, computes the loss, takes one step of the
+*training* optimizer (its current learning rate, momentum buffers and weight decay) on that loss, computes the loss
+again on the same batch, and puts everything back. The drop ``loss_before - loss_after`` is large when the network
+can fit arbitrary labels quickly, i.e. when it is memorising; its running mean over epochs is the susceptibility
+``zeta``.
+
+Everything the step touches is restored exactly and in memory: parameters, buffers (BatchNorm running statistics
+and ``num_batches_tracked``), gradients, the optimizer's state and hyperparameters, and the random number
+generators (torch CPU and CUDA, Python ``random``, NumPy), so a training run that probes is bit-identical to one
+that does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["preserved_rng", "preserved_training_state", "susceptibility_step"]
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the global random number generators on exit.
+
+    Covers torch's CPU generator, every CUDA device's generator (when CUDA is initialised), Python's ``random``
+    and NumPy's global generator (when NumPy is imported).
+
+    Example:
+        >>> import torch
+        >>> with preserved_rng():
+        ...     a = torch.rand(1)
+        >>> bool(torch.equal(a, torch.rand(1)))
+        True
+    """
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    py = random.getstate()
+    np_mod = sys.modules.get("numpy")
+    np_state = np_mod.random.get_state() if np_mod is not None else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+        if np_mod is not None and np_state is not None:
+            np_mod.random.set_state(np_state)
+
+
+def _snapshot_value(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+
+
+@contextlib.contextmanager
+def preserved_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Iterator[None]:
+    """Restore parameters, buffers, gradients and optimizer state exactly on exit (in memory, no disk).
+
+    Parameters and buffers are copied back in place (so references held elsewhere, e.g. by the optimizer or a DDP
+    wrapper, stay valid); gradient tensors are put back by reference; optimizer state tensors are copied back into
+    the original tensor objects, state created during the block is removed, and ``param_groups`` hyperparameters
+    are restored. The random number generators are restored too (:func:`preserved_rng`).
+
+    Args:
+        model: the module whose parameters and buffers to preserve.
+        optimizer: the optimizer whose parameters and state to preserve as well.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 1)
+        >>> before = net.weight.detach().clone()
+        >>> with preserved_training_state(net):
+        ...     with torch.no_grad():
+        ...         _ = net.weight.add_(1.0)
+        >>> bool(torch.equal(net.weight, before))
+        True
+    """
+    params: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                params.setdefault(id(p), p)
+    param_list = list(params.values())
+    param_data = [p.detach().clone() for p in param_list]
+    grads = [p.grad for p in param_list]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    opt_state: dict[Any, dict[str, tuple[Any, Any]]] = {}
+    groups: list[dict[str, Any]] = []
+    opt_called = None
+    if optimizer is not None:
+        for p, state in optimizer.state.items():
+            opt_state[p] = {k: (v, _snapshot_value(v)) for k, v in state.items()}
+        groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        opt_called = optimizer.__dict__.get("_opt_called")
+    with preserved_rng():
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(param_list, param_data):
+                    p.copy_(saved)
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for p, g in zip(param_list, grads):
+                p.grad = g
+            if optimizer is not None:
+                for p in [p for p in optimizer.state if p not in opt_state]:
+                    del optimizer.state[p]
+                for p, entries in opt_state.items():
+                    state = optimizer.state[p]
+                    state.clear()
+                    for k, (orig, saved) in entries.items():
+                        if isinstance(orig, Tensor):
+                            with torch.no_grad():
+                                orig.copy_(saved)
+                            state[k] = orig
+                        else:
+                            state[k] = saved
+                for g, saved_group in zip(optimizer.param_groups, groups):
+                    for k in [k for k in g if k != "params" and k not in saved_group]:
+                        del g[k]
+                    g.update(saved_group)
+                if opt_called is None:
+                    optimizer.__dict__.pop("_opt_called", None)
+                else:
+                    optimizer.__dict__["_opt_called"] = opt_called
+
+
+def susceptibility_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: Tensor,
+    random_targets: Tensor,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    forward: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The loss drop of one training-optimizer step on randomly labelled inputs; all state is left unchanged.
+
+    ``drop = L(theta) - L(theta')`` where ``L`` is the loss on ``(inputs, random_targets)``, ``L(theta)`` is the
+    loss of the forward whose gradient is used, and ``theta'`` is the result of ``optimizer.step()`` on that
+    gradient alone (the gradients the caller had accumulated are set aside, and put back afterwards). Both
+    forwards run in the model's current mode with the same random state, so dropout draws the same masks twice.
+
+    Parameters, buffers, gradients, optimizer state and hyperparameters, and the random number generators are
+    exactly as before when the function returns (see :func:`preserved_training_state`).
+
+    Args:
+        model: the network; its parameters must be (among) the optimizer's.
+        optimizer: the training optimizer, stepped once with its current settings.
+        inputs: a batch of inputs.
+        random_targets: integer class labels of shape ``(B,)``, drawn uniformly at random by the caller.
+        loss_fn: ``loss_fn(logits, targets) -> scalar``; default mean cross-entropy (computed in fp32).
+        forward: ``forward(inputs) -> logits``; default ``model(inputs)`` (pass a wrapper to add an autocast
+            context or to pick the logits out of a richer output).
+
+    Returns:
+        The drop as a detached fp32 scalar tensor (positive when the step fitted the random labels).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Linear(4, 3)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        >>> x, y = torch.randn(8, 4), torch.randint(3, (8,))
+        >>> w = net.weight.detach().clone()
+        >>> drop = susceptibility_step(net, opt, x, y)
+        >>> bool(drop > 0), bool(torch.equal(net.weight, w)), len(opt.state)
+        (True, True, 0)
+    """
+    if random_targets.dim() != 1 or random_targets.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"random_targets must have shape ({inputs.shape[0]},) to match inputs, got {tuple(random_targets.shape)}"
+        )
+    loss_fn = loss_fn if loss_fn is not None else _cross_entropy
+    fwd = forward if forward is not None else model
+    with preserved_training_state(model, optimizer), torch.enable_grad():
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        for p in model.parameters():
+            p.grad = None
+        loss_before = loss_fn(fwd(inputs), random_targets)
+        loss_before.backward()
+        optimizer.step()
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        with torch.no_grad():
+            loss_after = loss_fn(fwd(inputs), random_targets)
+        return (loss_before.detach().float() - loss_after.detach().float()).detach()
+
+
+def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits.float(), targets)

@@ -1,0 +1,109 @@
+"""Rich logging that works with any logger: histograms and figures go to W&B and TensorBoard when present.
+
+Scalars go through ``LightningModule.log`` (every logger gets them). Histograms and figures have no common
+Lightning API, so these helpers look for a :class:`~lightning.pytorch.loggers.WandbLogger` or a
+:class:`~lightning.pytorch.loggers.TensorBoardLogger` among ``trainer.loggers`` and write to those only. wandb is
+never imported unless a W&B logger is attached; only global rank zero writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["define_epoch_axis", "log_figure", "log_histograms", "rich_loggers"]
+
+
+def rich_loggers(trainer: Any) -> list[tuple[str, Any]]:
+    """The attached loggers that take histograms and figures, as ``("wandb" | "tensorboard", logger)`` pairs.
+
+    Example:
+        >>> class T:
+        ...     loggers = []
+        >>> rich_loggers(T())
+        []
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    found: list[tuple[str, Any]] = []
+    for logger in getattr(trainer, "loggers", []) or []:
+        if isinstance(logger, WandbLogger):
+            found.append(("wandb", logger))
+        elif isinstance(logger, TensorBoardLogger):
+            found.append(("tensorboard", logger))
+    return found
+
+
+def _is_global_zero(trainer: Any) -> bool:
+    return bool(getattr(trainer, "is_global_zero", True))
+
+
+def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = None) -> int:
+    """Log histograms to every W&B and TensorBoard logger of ``trainer`` (rank zero only; one W&B step).
+
+    Args:
+        trainer: the Lightning trainer.
+        values: metric name -> samples (any shape; flattened); empty tensors are skipped.
+        step: the step to log at (default ``trainer.global_step``).
+
+    Returns:
+        How many loggers received the histograms.
+    """
+    data = {k: v.detach().float().flatten().cpu() for k, v in values.items() if v.numel() > 0}
+    if not data or not _is_global_zero(trainer):
+        return 0
+    step = int(trainer.global_step) if step is None else step
+    written = 0
+    for kind, logger in rich_loggers(trainer):
+        if kind == "wandb":
+            import wandb
+
+            logger.log_metrics({k: wandb.Histogram(v.numpy()) for k, v in data.items()}, step=step)
+        else:
+            for k, v in data.items():
+                logger.experiment.add_histogram(k, v, global_step=step)
+        written += 1
+    return written
+
+
+def define_epoch_axis(trainer: Any, pattern: str) -> None:
+    """Make W&B plot the metrics matching ``pattern`` (e.g. ``"memorization/*"``) against ``epoch``.
+
+    A no-op without a W&B logger or off rank zero.
+    """
+    if not _is_global_zero(trainer):
+        return
+    for kind, logger in rich_loggers(trainer):
+        if kind == "wandb":
+            experiment = logger.experiment
+            if hasattr(experiment, "define_metric"):
+                experiment.define_metric("epoch")
+                experiment.define_metric(pattern, step_metric="epoch")
+
+
+def log_figure(trainer: Any, key: str, figure: Any, step: int | None = None) -> int:
+    """Log a matplotlib figure to every W&B and TensorBoard logger of ``trainer`` (rank zero only).
+
+    Args:
+        trainer: the Lightning trainer.
+        key: the name of the image.
+        figure: a matplotlib ``Figure``.
+        step: the step to log at (default ``trainer.global_step``).
+
+    Returns:
+        How many loggers received the figure.
+    """
+    if not _is_global_zero(trainer):
+        return 0
+    step = int(trainer.global_step) if step is None else step
+    written = 0
+    for kind, logger in rich_loggers(trainer):
+        if kind == "wandb":
+            import wandb
+
+            logger.log_metrics({key: wandb.Image(figure)}, step=step)
+        else:
+            logger.experiment.add_figure(key, figure, global_step=step, close=False)
+        written += 1
+    return written

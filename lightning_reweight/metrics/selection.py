@@ -1,0 +1,214 @@
+"""Model selection without clean labels: the train-accuracy / susceptibility quadrant rule.
+
+Forouzesh, Sedghi & Thiran (ICLR 2023) split a set of models (runs or checkpoints) at the mean train accuracy and
+the mean susceptibility ``zeta`` and prefer the quadrant with high train accuracy and low ``zeta``: those models fit
+the training set without being able to fit random labels quickly, so they fit the clean part of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["QUADRANTS", "ModelSelection", "plot_model_selection", "select_models", "susceptibility_from_checkpoint"]
+
+#: The four quadrants; the first is the preferred one.
+QUADRANTS: tuple[str, ...] = (
+    "high_acc_low_zeta",
+    "high_acc_high_zeta",
+    "low_acc_low_zeta",
+    "low_acc_high_zeta",
+)
+
+
+@dataclass(frozen=True)
+class ModelSelection:
+    """The result of :func:`select_models`.
+
+    Attributes:
+        names: the models' names, in input order.
+        train_accuracy: their train accuracies.
+        susceptibility: their susceptibilities ``zeta``.
+        accuracy_threshold: the mean train accuracy.
+        susceptibility_threshold: the mean ``zeta``.
+        quadrants: each model's quadrant (one of :data:`QUADRANTS`).
+        preferred: names of the models in the preferred quadrant (high accuracy, low ``zeta``), best train
+            accuracy first.
+    """
+
+    names: tuple[str, ...]
+    train_accuracy: tuple[float, ...]
+    susceptibility: tuple[float, ...]
+    accuracy_threshold: float
+    susceptibility_threshold: float
+    quadrants: tuple[str, ...]
+    preferred: tuple[str, ...]
+
+    def quadrant_of(self, name: str) -> str:
+        """The quadrant of the model ``name``."""
+        return self.quadrants[self.names.index(name)]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-Python form (for JSON)."""
+        return {
+            "accuracy_threshold": self.accuracy_threshold,
+            "susceptibility_threshold": self.susceptibility_threshold,
+            "preferred": list(self.preferred),
+            "models": [
+                {"name": n, "train_accuracy": a, "susceptibility": z, "quadrant": q}
+                for n, a, z, q in zip(self.names, self.train_accuracy, self.susceptibility, self.quadrants)
+            ],
+        }
+
+
+def select_models(
+    train_accuracy: Sequence[float],
+    susceptibility: Sequence[float],
+    names: Sequence[str] | None = None,
+) -> ModelSelection:
+    """Place each model in a quadrant split at the mean train accuracy and the mean susceptibility.
+
+    A model is "high accuracy" when its train accuracy is at least the mean, and "low zeta" when its
+    susceptibility is strictly below the mean. The preferred models are those with high train accuracy and low
+    ``zeta``. If no model falls in that quadrant (possible only in degenerate cases, e.g. all values equal), the
+    preferred set is empty.
+
+    Args:
+        train_accuracy: one train accuracy per model (on the training labels as given, noisy or not).
+        susceptibility: one ``zeta`` per model (e.g. the final ``memorization/zeta`` of each run).
+        names: the models' names (default ``"0"``, ``"1"``, ...).
+
+    Returns:
+        A :class:`ModelSelection`.
+
+    Raises:
+        ValueError: when the sequences are empty or their lengths differ.
+
+    Example:
+        >>> sel = select_models([0.9, 0.95, 0.5, 0.6], [0.1, 0.8, 0.2, 0.9], names=["a", "b", "c", "d"])
+        >>> sel.preferred, sel.quadrant_of("b")
+        (('a',), 'high_acc_high_zeta')
+    """
+    acc = [float(a) for a in train_accuracy]
+    zeta = [float(z) for z in susceptibility]
+    if not acc:
+        raise ValueError("select_models needs at least one model (train_accuracy is empty)")
+    if len(acc) != len(zeta):
+        raise ValueError(f"train_accuracy has {len(acc)} entries but susceptibility has {len(zeta)}")
+    labels = [str(i) for i in range(len(acc))] if names is None else [str(n) for n in names]
+    if len(labels) != len(acc):
+        raise ValueError(f"names has {len(labels)} entries but there are {len(acc)} models")
+    if len(set(labels)) != len(labels):
+        raise ValueError("names must be unique")
+    acc_t = sum(acc) / len(acc)
+    zeta_t = sum(zeta) / len(zeta)
+    quadrants = []
+    for a, z in zip(acc, zeta):
+        high = a >= acc_t
+        low = z < zeta_t
+        quadrants.append(
+            ("high_acc" if high else "low_acc") + ("_low_zeta" if low else "_high_zeta")
+        )
+    preferred = sorted(
+        (i for i, q in enumerate(quadrants) if q == QUADRANTS[0]), key=lambda i: (-acc[i], zeta[i])
+    )
+    return ModelSelection(
+        names=tuple(labels),
+        train_accuracy=tuple(acc),
+        susceptibility=tuple(zeta),
+        accuracy_threshold=acc_t,
+        susceptibility_threshold=zeta_t,
+        quadrants=tuple(quadrants),
+        preferred=tuple(labels[i] for i in preferred),
+    )
+
+
+def susceptibility_from_checkpoint(checkpoint: str | Path | dict[str, Any], prefix: str = "memorization") -> float:
+    """The ``zeta`` a :class:`~lightning_reweight.callbacks.SusceptibilityMonitor` had reached in a checkpoint.
+
+    Args:
+        checkpoint: a Lightning checkpoint path (loaded with ``weights_only=True``) or its loaded dict.
+        prefix: the monitor's ``prefix`` (it is part of the callback's state key).
+
+    Returns:
+        The running mean of the drops measured up to that checkpoint.
+
+    Raises:
+        KeyError: when the checkpoint holds no monitor state with measurements.
+
+    Example:
+        >>> ckpt = {"callbacks": {"SusceptibilityMonitor{'prefix': 'memorization'}": {"drops": [0.1, 0.3]}}}
+        >>> round(susceptibility_from_checkpoint(ckpt), 6)
+        0.2
+    """
+    if not isinstance(checkpoint, dict):
+        import torch
+
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("SusceptibilityMonitor") and f"'prefix': '{prefix}'" in key and state.get("drops"):
+            drops = [float(d) for d in state["drops"]]
+            return sum(drops) / len(drops)
+    raise KeyError(f"no SusceptibilityMonitor state with prefix {prefix!r} and measurements in this checkpoint")
+
+
+def plot_model_selection(selection: ModelSelection, ax: Any = None, *, annotate: bool = True) -> Any:
+    """Scatter ``zeta`` against train accuracy with the two thresholds and the preferred quadrant shaded.
+
+    Args:
+        selection: the result of :func:`select_models`.
+        ax: a matplotlib ``Axes`` to draw on (default: a new figure).
+        annotate: write each model's name next to its point.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ImportError: when matplotlib is not installed (``pip install "lightning-reweight[plot]"``).
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            'plot_model_selection needs matplotlib: pip install "lightning-reweight[plot]"'
+        ) from err
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 4))
+    else:
+        fig = ax.figure
+    colours = {
+        QUADRANTS[0]: "tab:green",
+        QUADRANTS[1]: "tab:orange",
+        QUADRANTS[2]: "tab:blue",
+        QUADRANTS[3]: "tab:red",
+    }
+    for q in QUADRANTS:
+        idx = [i for i, qq in enumerate(selection.quadrants) if qq == q]
+        if idx:
+            ax.scatter(
+                [selection.susceptibility[i] for i in idx],
+                [selection.train_accuracy[i] for i in idx],
+                c=colours[q],
+                label=q.replace("_", " "),
+            )
+    ax.axvline(selection.susceptibility_threshold, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(selection.accuracy_threshold, color="grey", linestyle="--", linewidth=1)
+    x_lo, _ = ax.get_xlim()
+    _, y_hi = ax.get_ylim()
+    ax.fill_between(
+        [x_lo, selection.susceptibility_threshold],
+        selection.accuracy_threshold,
+        y_hi,
+        color="tab:green",
+        alpha=0.08,
+    )
+    if annotate:
+        for n, z, a in zip(selection.names, selection.susceptibility, selection.train_accuracy):
+            ax.annotate(n, (z, a), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("susceptibility zeta")
+    ax.set_ylabel("train accuracy")
+    ax.set_title("model selection: prefer high accuracy, low zeta")
+    ax.legend(fontsize=8)
+    return fig

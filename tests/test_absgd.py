@@ -1,0 +1,325 @@
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_reweight import ReweightClassifier
+from lightning_reweight.callbacks import DROSchedule
+from lightning_reweight.losses import AttentionalDROLoss
+from lightning_reweight.models import MLP
+
+
+def ce(logits, y):
+    return nn.functional.cross_entropy(logits.float(), y, reduction="none")
+
+
+def written_out_softmax_loss(losses, lam):
+    e = [math.exp(v / lam) for v in losses]
+    return sum(ei / sum(e) * li for ei, li in zip(e, losses))
+
+
+@pytest.mark.parametrize("lam", [2.0, 0.5, -1.0])
+def test_closed_form_gamma1_alpha1(lam):
+    torch.manual_seed(0)
+    crit = AttentionalDROLoss(lam=lam, gamma=1.0, alpha=1.0)
+    for _ in range(3):  # no memory: every batch is its own softmax
+        logits, y = torch.randn(16, 5) * 3, torch.randint(0, 5, (16,))
+        expected = written_out_softmax_loss(ce(logits, y).tolist(), lam)
+        assert math.isclose(float(crit(logits, y)), expected, rel_tol=1e-5)
+
+
+def test_moving_average_started_at_first_batch():
+    torch.manual_seed(1)
+    lam, gamma, alpha = 2.0, 0.7, 0.5
+    crit = AttentionalDROLoss(lam=lam, gamma=gamma, alpha=alpha)
+    u = None
+    for _ in range(5):
+        logits, y = torch.randn(12, 4) * 2, torch.randint(0, 4, (12,))
+        losses = ce(logits, y).tolist()
+        m = sum(math.exp(v / lam) for v in losses) / len(losses)
+        u = alpha * m if u is None else (1 - gamma) * u + gamma * alpha * m
+        expected = sum(math.exp(v / lam) / (u * len(losses)) * v for v in losses)
+        assert math.isclose(float(crit(logits, y)), expected, rel_tol=1e-5)
+        assert math.isclose(float(crit.u), u, rel_tol=1e-5)
+
+
+def test_class_weights_inside_the_exponential():
+    torch.manual_seed(2)
+    c = torch.tensor([0.5, 1.0, 3.0])
+    crit = AttentionalDROLoss(lam=1.0, gamma=1.0, base_loss=nn.CrossEntropyLoss(weight=c, reduction="none"))
+    logits, y = torch.randn(10, 3), torch.randint(0, 3, (10,))
+    weighted = [float(c[t]) * v for t, v in zip(y.tolist(), ce(logits, y).tolist())]
+    assert math.isclose(float(crit(logits, y)), written_out_softmax_loss(weighted, 1.0), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lam", [0.1, -0.1])
+def test_no_inf_nan_with_large_losses(dtype, lam):
+    crit = AttentionalDROLoss(lam=lam, gamma=0.9)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(6):
+        losses = (torch.rand(32, generator=gen) * 100).to(dtype)
+        losses[0] = 100.0 if step % 2 else 0.0
+        losses.requires_grad_(True)
+        w = crit.sample_weights(losses)
+        loss = (w.to(losses.dtype) * losses).mean()
+        loss.backward()
+        assert w.dtype == torch.float32
+        assert torch.isfinite(w).all() and torch.isfinite(loss) and torch.isfinite(losses.grad).all()
+        assert torch.isfinite(crit.log_u) and torch.isfinite(crit.last_objective)
+        assert (w >= 0).all()
+
+
+def test_low_precision_logits_route():
+    crit = AttentionalDROLoss(lam=0.1)
+    for dtype in (torch.bfloat16, torch.float16):
+        logits = (torch.randn(8, 10) * 60).to(dtype).requires_grad_(True)  # CE losses in the tens
+        loss = crit(logits, torch.randint(0, 10, (8,)))
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_buffers_keep_no_graph():
+    model = nn.Linear(6, 3)
+    crit = AttentionalDROLoss(lam=1.0, gamma=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        opt.zero_grad()
+        crit(model(x), y).backward()
+        opt.step()
+    for name, buf in crit.named_buffers():
+        assert not buf.requires_grad and buf.grad_fn is None, name
+    assert crit.last_objective.grad_fn is None
+
+
+def test_lam_none_is_plain_ce_and_leaves_u():
+    crit = AttentionalDROLoss(lam=None)
+    logits, y = torch.randn(9, 4), torch.randint(0, 4, (9,))
+    assert torch.allclose(crit(logits, y), nn.functional.cross_entropy(logits, y))
+    assert torch.equal(crit.sample_weights(ce(logits, y)), torch.ones(9))
+    assert not bool(crit.initialised) and float(crit.log_u) == 0.0
+
+
+def test_negative_lam_downweights_high_losses():
+    crit = AttentionalDROLoss(lam=-1.0)
+    w = crit.sample_weights(torch.tensor([0.1, 1.0, 4.0, 0.5]))
+    assert w[0] > w[3] > w[1] > w[2]
+    assert math.isclose(float(w.mean()), 1.0, rel_tol=1e-5)  # first batch: u = its own statistic
+
+
+def test_eval_mode_does_not_update_and_lam_change_reinitialises():
+    crit = AttentionalDROLoss(lam=1.0, gamma=0.5)
+    crit.sample_weights(torch.tensor([1.0, 2.0]))
+    log_u = crit.log_u.clone()
+    crit.eval()
+    crit.sample_weights(torch.tensor([5.0, 9.0]))
+    assert torch.equal(crit.log_u, log_u)
+    crit.train()
+    crit.lam = 0.5
+    crit.sample_weights(torch.tensor([3.0, 4.0]))
+    expected = math.log((math.exp(6.0) + math.exp(8.0)) / 2)  # fresh start from this batch, lam = 0.5
+    assert math.isclose(float(crit.log_u), expected, rel_tol=1e-6)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="gamma"):
+        AttentionalDROLoss(gamma=0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        AttentionalDROLoss(alpha=0.0)
+    with pytest.raises(ValueError, match="lam"):
+        AttentionalDROLoss(lam=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        AttentionalDROLoss(base_loss=nn.CrossEntropyLoss())
+
+
+def test_state_dict_round_trip():
+    a = AttentionalDROLoss(lam=1.0, gamma=0.6)
+    a.sample_weights(torch.tensor([1.0, 3.0, 0.2]))
+    b = AttentionalDROLoss(lam=1.0, gamma=0.6)
+    b.load_state_dict(a.state_dict())
+    nxt = torch.tensor([2.0, 0.1, 0.4])
+    assert torch.allclose(a.sample_weights(nxt), b.sample_weights(nxt))
+
+
+def test_classifier_route_updates_u_once_per_step():
+    torch.manual_seed(4)
+    lam, gamma = 1.0, 0.5
+    backbone = MLP(6, 3, hidden=(8,))
+    model = ReweightClassifier(backbone, 3, criterion=AttentionalDROLoss(lam=lam, gamma=gamma))
+    u = None
+    for _ in range(3):
+        batch = (torch.randn(10, 6), torch.randint(0, 3, (10,)), torch.arange(10))
+        with torch.no_grad():
+            losses = ce(backbone(batch[0]), batch[1]).tolist()
+        m = sum(math.exp(v / lam) for v in losses) / len(losses)
+        u = m if u is None else (1 - gamma) * u + gamma * m
+        loss = model.training_step(batch, 0)
+        expected = sum(math.exp(v / lam) / (u * len(losses)) * v for v in losses)
+        assert math.isclose(float(loss.detach()), expected, rel_tol=1e-5)
+        assert math.isclose(float(model.criterion.u), u, rel_tol=1e-5)
+
+
+def test_schedule_lam_at_and_validation():
+    cb = DROSchedule(start_epoch=2, lam=-3.0, lam_schedule={5: -1.0})
+    assert [cb.lam_at(e) for e in range(7)] == [None, None, -3.0, -3.0, -3.0, -1.0, -1.0]
+    with pytest.raises(ValueError, match="start_epoch"):
+        DROSchedule(start_epoch=3, lam_schedule={1: 2.0})
+    with pytest.raises(ValueError, match="non-zero"):
+        DROSchedule(lam=0.0)
+    plain = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3)
+    with pytest.raises(ValueError, match="AttentionalDROLoss"):
+        DROSchedule().setup(None, plain, "fit")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    return DataLoader(TensorDataset(x, y), batch_size=40, shuffle=False)
+
+
+def _fit(max_epochs, root, ckpt_path=None, model=None):
+    torch.manual_seed(0)
+    model = model or ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=None, gamma=0.7),
+                                        lr=0.1)
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=root, log_every_n_steps=1,
+                        callbacks=[DROSchedule(start_epoch=1, lam=0.5, lam_schedule={3: 0.8})])
+    trainer.fit(model, _loader(), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def test_resume_gives_same_u_and_weights(tmp_path):
+    straight, trainer = _fit(4, tmp_path / "a")
+    metrics = trainer.callback_metrics
+    assert float(metrics["absgd/lam"]) == pytest.approx(0.8)
+    assert torch.isclose(metrics["absgd/dro_objective"], straight.criterion.last_objective)
+    assert torch.equal(metrics["absgd/log_u"], straight.criterion.log_u)
+    first, trainer = _fit(2, tmp_path / "b")
+    path = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(path)
+    assert "log_u" in "".join(torch.load(path, weights_only=True)["state_dict"])
+    resumed, _ = _fit(4, tmp_path / "c", ckpt_path=str(path))
+    assert resumed.criterion.lam == straight.criterion.lam == 0.8
+    assert bool(resumed.criterion.initialised)
+    assert torch.allclose(resumed.criterion.log_u, straight.criterion.log_u, atol=1e-6)
+    assert torch.allclose(resumed.last_sample_weights, straight.last_sample_weights, atol=1e-5)
+    assert not torch.allclose(straight.last_sample_weights, torch.ones(40))  # the DRO stage did reweight
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from lightning_reweight.losses import AttentionalDROLoss
+
+    def main(rank, port, out):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        torch.manual_seed(0)
+        model = nn.Linear(5, 3)  # same init on both ranks
+        crit = AttentionalDROLoss(lam=0.7, gamma=0.6, alpha=0.8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        g = torch.Generator().manual_seed(100 + rank)  # different data per rank
+        history = []
+        for step in range(4):
+            n = 6 + 3 * rank  # different batch sizes too
+            x, y = torch.randn(n, 5, generator=g) * (1 + rank), torch.randint(0, 3, (n,), generator=g)
+            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+            history.append(losses.detach().tolist())
+            opt.zero_grad()
+            (crit.sample_weights(losses) * losses).mean().backward()
+            for p in model.parameters():  # keep replicas identical, as DDP would
+                dist.all_reduce(p.grad)
+                p.grad /= 2
+            opt.step()
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"log_u": float(crit.log_u), "history": history}, f)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        port, out = int(sys.argv[1]), sys.argv[2]
+        # fork: the children reuse the parent's imports (spawn would import torch and lightning twice more)
+        torch.multiprocessing.start_processes(main, args=(port, out), nprocs=2, start_method="fork")
+    """
+)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ddp
+def test_ddp_u_identical_and_global(tmp_path):
+    script = tmp_path / "ddp_absgd.py"
+    script.write_text(_DDP_SCRIPT)
+    path = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    subprocess.run([sys.executable, str(script), str(_free_port()), str(tmp_path)], check=True, env=env, timeout=120)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["log_u"] == r1["log_u"]
+    # reference: the moving average of the statistic over the union of both ranks' batches
+    lam, gamma, alpha = 0.7, 0.6, 0.8
+    u = None
+    for l0, l1 in zip(r0["history"], r1["history"]):
+        both = l0 + l1
+        m = sum(math.exp(v / lam) for v in both) / len(both)
+        u = alpha * m if u is None else (1 - gamma) * u + gamma * alpha * m
+    assert math.isclose(r0["log_u"], math.log(u), rel_tol=1e-5)
+
+
+class _RecordLogU(L.Callback):
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        crit = pl_module.criterion
+        path = os.path.join(self.out, f"lightning_rank{trainer.global_rank}.json")
+        with open(path, "w") as f:
+            json.dump({"log_u": float(crit.log_u), "lam": crit.lam, "w": pl_module.last_sample_weights.tolist()}, f)
+
+
+@pytest.mark.ddp
+def test_lightning_ddp_contract_route(tmp_path):
+    # the ReweightClassifier route under a real Lightning DDP run: 2 CPU processes (forked), DistributedSampler
+    # gives each rank different samples; u must end identical on both ranks
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=None, gamma=0.7), lr=0.1)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[DROSchedule(start_epoch=1, lam=0.5), _RecordLogU(str(tmp_path))])
+    trainer.fit(model, _loader())
+    r0, r1 = (json.loads((tmp_path / f"lightning_rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["lam"] == r1["lam"] == 0.5
+    assert r0["log_u"] == r1["log_u"]
+    assert r0["w"] != r1["w"]  # different data per rank, same normaliser
+
+
+def test_bf16_mixed_trainer(tmp_path):
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=0.1), lr=0.1)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, _loader())
+    crit = model.criterion
+    assert crit.log_u.dtype == torch.float32 and torch.isfinite(crit.log_u)
+    assert torch.isfinite(model.last_sample_weights).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,429 @@
+import copy
+import os
+import random
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_reweight.callbacks import SusceptibilityMonitor
+from lightning_reweight.classifier import ReweightClassifier
+from lightning_reweight.functional import susceptibility_step
+from lightning_reweight.metrics import select_models, susceptibility_from_checkpoint
+from lightning_reweight.models import MLP
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _net(seed=0, dropout=0.0, batch_norm=True):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 4)
+    ) if batch_norm else nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 4))
+
+
+def _warm_up(net, opt, steps=3):
+    """A few real steps so that the optimizer has momentum buffers and BN has non-trivial running stats."""
+    g = torch.Generator().manual_seed(123)
+    for _ in range(steps):
+        x, y = torch.randn(10, 6, generator=g), torch.randint(4, (10,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+
+def _reference_sgd_drop(net, opt, x, y):
+    """Independent route: SGD with momentum, dampening 0, coupled weight decay, written out by hand."""
+    group = opt.param_groups[0]
+    lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+    ref = copy.deepcopy(net)
+    params = list(ref.parameters())
+    loss_before = nn.functional.cross_entropy(ref(x), y)
+    grads = torch.autograd.grad(loss_before, params)
+    with torch.no_grad():
+        for p_ref, p_orig, g in zip(params, net.parameters(), grads):
+            d = g + wd * p_ref
+            buf = opt.state[p_orig].get("momentum_buffer")
+            buf = d.clone() if buf is None else mom * buf + d
+            p_ref.sub_(lr * buf)
+        loss_after = nn.functional.cross_entropy(ref(x), y)
+    return float(loss_before - loss_after)
+
+
+def _snapshot(net, opt):
+    return (
+        [p.detach().clone() for p in net.parameters()],
+        [b.detach().clone() for b in net.buffers()],
+        [None if p.grad is None else p.grad.clone() for p in net.parameters()],
+        {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()},
+        copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]),
+    )
+
+
+def _assert_same(a, b):
+    params_a, bufs_a, grads_a, state_a, groups_a = a
+    params_b, bufs_b, grads_b, state_b, groups_b = b
+    assert all(torch.equal(x, y) for x, y in zip(params_a, params_b))
+    assert len(bufs_a) == len(bufs_b) and all(torch.equal(x, y) for x, y in zip(bufs_a, bufs_b))
+    for ga, gb in zip(grads_a, grads_b):
+        assert (ga is None and gb is None) or torch.equal(ga, gb)
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        assert state_a[k].keys() == state_b[k].keys()
+        for key in state_a[k]:
+            va, vb = state_a[k][key], state_b[k][key]
+            assert torch.equal(va, vb) if torch.is_tensor(va) else va == vb
+    assert groups_a == groups_b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# susceptibility_step
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_step_matches_hand_written_sgd_momentum(warm):
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    if warm:
+        _warm_up(net, opt)
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(4, (32,), generator=g)
+    expected = _reference_sgd_drop(net, opt, x, y)
+    drop = susceptibility_step(net, opt, x, y)
+    assert drop.dtype == torch.float32 and drop.dim() == 0
+    assert float(drop) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert expected != 0.0
+
+
+def test_step_leaves_every_piece_of_state_unchanged():
+    net = _net(dropout=0.3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    _warm_up(net, opt)
+    # stale accumulated gradients that the user loop might still be using
+    x0, y0 = torch.randn(10, 6), torch.randint(4, (10,))
+    nn.functional.cross_entropy(net(x0), y0).backward()
+    x, y = torch.randn(20, 6), torch.randint(4, (20,))
+
+    before = _snapshot(net, opt)
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    expected_torch, expected_py, expected_np = torch.rand(5), random.random(), np.random.rand()
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    drop = susceptibility_step(net, opt, x, y)
+    assert torch.isfinite(drop)
+    assert torch.equal(torch.rand(5), expected_torch)
+    assert random.random() == expected_py
+    assert np.random.rand() == expected_np
+    _assert_same(before, _snapshot(net, opt))
+
+
+def test_step_restores_adam_state_and_step_counters():
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-4)
+    _warm_up(net, opt, steps=2)
+    before = _snapshot(net, opt)
+    steps_before = [float(s["step"]) for s in opt.state.values()]
+    susceptibility_step(net, opt, torch.randn(16, 6), torch.randint(4, (16,)))
+    _assert_same(before, _snapshot(net, opt))
+    assert [float(s["step"]) for s in opt.state.values()] == steps_before == [2.0] * len(steps_before)
+
+
+def test_step_creates_no_optimizer_state_on_fresh_optimizer():
+    net = _net(batch_norm=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    before = _snapshot(net, opt)
+    susceptibility_step(net, opt, torch.randn(8, 6), torch.randint(4, (8,)))
+    assert len(opt.state) == 0
+    _assert_same(before, _snapshot(net, opt))
+
+
+def test_step_rejects_mismatched_targets():
+    net = _net(batch_norm=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="random_targets"):
+        susceptibility_step(net, opt, torch.randn(8, 6), torch.randint(4, (7,)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the callback
+
+
+class _NoisyDM(L.LightningDataModule):
+    """Synthetic 4-class data with a known noise mask; batches are (x, noisy_y, idx)."""
+
+    def __init__(self, n=96, noise=0.5, batch_size=16, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.num_classes = 4
+        clean = torch.randint(4, (n,), generator=g)
+        x = torch.randn(n, 6, generator=g) + 2.0 * nn.functional.one_hot(clean, 6).float()
+        self.noise_mask = torch.rand(n, generator=g) < noise
+        noisy = torch.where(self.noise_mask, (clean + 1 + torch.randint(3, (n,), generator=g)) % 4, clean)
+        self.train_targets = noisy
+        self.train_dataset = TensorDataset(x, noisy, torch.arange(n))
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True)
+
+
+def _module(seed=0):
+    torch.manual_seed(seed)
+    return ReweightClassifier(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)
+
+
+def _trainer(tmp_path, callbacks, epochs=3, **kw):
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=kw.pop("logger", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        deterministic=True,
+        **kw,
+    )
+
+
+def _fit(tmp_path, callbacks, seed=0, epochs=3, **kw):
+    L.seed_everything(seed, verbose=False)
+    model = _module(seed)
+    _trainer(tmp_path, callbacks, epochs, **kw).fit(model, datamodule=_NoisyDM())
+    return model
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_training_with_monitor_is_bit_identical(tmp_path, precision):
+    plain = _fit(tmp_path, [], precision=precision)
+    monitor = SusceptibilityMonitor(batch_size=32)
+    probed = _fit(tmp_path, [monitor], precision=precision)
+    assert len(monitor.history) == 3
+    assert all(np.isfinite(d) for _, d in monitor.history)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), probed.state_dict().items()):
+        assert torch.equal(a, b), name
+    # the drops are real measurements: a different probe seed gives different drops
+    other = SusceptibilityMonitor(batch_size=32, seed=1)
+    _fit(tmp_path, [other], precision=precision)
+    assert [d for _, d in other.history] != [d for _, d in monitor.history]
+
+
+def test_logged_zeta_is_running_mean_and_subset_accuracy_is_exact(tmp_path):
+    dm = _NoisyDM()
+    monitor = SusceptibilityMonitor(batch_size=32, every_n_epochs=1)
+    L.seed_everything(0, verbose=False)
+    model = _module()
+    initial = copy.deepcopy(model).eval()
+    trainer = _trainer(tmp_path, [monitor], epochs=2)
+    trainer.fit(model, datamodule=dm)
+    drops = [d for _, d in monitor.history]
+    metrics = trainer.callback_metrics
+    assert float(metrics["memorization/drop"]) == pytest.approx(drops[-1], rel=1e-6)
+    assert float(metrics["memorization/zeta"]) == pytest.approx(sum(drops) / 2, rel=1e-6)
+    # the labels are uniform over the classes, fixed, and drawn from the monitor's own seed
+    labels = monitor.random_labels
+    assert labels.shape == (96,)
+    g = torch.Generator().manual_seed(0)
+    torch.randperm(96, generator=g)  # the documented recipe: pool indices first, then the labels
+    assert torch.equal(labels, torch.randint(4, (96,), generator=g))
+
+    # epoch-1 subset accuracy is that of the model after epoch 0; check epoch 0's with a 1-epoch run instead
+    monitor1 = SusceptibilityMonitor(batch_size=32)
+    L.seed_everything(0, verbose=False)
+    model1 = _module()
+    trainer1 = _trainer(tmp_path, [monitor1], epochs=1)
+    trainer1.fit(model1, datamodule=dm)
+    x, y, _ = dm.train_dataset.tensors
+    with torch.no_grad():
+        correct = initial(x).argmax(1) == y
+    m = dm.noise_mask
+    assert float(trainer1.callback_metrics["memorization/train_acc_noisy"]) == pytest.approx(
+        correct[m].float().mean().item()
+    )
+    assert float(trainer1.callback_metrics["memorization/train_acc_clean"]) == pytest.approx(
+        correct[~m].float().mean().item()
+    )
+
+
+class _HalfWeights:
+    """Weight 2 for even dataset indices, 0 for odd ones."""
+
+    def sample_weights(self, losses, context):
+        return 2.0 * (context.indices % 2 == 0).float()
+
+
+def test_weight_means_split_by_noise_mask(tmp_path):
+    dm = _NoisyDM()
+    model = _module()
+    model.attach_weighting("half", _HalfWeights())
+    monitor = SusceptibilityMonitor(batch_size=16, log_subset_accuracy=False)
+    trainer = _trainer(tmp_path, [monitor], epochs=1)
+    trainer.fit(model, datamodule=dm)
+    idx = torch.arange(96)
+    w = 2.0 * (idx % 2 == 0).float()
+    m = dm.noise_mask
+    assert float(trainer.callback_metrics["memorization/weight_mean_noisy"]) == pytest.approx(w[m].mean().item())
+    assert float(trainer.callback_metrics["memorization/weight_mean_clean"]) == pytest.approx(w[~m].mean().item())
+
+
+def test_unlabelled_loader_and_every_n_epochs(tmp_path):
+    pool = DataLoader(TensorDataset(torch.randn(40, 6)), batch_size=8)
+    monitor = SusceptibilityMonitor(batch_size=16, every_n_epochs=2, unlabelled_loader=pool, seed=3)
+    _fit(tmp_path, [monitor], epochs=3)
+    assert [e for e, _ in monitor.history] == [0, 2]
+    assert monitor.random_labels.shape == (40,)
+
+
+def test_resume_restores_history_and_labels(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    monitor = SusceptibilityMonitor(batch_size=32, seed=5)
+    L.seed_everything(0, verbose=False)
+    model = _module()
+    trainer = _trainer(
+        tmp_path, [monitor, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)], epochs=2, enable_checkpointing=True
+    )
+    trainer.fit(model, datamodule=_NoisyDM())
+    path = ckpt_dir / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("SusceptibilityMonitor")]
+    assert state["epochs"] == [0, 1] and torch.equal(state["labels"], monitor.random_labels)
+    assert torch.equal(state["pool_indices"], torch.arange(96))
+
+    resumed = SusceptibilityMonitor(batch_size=32, seed=5)
+    L.seed_everything(0, verbose=False)
+    trainer2 = _trainer(tmp_path, [resumed], epochs=4)
+    trainer2.fit(_module(), datamodule=_NoisyDM(), ckpt_path=path)
+    assert [e for e, _ in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history[:2] == monitor.history
+    assert torch.equal(resumed.random_labels, monitor.random_labels)
+    assert float(trainer2.callback_metrics["memorization/zeta"]) == pytest.approx(
+        sum(d for _, d in resumed.history) / 4, rel=1e-6
+    )
+    # the selection rule's input straight from a checkpoint file
+    assert susceptibility_from_checkpoint(path) == pytest.approx(sum(d for _, d in monitor.history) / 2)
+
+
+def test_missing_num_classes_is_reported(tmp_path):
+    class Plain(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = _NoisyDM()
+    loader = DataLoader(dm.train_dataset, batch_size=16)
+    with pytest.raises(ValueError, match="num_classes"):
+        _trainer(tmp_path, [SusceptibilityMonitor()], epochs=1).fit(Plain(), train_dataloaders=loader)
+    monitor = SusceptibilityMonitor(num_classes=4, batch_size=16)
+    _trainer(tmp_path, [monitor], epochs=1).fit(Plain(), train_dataloaders=loader)
+    assert len(monitor.history) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDP
+
+
+class _RecordZeta(L.Callback):
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        monitor = next(c for c in trainer.callbacks if isinstance(c, SusceptibilityMonitor))
+        path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
+        torch.save({"drops": [d for _, d in monitor.history], "zeta": monitor.zeta, "logged": monitor.logged_history},
+                   path)
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_agree_on_zeta(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = _module()
+    dm = _NoisyDM()
+    x, y, _ = dm.train_dataset.tensors
+    with torch.no_grad():
+        correct = copy.deepcopy(model).eval()(x).argmax(1) == y
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        callbacks=[SusceptibilityMonitor(batch_size=16), _RecordZeta(str(tmp_path))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=dm)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    assert len(r0["drops"]) == 2
+    assert r0 == r1
+    # each rank evaluates half of the training set; the summed counts give the full-set accuracy
+    epoch0 = r0["logged"][0]
+    assert epoch0["memorization/train_acc_noisy"] == pytest.approx(correct[dm.noise_mask].float().mean().item())
+    assert epoch0["memorization/train_acc_clean"] == pytest.approx(correct[~dm.noise_mask].float().mean().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# select_models
+
+
+def test_select_models_quadrants():
+    acc = [0.95, 0.90, 0.60, 0.50, 0.92]
+    zeta = [0.10, 0.80, 0.20, 0.90, 0.30]
+    # thresholds written out: mean acc = 3.87 / 5 = 0.774, mean zeta = 2.3 / 5 = 0.46
+    sel = select_models(acc, zeta, names=["a", "b", "c", "d", "e"])
+    assert sel.accuracy_threshold == pytest.approx(0.774)
+    assert sel.susceptibility_threshold == pytest.approx(0.46)
+    assert sel.quadrants == (
+        "high_acc_low_zeta",
+        "high_acc_high_zeta",
+        "low_acc_low_zeta",
+        "low_acc_high_zeta",
+        "high_acc_low_zeta",
+    )
+    assert sel.preferred == ("a", "e")
+    assert sel.as_dict()["preferred"] == ["a", "e"]
+
+
+def test_select_models_validates():
+    with pytest.raises(ValueError, match="susceptibility"):
+        select_models([0.1, 0.2], [0.3])
+    with pytest.raises(ValueError, match="empty"):
+        select_models([], [])
+    assert select_models([0.5, 0.7], [0.2, 0.1]).names == ("0", "1")
+
+
+def test_plot_model_selection(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lightning_reweight.metrics import plot_model_selection
+
+    fig = plot_model_selection(select_models([0.9, 0.5], [0.1, 0.5], names=["x", "y"]))
+    fig.savefig(tmp_path / "sel.png")
+    assert (tmp_path / "sel.png").stat().st_size > 0

@@ -1,0 +1,110 @@
+"""One short training with an offline W&B run, read back from its transaction log (.wandb)."""
+
+import json
+import struct
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_reweight.callbacks import SusceptibilityMonitor
+from lightning_reweight.classifier import ReweightClassifier
+from lightning_reweight.models import MLP
+
+wandb = pytest.importorskip("wandb")
+
+
+def read_offline_history(run_file):
+    """Parse the history rows of an offline W&B run.
+
+    The .wandb file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then 32 KiB blocks of
+    records, each with a 7-byte header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last) and a
+    serialised ``wandb.proto.wandb_internal_pb2.Record``.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, pending, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:
+            pos += left - 7 - length
+            continue
+        if kind in (1, 2):
+            pending = chunk
+        else:
+            pending += chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append(
+                    {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+                )
+    return rows
+
+
+class _DM(L.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        n = 64
+        self.num_classes = 3
+        y = torch.randint(3, (n,), generator=g)
+        self.noise_mask = torch.arange(n) % 2 == 0
+        self.train_dataset = torch.utils.data.TensorDataset(torch.randn(n, 5, generator=g), y, torch.arange(n))
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_dataset, batch_size=16, shuffle=True)
+
+
+class _Weights:
+    def sample_weights(self, losses, context):
+        return 1.0 + (context.indices % 2).float()
+
+
+def test_offline_run_contains_memorization_keys(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lr-test")
+    monitor = SusceptibilityMonitor(batch_size=16)
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(5, 3, hidden=(16,)), num_classes=3, lr=0.1)
+    model.attach_weighting("w", _Weights())
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    try:
+        trainer.fit(model, datamodule=_DM())
+    finally:
+        wandb.finish()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    rows = read_offline_history(run_file)
+    drops = [(r["epoch"], r["memorization/drop"]) for r in rows if "memorization/drop" in r]
+    assert [e for e, _ in drops] == [0, 1, 2]
+    assert [d for _, d in drops] == pytest.approx([d for _, d in monitor.history])
+    zetas = [r["memorization/zeta"] for r in rows if "memorization/zeta" in r]
+    expected = [sum(d for _, d in monitor.history[: i + 1]) / (i + 1) for i in range(3)]
+    assert zetas == pytest.approx(expected)
+    assert any("memorization/train_acc_noisy" in r for r in rows)
+    means = [r["memorization/weight_mean_noisy"] for r in rows if "memorization/weight_mean_noisy" in r]
+    assert means == pytest.approx([1.0] * 3)  # even indices are the noisy ones and get weight 1
+    hists = [r for r in rows if r.get("memorization/weights_clean/_type") == "histogram"]
+    assert len(hists) == 3
+    assert sum(hists[0]["memorization/weights_clean/values"]) == 32  # one epoch sees every clean sample once
