@@ -30,7 +30,7 @@ def _benchmark_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="methods (default: all registered)")
     p.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), help="override the preset's scenarios")
     p.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
-    p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
+    p.add_argument("--epochs", type=int, help="override the number of epochs (default: the recipe's, 60)")
     p.add_argument("--output", default="results/benchmark.json", help="where to write the JSON records")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -38,7 +38,7 @@ def _benchmark_parser() -> argparse.ArgumentParser:
 
 def benchmark(argv: Sequence[str]) -> int:
     """Run the benchmark command."""
-    from lightning_reweight.bench import PRESETS, run_benchmark
+    from lightning_reweight.bench import METHODS, PRESETS, run_benchmark
     from lightning_reweight.bench.report import format_table, summarise, write_json
 
     args = _benchmark_parser().parse_args(list(argv))
@@ -48,7 +48,11 @@ def benchmark(argv: Sequence[str]) -> int:
     epochs = args.epochs if args.epochs is not None else preset["epochs"]
     if epochs is not None and epochs < 1:
         raise SystemExit("--epochs must be >= 1")
-    result = run_benchmark(args.methods, scenarios, seeds, epochs=epochs, progress=not args.no_progress)
+    methods = args.methods
+    if methods is None:
+        excluded = set(preset.get("exclude_methods", []))
+        methods = [m for m in METHODS if m not in excluded]
+    result = run_benchmark(methods, scenarios, seeds, epochs=epochs, progress=not args.no_progress)
     result["meta"]["preset"] = args.preset
     print(format_table(summarise(result["records"])))
     path = write_json(result, args.output)
