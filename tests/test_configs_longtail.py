@@ -1,9 +1,9 @@
-import pickle
 from importlib import resources
 
 import numpy as np
 import pytest
 import torch
+from cifar_files import write_cifar10
 
 from lightning_reweight.callbacks import DeferredReweighting
 from lightning_reweight.classifier import ReweightClassifier
@@ -17,24 +17,13 @@ cli_module = pytest.importorskip("lightning.pytorch.cli")
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 
-def _dump(path, obj):
-    with open(path, "wb") as handle:
-        pickle.dump(obj, handle, protocol=2)
-
-
 @pytest.fixture(scope="module")
 def tiny_cifar10(tmp_path_factory):
     """The on-disk CIFAR-10 python format, 20 images per batch."""
     root = tmp_path_factory.mktemp("cifar10")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
     rng = np.random.default_rng(0)
-    for b in range(5):
-        _dump(folder / f"data_batch_{b + 1}", {"data": rng.integers(0, 256, size=(20, 3072), dtype=np.uint8),
-                                                "labels": [k % 10 for k in range(20)]})
-    _dump(folder / "test_batch", {"data": rng.integers(0, 256, size=(20, 3072), dtype=np.uint8),
-                                  "labels": [k % 10 for k in range(20)]})
-    _dump(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    write_cifar10(root, rng.integers(0, 256, size=(100, 3072), dtype=np.uint8), [k % 10 for k in range(100)],
+                  rng.integers(0, 256, size=(20, 3072), dtype=np.uint8), [k % 10 for k in range(20)])
     return root
 
 

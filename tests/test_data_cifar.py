@@ -4,6 +4,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cifar_files import write_cifar10, write_cifar100
 
 from lightning_reweight.data import CIFAR10DataModule, CIFAR100DataModule
 
@@ -12,31 +13,15 @@ torchvision = pytest.importorskip("torchvision")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-def _dump(path, obj):
-    # The real files are Python 2 pickles whose str keys torchvision reads back as str ("data", "labels").
-    with open(path, "wb") as handle:
-        pickle.dump(obj, handle, protocol=2)
-
-
 @pytest.fixture(scope="module")
 def cifar10_dir(tmp_path_factory):
     """5 training batches of 20 images (image k has label k % 10) and a 20-image test batch."""
     root = tmp_path_factory.mktemp("cifar10")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, size=(100, 3072), dtype=np.uint8)
     labels = [k % 10 for k in range(100)]
-    for b in range(5):
-        rows = slice(20 * b, 20 * (b + 1))
-        _dump(folder / f"data_batch_{b + 1}", {"batch_label": f"training batch {b + 1} of 5",
-                                                "data": data[rows], "labels": labels[rows],
-                                                "filenames": [f"img{k}.png" for k in range(20)]})
     test_labels = [(3 * k) % 10 for k in range(20)]
-    _dump(folder / "test_batch", {"data": rng.integers(0, 256, size=(20, 3072), dtype=np.uint8),
-                                  "labels": test_labels})
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    _dump(folder / "batches.meta", {"label_names": names, "num_cases_per_batch": 20, "num_vis": 3072})
+    write_cifar10(root, data, labels, rng.integers(0, 256, size=(20, 3072), dtype=np.uint8), test_labels)
     return root, data, torch.tensor(labels), torch.tensor(test_labels)
 
 
@@ -44,17 +29,11 @@ def cifar10_dir(tmp_path_factory):
 def cifar100_dir(tmp_path_factory):
     """300 training images (3 per fine class, label k % 100) and 100 test images."""
     root = tmp_path_factory.mktemp("cifar100")
-    folder = root / "cifar-100-python"
-    folder.mkdir()
     rng = np.random.default_rng(1)
     fine = [k % 100 for k in range(300)]
-    _dump(folder / "train", {"data": rng.integers(0, 256, size=(300, 3072), dtype=np.uint8),
-                             "fine_labels": fine, "coarse_labels": [f // 5 for f in fine]})
     test_fine = [(7 * k) % 100 for k in range(100)]
-    _dump(folder / "test", {"data": rng.integers(0, 256, size=(100, 3072), dtype=np.uint8),
-                            "fine_labels": test_fine, "coarse_labels": [f // 5 for f in test_fine]})
-    _dump(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)],
-                            "coarse_label_names": [f"s{i}" for i in range(20)]})
+    write_cifar100(root, rng.integers(0, 256, size=(300, 3072), dtype=np.uint8), fine,
+                   rng.integers(0, 256, size=(100, 3072), dtype=np.uint8), test_fine)
     return root, torch.tensor(fine), torch.tensor(test_fine)
 
 
