@@ -1,4 +1,4 @@
-"""Step time and peak memory of one training step of ResNet-32 per hypergradient mode, as ratios to plain training.
+"""Step time and peak memory of one training step of ResNet-32 per method, as ratios to plain training.
 
 CIFAR-shaped: ResNet-32, batch 128 of 3x32x32 inputs, meta batch 100, SGD (lr 0.1, momentum 0.9, wd 5e-4). Each
 mode is a *step factory* in :data:`MODES` (name -> factory(model, optimizer) -> step(batch, meta_batch)); add a
@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_reweight.functional import class_balanced_weights
+from lightning_reweight.losses import AttentionalDROLoss, LDAMLoss, LogitAdjustedLoss
 from lightning_reweight.meta import L2RW, MetaProblem, MetaStrategy, MetaWeightNet, capture_rng
 from lightning_reweight.models import resnet32
 
@@ -85,8 +87,33 @@ def meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str) -> StepFacto
     return factory
 
 
-#: mode name -> step factory; extend with more rows (``MODES["absgd"] = ...``)
-MODES: dict[str, StepFactory] = {"plain": plain_step}
+def criterion_step(make_criterion: Callable[[], nn.Module]) -> StepFactory:
+    """A step with a loss module that reduces to a scalar itself (ABSGD's attentional loss, LDAM)."""
+
+    def factory(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
+        criterion = make_criterion().to(next(model.parameters()).device)
+
+        def step(batch: Batch, meta: Batch) -> None:
+            loss = criterion(model(batch[0]), batch[1])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    return factory
+
+
+#: CIFAR-10-LT (imbalance 100) class counts, for the long-tail losses' margins and weights
+_LT_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+#: mode name -> step factory; extend with more rows
+MODES: dict[str, StepFactory] = {
+    "plain": plain_step,
+    "absgd": criterion_step(lambda: AttentionalDROLoss(lam=1.0, gamma=0.9)),
+    "ldam-drw": criterion_step(lambda: LDAMLoss(_LT_COUNTS, weight=class_balanced_weights(_LT_COUNTS))),
+    "logit-adj": criterion_step(lambda: LogitAdjustedLoss(_LT_COUNTS)),
+}
 for _hg in ("finite_diff", "forward", "second_order"):
     MODES[f"l2rw-{_hg}"] = meta_step(L2RW, _hg)
     MODES[f"mwn-{_hg}"] = meta_step(MetaWeightNet, _hg)
