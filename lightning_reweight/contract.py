@@ -153,6 +153,17 @@ def weight_statistics(weights: Tensor) -> dict[str, Tensor]:
     }
 
 
+def _targets_and_indices(batch: Any) -> tuple[Tensor | None, Tensor | None]:
+    """``(targets, indices)`` of a batch in one of :func:`split_batch`'s layouts, ``(None, None)`` otherwise."""
+    if batch is None:
+        return None, None
+    try:
+        _, targets, indices = split_batch(batch)
+    except TypeError:
+        return None, None
+    return targets, indices
+
+
 class ReweightingMixin:
     """Reduce per-sample losses with the active per-sample weights.
 
@@ -236,12 +247,7 @@ class ReweightingMixin:
         check_per_sample_losses(losses)
         weights = None
         if self.weightings:
-            targets = indices = None
-            if batch is not None:
-                try:
-                    _, targets, indices = split_batch(batch)
-                except TypeError:
-                    pass
+            targets, indices = _targets_and_indices(batch)
             context = WeightingContext(module=self, batch=batch, targets=targets, indices=indices)
             for source in list(self.weightings.values()):
                 w = source.sample_weights(losses, context).detach()
@@ -272,13 +278,7 @@ class ReweightingMixin:
         check_per_sample_losses(losses)
         weights = self.sample_weights(losses, batch)
         self.last_sample_weights = weights
-        indices = None
-        if batch is not None:
-            try:
-                indices = split_batch(batch)[2]
-            except TypeError:
-                indices = None
-        self.last_sample_indices = indices
+        self.last_sample_indices = _targets_and_indices(batch)[1]
         if log and self.weightings:
             self._log_weight_statistics(weights)
         return (weights.to(losses.dtype) * losses).mean()
