@@ -215,7 +215,7 @@ def _recorded_subset_accuracy(records, noise_mask):
 
 
 class _CountSpy(SusceptibilityMonitor):
-    """Keeps a copy of each epoch's training-forward counts before they are published."""
+    """Keeps each epoch's number of counted training predictions before they are published."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -223,6 +223,7 @@ class _CountSpy(SusceptibilityMonitor):
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self._train_counts is not None:
+            self._fold()
             self.seen.append(int(self._train_counts.sum()))
         super().on_train_epoch_end(trainer, pl_module)
 
@@ -326,9 +327,12 @@ def test_train_forward_accuracy_with_frozen_model_equals_full_pass(tmp_path):
         assert epoch["memorization/train_acc_clean"] == pytest.approx(expected_clean)
 
 
-def test_train_forward_accuracy_matches_recorded_training_predictions(tmp_path):
+@pytest.mark.parametrize("fold_every", [64, 2])
+def test_train_forward_accuracy_matches_recorded_training_predictions(tmp_path, monkeypatch, fold_every):
     """Training model (dropout, BN, lr > 0): the logged accuracies are those of the training forwards' own
-    predictions during the epoch, recorded by the module itself."""
+    predictions during the epoch, recorded by the module itself (predictions folded into the counts at the epoch's
+    end, or every 2 steps)."""
+    monkeypatch.setattr("lightning_reweight.callbacks.susceptibility._FOLD_EVERY", fold_every)
     dm = _NoisyDM()
     torch.manual_seed(0)
     model = _Recording(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)

@@ -20,6 +20,7 @@ from lightning_reweight.loggers import define_epoch_axis, log_histograms
 __all__ = ["SusceptibilityMonitor"]
 
 SUBSET_ACCURACY = ("train_forward", "eval_pass", "off")
+_FOLD_EVERY = 64  # training steps whose predictions are kept before they are folded into the counts
 
 
 def _inputs_of(sample: Any) -> Tensor:
@@ -68,7 +69,8 @@ class SusceptibilityMonitor(Callback):
       - ``"train_forward"`` (default, as in the authors' code): the predictions the model made in its training
         forward on each training batch of a measured epoch, counted per subset over the epoch (under DDP,
         summed over ranks) and logged at the epoch's end. The accuracy is thus measured *during* the epoch,
-        while the model trains; it costs a few microseconds per step (an argmax and a bincount, no host sync).
+        while the model trains; it costs a few microseconds per step (an argmax in the forward hook; the
+        predictions are folded into the counts every 64 steps on the device, no host sync before the epoch's end).
         The logits are read with a forward hook on the LightningModule: the first output of the module's
         ``__call__`` between ``on_train_batch_start`` and ``on_train_batch_end`` whose batch size is the
         training batch's (later forwards in the same step, e.g. meta-reweighting's, are ignored). A
@@ -151,12 +153,13 @@ class SusceptibilityMonitor(Callback):
         self._eval_data: tuple[Tensor, Tensor, Tensor] | None = None
         self._weights: list[Tensor] = []
         self._weight_indices: list[Tensor] = []
-        # "train_forward" route: counts [clean wrong, clean right, noisy wrong, noisy right] of this epoch
+        # "train_forward" route: this epoch's counts [clean wrong, clean right, noisy wrong, noisy right], fed by
+        # (predictions, targets, indices) of the training forwards, folded in every _FOLD_EVERY steps
         self._hook: Any = None
         self._counting = False
-        self._armed_size: int | None = None
-        self._train_logits: Tensor | None = None
-        self._device_mask: Tensor | None = None
+        self._armed: tuple[int, Tensor, Tensor] | None = None
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._mask_key: Tensor | None = None
         self._train_counts: Tensor | None = None
 
     # ------------------------------------------------------------------ public read-only views
@@ -225,7 +228,7 @@ class SusceptibilityMonitor(Callback):
         define_epoch_axis(trainer, f"{self.prefix}/*")
         mask = self._noise_mask(trainer) if self.subset_accuracy == "train_forward" else None
         if mask is not None and self._hook is None:
-            self._device_mask = mask.to(pl_module.device)
+            self._mask_key = 2 * mask.to(device=pl_module.device, dtype=torch.long)
             self._hook = pl_module.register_forward_hook(self._capture_train_logits)
 
     @override
@@ -234,8 +237,8 @@ class SusceptibilityMonitor(Callback):
             self._hook.remove()
             self._hook = None
         self._counting = False
-        self._armed_size = None
-        self._train_logits = None
+        self._armed = None
+        self._pending.clear()
         self._train_counts = None
 
     def _train_dataset(self, trainer: Trainer) -> Any:
@@ -305,6 +308,7 @@ class SusceptibilityMonitor(Callback):
         self._counting = measure and self._hook is not None
         if self._counting:
             self._train_counts = torch.zeros(4, dtype=torch.long, device=pl_module.device)
+            self._pending.clear()
         if not measure:
             return
         optimizer = trainer.optimizers[0]
@@ -391,11 +395,11 @@ class SusceptibilityMonitor(Callback):
 
     # ------------------------------------------------------------------ "train_forward" subset accuracy
     def _capture_train_logits(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        """Forward hook: keep the first output of the training batch's size while armed (then disarm)."""
-        if self._armed_size is not None and isinstance(output, Tensor) and output.dim() == 2:
-            if output.shape[0] == self._armed_size:
-                self._train_logits = output.detach()
-                self._armed_size = None
+        """Forward hook: keep the predictions of the first output of the training batch's size, then disarm."""
+        armed = self._armed
+        if armed is not None and isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == armed[0]:
+            self._pending.append((output.detach().argmax(dim=1), armed[1], armed[2]))
+            self._armed = None
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -412,22 +416,23 @@ class SusceptibilityMonitor(Callback):
             self.teardown(trainer, pl_module, "fit")
             self.subset_accuracy = "off"
             return
-        self._train_logits = None
-        self._armed_size = int(targets.shape[0])
+        self._armed = (int(targets.shape[0]), targets, indices)
 
-    def _count_train_batch(self, batch: Any) -> None:
-        logits, self._train_logits, self._armed_size = self._train_logits, None, None
-        if logits is None or self._train_counts is None or self._device_mask is None:
+    def _fold(self) -> None:
+        """Add the pending training predictions to this epoch's counts (device ops only, no host sync)."""
+        if not self._pending or self._train_counts is None or self._mask_key is None:
+            self._pending.clear()
             return
-        _, targets, indices = split_batch(batch)
-        correct = logits.argmax(dim=1) == targets.to(logits.device)
-        noisy = self._device_mask[indices.to(self._device_mask.device)].to(logits.device)
-        self._train_counts += torch.bincount(2 * noisy.long() + correct.long(), minlength=4).to(
-            self._train_counts.device
+        preds, targets, indices = (torch.cat(t) for t in zip(*self._pending))
+        self._pending.clear()
+        key = self._mask_key[indices.to(self._mask_key.device)] + (preds == targets.to(preds.device)).to(
+            self._mask_key.device
         )
+        self._train_counts += torch.bincount(key, minlength=4).to(self._train_counts.device)
 
     def _publish_train_counts(self, trainer: Trainer) -> None:
         """Reduce this epoch's training-forward counts over ranks and log the noisy/clean accuracies."""
+        self._fold()
         counts, self._train_counts, self._counting = self._train_counts, None, False
         if counts is None:
             return
@@ -455,7 +460,9 @@ class SusceptibilityMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._counting:
-            self._count_train_batch(batch)
+            self._armed = None
+            if len(self._pending) >= _FOLD_EVERY:
+                self._fold()
         if not self.log_weight_histograms or not getattr(pl_module, "weightings", None):
             return
         weights = getattr(pl_module, "last_sample_weights", None)
