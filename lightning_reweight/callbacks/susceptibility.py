@@ -69,8 +69,9 @@ class SusceptibilityMonitor(Callback):
       - ``"train_forward"`` (default, as in the authors' code): the predictions the model made in its training
         forward on each training batch of a measured epoch, counted per subset over the epoch (under DDP,
         summed over ranks) and logged at the epoch's end. The accuracy is thus measured *during* the epoch,
-        while the model trains; it costs a few microseconds per step (an argmax in the forward hook; the
-        predictions are folded into the counts every 64 steps on the device, no host sync before the epoch's end).
+        while the model trains; it costs a few tens of microseconds per step on CPU (an argmax in the forward
+        hook; the predictions are folded into the counts every 64 steps on the device, no host sync before the
+        epoch's end; about 1.5% of a digits epoch, against about 8.5% for ``"eval_pass"``).
         The logits are read with a forward hook on the LightningModule: the first output of the module's
         ``__call__`` between ``on_train_batch_start`` and ``on_train_batch_end`` whose batch size is the
         training batch's (later forwards in the same step, e.g. meta-reweighting's, are ignored). A
