@@ -10,9 +10,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_reweight.callbacks import SusceptibilityMonitor
+from lightning_reweight.callbacks import MetaReweight, SusceptibilityMonitor
 from lightning_reweight.classifier import ReweightClassifier
+from lightning_reweight.data import DigitsDataModule
 from lightning_reweight.functional import susceptibility_step
+from lightning_reweight.meta import L2RW
 from lightning_reweight.metrics import select_models, susceptibility_from_checkpoint
 from lightning_reweight.models import MLP
 
@@ -183,6 +185,49 @@ def _module(seed=0):
     return ReweightClassifier(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)
 
 
+class _Recording(ReweightClassifier):
+    """Records, per epoch, the predictions of the first forward of every training_step (a second route)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records: dict[int, list] = {}
+        self._capture = False
+
+    def training_step(self, batch, batch_idx):
+        self._capture = True
+        loss = super().training_step(batch, batch_idx)
+        _, y, idx = batch
+        self.records.setdefault(self.current_epoch, []).append((self._pred, y.clone(), idx.clone()))
+        return loss
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self._capture:
+            self._pred, self._capture = out.argmax(1).detach().clone(), False
+        return out
+
+
+def _recorded_subset_accuracy(records, noise_mask):
+    """(noisy accuracy, clean accuracy, samples seen) of recorded (pred, y, idx) triples."""
+    pred, y, idx = (torch.cat(t) for t in zip(*records))
+    correct, noisy = pred == y, noise_mask[idx]
+    return correct[noisy].float().mean().item(), correct[~noisy].float().mean().item(), len(y)
+
+
+class _CountSpy(SusceptibilityMonitor):
+    """Keeps each epoch's number of counted training predictions before they are published."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen: list[int] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self._train_counts is not None:
+            self._fold()
+            self.seen.append(int(self._train_counts.sum()))
+        super().on_train_epoch_end(trainer, pl_module)
+
+
 def _trainer(tmp_path, callbacks, epochs=3, **kw):
     kw.setdefault("enable_checkpointing", False)
     return L.Trainer(
@@ -242,7 +287,7 @@ def test_logged_zeta_is_running_mean_and_subset_accuracy_is_exact(tmp_path):
     assert torch.equal(labels, torch.randint(4, (96,), generator=g))
 
     # epoch-1 subset accuracy is that of the model after epoch 0; check epoch 0's with a 1-epoch run instead
-    monitor1 = SusceptibilityMonitor(batch_size=32)
+    monitor1 = SusceptibilityMonitor(batch_size=32, subset_accuracy="eval_pass")
     L.seed_everything(0, verbose=False)
     model1 = _module()
     trainer1 = _trainer(tmp_path, [monitor1], epochs=1)
@@ -259,6 +304,74 @@ def test_logged_zeta_is_running_mean_and_subset_accuracy_is_exact(tmp_path):
     )
 
 
+def test_train_forward_accuracy_with_frozen_model_equals_full_pass(tmp_path):
+    """lr ~ 0 (steps below float32 resolution), no dropout/BN: the model is the same at every step, so the accuracy
+    of the training forwards over an epoch is the accuracy of that model's predictions on the whole training set."""
+    dm = _NoisyDM()
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(6, 4, hidden=(32,), dropout=0.0, batch_norm=False), num_classes=4, lr=1e-30)
+    initial = copy.deepcopy(model.state_dict())
+    x, y, _ = dm.train_dataset.tensors
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    m = dm.noise_mask
+    expected_noisy, expected_clean = correct[m].float().mean().item(), correct[~m].float().mean().item()
+    assert 0.0 < expected_noisy < 1.0 and 0.0 < expected_clean < 1.0
+    monitor = SusceptibilityMonitor(batch_size=32)  # subset_accuracy="train_forward" is the default
+    L.seed_everything(0, verbose=False)
+    _trainer(tmp_path, [monitor], epochs=2).fit(model, datamodule=dm)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in initial.items())  # the premise: frozen
+    assert len(monitor.logged_history) == 2
+    for epoch in monitor.logged_history:
+        assert epoch["memorization/train_acc_noisy"] == pytest.approx(expected_noisy)
+        assert epoch["memorization/train_acc_clean"] == pytest.approx(expected_clean)
+
+
+@pytest.mark.parametrize("fold_every", [64, 2])
+def test_train_forward_accuracy_matches_recorded_training_predictions(tmp_path, monkeypatch, fold_every):
+    """Training model (dropout, BN, lr > 0): the logged accuracies are those of the training forwards' own
+    predictions during the epoch, recorded by the module itself (predictions folded into the counts at the epoch's
+    end, or every 2 steps)."""
+    monkeypatch.setattr("lightning_reweight.callbacks.susceptibility._FOLD_EVERY", fold_every)
+    dm = _NoisyDM()
+    torch.manual_seed(0)
+    model = _Recording(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)
+    monitor = SusceptibilityMonitor(batch_size=32)
+    L.seed_everything(0, verbose=False)
+    _trainer(tmp_path, [monitor], epochs=2).fit(model, datamodule=dm)
+    assert [r["epoch"] for r in monitor.logged_history] == [0, 1]
+    for logged in monitor.logged_history:
+        noisy, clean, seen = _recorded_subset_accuracy(model.records[logged["epoch"]], dm.noise_mask)
+        assert seen == 96
+        assert logged["memorization/train_acc_noisy"] == pytest.approx(noisy)
+        assert logged["memorization/train_acc_clean"] == pytest.approx(clean)
+
+
+def test_train_forward_ignores_meta_reweighting_forwards(tmp_path):
+    """L2RW runs extra forwards of the module in every step, after the training forward: the meta batch (same
+    size 100 on digits) and the training batch at perturbed parameters (a large ``fd_eps`` makes its predictions
+    differ). Only the training forward is counted: one count per training sample, and the accuracy is that of
+    the recorded training predictions."""
+    dm = DigitsDataModule(noise_rate=0.6, seed=0)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    model = _Recording(MLP(64, 10, hidden=(32,)), num_classes=10, lr=0.1)
+    monitor = _CountSpy(batch_size=32)
+    L.seed_everything(0, verbose=False)
+    trainer = _trainer(tmp_path, [MetaReweight(L2RW(), fd_eps=0.5), monitor], epochs=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    assert monitor.seen == [len(dm.train_dataset)]
+    noisy, clean, seen = _recorded_subset_accuracy(model.records[0], torch.as_tensor(dm.noise_mask))
+    assert seen == len(dm.train_dataset)
+    assert float(trainer.callback_metrics["memorization/train_acc_noisy"]) == pytest.approx(noisy)
+    assert float(trainer.callback_metrics["memorization/train_acc_clean"]) == pytest.approx(clean)
+
+
+def test_subset_accuracy_is_validated():
+    with pytest.raises(ValueError, match="subset_accuracy"):
+        SusceptibilityMonitor(subset_accuracy="eval")
+
+
 class _HalfWeights:
     """Weight 2 for even dataset indices, 0 for odd ones."""
 
@@ -270,9 +383,10 @@ def test_weight_means_split_by_noise_mask(tmp_path):
     dm = _NoisyDM()
     model = _module()
     model.attach_weighting("half", _HalfWeights())
-    monitor = SusceptibilityMonitor(batch_size=16, log_subset_accuracy=False)
+    monitor = SusceptibilityMonitor(batch_size=16, subset_accuracy="off")
     trainer = _trainer(tmp_path, [monitor], epochs=1)
     trainer.fit(model, datamodule=dm)
+    assert "memorization/train_acc_noisy" not in trainer.callback_metrics
     idx = torch.arange(96)
     w = 2.0 * (idx % 2 == 0).float()
     m = dm.noise_mask
@@ -351,16 +465,17 @@ class _RecordZeta(L.Callback):
         self.out_dir = out_dir
 
     def on_train_end(self, trainer, pl_module):
-        monitor = next(c for c in trainer.callbacks if isinstance(c, SusceptibilityMonitor))
+        monitor, eval_pass = (c for c in trainer.callbacks if isinstance(c, SusceptibilityMonitor))
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
-        torch.save({"drops": [d for _, d in monitor.history], "zeta": monitor.zeta, "logged": monitor.logged_history},
-                   path)
+        torch.save({"drops": [d for _, d in monitor.history], "zeta": monitor.zeta, "logged": monitor.logged_history,
+                    "eval_pass": eval_pass.logged_history, "records": pl_module.records}, path)
 
 
 @pytest.mark.ddp
 def test_ddp_ranks_agree_on_zeta(tmp_path):
     L.seed_everything(0, verbose=False)
-    model = _module()
+    torch.manual_seed(0)
+    model = _Recording(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)
     dm = _NoisyDM()
     x, y, _ = dm.train_dataset.tensors
     with torch.no_grad():
@@ -370,21 +485,34 @@ def test_ddp_ranks_agree_on_zeta(tmp_path):
         accelerator="cpu",
         devices=2,
         strategy="ddp_fork",
-        callbacks=[SusceptibilityMonitor(batch_size=16), _RecordZeta(str(tmp_path))],
+        callbacks=[
+            SusceptibilityMonitor(batch_size=16),
+            SusceptibilityMonitor(batch_size=16, subset_accuracy="eval_pass", prefix="evalpass"),
+            _RecordZeta(str(tmp_path)),
+        ],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(model, datamodule=dm)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert len(r0["drops"]) == 2
-    assert r0 == r1
-    # each rank evaluates half of the training set; the summed counts give the full-set accuracy
-    epoch0 = r0["logged"][0]
-    assert epoch0["memorization/train_acc_noisy"] == pytest.approx(correct[dm.noise_mask].float().mean().item())
-    assert epoch0["memorization/train_acc_clean"] == pytest.approx(correct[~dm.noise_mask].float().mean().item())
+    assert {k: r0[k] for k in ("drops", "zeta", "logged", "eval_pass")} == {
+        k: r1[k] for k in ("drops", "zeta", "logged", "eval_pass")
+    }
+    # default route: the counts of each rank's training forwards, summed over ranks, per epoch
+    for logged in r0["logged"]:
+        records = r0["records"][logged["epoch"]] + r1["records"][logged["epoch"]]
+        noisy, clean, seen = _recorded_subset_accuracy(records, dm.noise_mask)
+        assert seen == 96
+        assert logged["memorization/train_acc_noisy"] == pytest.approx(noisy)
+        assert logged["memorization/train_acc_clean"] == pytest.approx(clean)
+    # eval pass: each rank evaluates half of the training set; the summed counts give the full-set accuracy
+    epoch0 = r0["eval_pass"][0]
+    assert epoch0["evalpass/train_acc_noisy"] == pytest.approx(correct[dm.noise_mask].float().mean().item())
+    assert epoch0["evalpass/train_acc_clean"] == pytest.approx(correct[~dm.noise_mask].float().mean().item())
 
 
 # ---------------------------------------------------------------------------------------------------------------
