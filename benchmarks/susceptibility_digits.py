@@ -40,7 +40,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_reweight.bench.runner import make_datamodule, quiet  # noqa: E402
+from lightning_reweight.bench.runner import make_datamodule, make_trainer, quiet  # noqa: E402
 from lightning_reweight.bench.scenarios import SCENARIOS  # noqa: E402
 from lightning_reweight.callbacks import SusceptibilityMonitor  # noqa: E402
 from lightning_reweight.classifier import ReweightClassifier  # noqa: E402
@@ -83,18 +83,7 @@ def train(scenario: str, seed: int, epochs: int | None, callbacks: list) -> Rewe
         momentum=recipe.momentum,
         weight_decay=recipe.weight_decay,
     )
-    trainer = L.Trainer(
-        max_epochs=recipe.epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = make_trainer(recipe.epochs, callbacks)
     trainer.fit(model, datamodule=dm)
     return model
 

@@ -275,8 +275,7 @@ class ReweightingMixin:
         Raises:
             ValueError: when ``losses`` was already reduced to a scalar.
         """
-        check_per_sample_losses(losses)
-        weights = self.sample_weights(losses, batch)
+        weights = self.sample_weights(losses, batch)  # validates the losses
         self.last_sample_weights = weights
         self.last_sample_indices = _targets_and_indices(batch)[1]
         if log and self.weightings:

@@ -21,7 +21,7 @@ from lightning_reweight.bench.timing import StepTimer
 from lightning_reweight.classifier import ReweightClassifier
 from lightning_reweight.models import MLP, NormalizedLinear
 
-__all__ = ["applicable", "run_benchmark", "run_one"]
+__all__ = ["applicable", "make_trainer", "run_benchmark", "run_one"]
 
 BASELINE = "ce"
 
@@ -70,6 +70,22 @@ def make_datamodule(scenario: Scenario, seed: int) -> Any:
     return dm
 
 
+def make_trainer(epochs: int, callbacks: list[Any]) -> L.Trainer:
+    """The benchmark's Trainer: CPU, no logger, checkpoints, progress bar or validation (last-epoch test only)."""
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
 def run_one(method: str, scenario: str | Scenario, seed: int = 0, *, epochs: int | None = None) -> dict[str, Any]:
     """Train ``method`` on ``scenario`` with ``seed`` and test it.
 
@@ -105,18 +121,7 @@ def run_one(method: str, scenario: str | Scenario, seed: int = 0, *, epochs: int
             weight_decay=recipe.weight_decay,
         )
         timer = StepTimer(skip_epochs=1 if recipe.epochs > 1 else 0)
-        trainer = L.Trainer(
-            max_epochs=recipe.epochs,
-            accelerator="cpu",
-            devices=1,
-            callbacks=[timer, *parts.callbacks],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
+        trainer = make_trainer(recipe.epochs, [timer, *parts.callbacks])
         trainer.fit(model, datamodule=dm)
         (test,) = trainer.test(model, datamodule=dm, verbose=False)
     record: dict[str, Any] = {
