@@ -267,6 +267,44 @@ def test_training_with_monitor_is_bit_identical(tmp_path, precision):
     assert [d for _, d in other.history] != [d for _, d in monitor.history]
 
 
+class _RandomJitterDM(_NoisyDM):
+    """Like _NoisyDM, but reading a training sample draws from the global torch RNG (a random augmentation)."""
+
+    def __init__(self):
+        super().__init__()
+        base = self.train_dataset
+
+        class Jitter(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(base)
+
+            def __getitem__(self, i):
+                x, y, idx = base[i]
+                return x + 0.1 * torch.randn_like(x), y, idx
+
+        self.train_dataset = Jitter()
+
+
+def _fit_dm(tmp_path, callbacks, dm, epochs=3):
+    L.seed_everything(0, verbose=False)
+    model = _module(0)
+    _trainer(tmp_path, callbacks, epochs).fit(model, datamodule=dm)
+    return model
+
+
+def test_building_the_random_label_set_leaves_training_bit_identical(tmp_path):
+    """Reading the pool draws from the global RNG (random augmentation, or a shuffling unlabelled loader); the
+    monitor restores it, so training is unchanged."""
+    plain = _fit_dm(tmp_path, [], _RandomJitterDM())
+    from_train = _fit_dm(tmp_path, [SusceptibilityMonitor(batch_size=32)], _RandomJitterDM())
+    shuffled = DataLoader(TensorDataset(torch.randn(40, 6)), batch_size=8, shuffle=True)
+    from_loader = _fit_dm(tmp_path, [SusceptibilityMonitor(batch_size=16, unlabelled_loader=shuffled)],
+                          _RandomJitterDM())
+    for other in (from_train, from_loader):
+        for (name, a), (_, b) in zip(plain.state_dict().items(), other.state_dict().items()):
+            assert torch.equal(a, b), name
+
+
 def test_logged_zeta_is_running_mean_and_subset_accuracy_is_exact(tmp_path):
     dm = _NoisyDM()
     monitor = SusceptibilityMonitor(batch_size=32, every_n_epochs=1)
@@ -327,12 +365,13 @@ def test_train_forward_accuracy_with_frozen_model_equals_full_pass(tmp_path):
         assert epoch["memorization/train_acc_clean"] == pytest.approx(expected_clean)
 
 
-@pytest.mark.parametrize("fold_every", [64, 2])
-def test_train_forward_accuracy_matches_recorded_training_predictions(tmp_path, monkeypatch, fold_every):
+@pytest.mark.parametrize(("fold_every", "fold_numel"), [(64, 1 << 20), (2, 1 << 20), (64, 100)])
+def test_train_forward_accuracy_matches_recorded_training_predictions(tmp_path, monkeypatch, fold_every, fold_numel):
     """Training model (dropout, BN, lr > 0): the logged accuracies are those of the training forwards' own
-    predictions during the epoch, recorded by the module itself (predictions folded into the counts at the epoch's
-    end, or every 2 steps)."""
+    predictions during the epoch, recorded by the module itself (logits folded into the counts at the epoch's
+    end, every 2 steps, or whenever they reach 100 elements, i.e. every 2 steps of 16 x 4 logits)."""
     monkeypatch.setattr("lightning_reweight.callbacks.susceptibility._FOLD_EVERY", fold_every)
+    monkeypatch.setattr("lightning_reweight.callbacks.susceptibility._FOLD_NUMEL", fold_numel)
     dm = _NoisyDM()
     torch.manual_seed(0)
     model = _Recording(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)

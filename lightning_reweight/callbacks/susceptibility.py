@@ -20,7 +20,8 @@ from lightning_reweight.loggers import define_epoch_axis, log_histograms
 __all__ = ["SusceptibilityMonitor"]
 
 SUBSET_ACCURACY = ("train_forward", "eval_pass", "off")
-_FOLD_EVERY = 64  # training steps whose predictions are kept before they are folded into the counts
+_FOLD_EVERY = 64  # training steps whose logits are kept before they are folded into the counts
+_FOLD_NUMEL = 1 << 20  # ... or fewer, once the kept logits reach this many elements (4 MiB in fp32)
 
 
 def _inputs_of(sample: Any) -> Tensor:
@@ -69,9 +70,9 @@ class SusceptibilityMonitor(Callback):
       - ``"train_forward"`` (default, as in the authors' code): the predictions the model made in its training
         forward on each training batch of a measured epoch, counted per subset over the epoch (under DDP,
         summed over ranks) and logged at the epoch's end. The accuracy is thus measured *during* the epoch,
-        while the model trains; it costs a few tens of microseconds per step on CPU (an argmax in the forward
-        hook; the predictions are folded into the counts every 64 steps on the device, no host sync before the
-        epoch's end; about 1.5% of a digits epoch, against about 8.5% for ``"eval_pass"``).
+        while the model trains; it costs a few microseconds per step (the forward hook keeps a detached
+        reference to the logits; they are folded into the counts with one argmax every 64 steps, or sooner once
+        they hold 2**20 elements, on the device, with no host sync before the epoch's end).
         The logits are read with a forward hook on the LightningModule: the first output of the module's
         ``__call__`` between ``on_train_batch_start`` and ``on_train_batch_end`` whose batch size is the
         training batch's (later forwards in the same step, e.g. meta-reweighting's, are ignored). A
@@ -155,11 +156,12 @@ class SusceptibilityMonitor(Callback):
         self._weights: list[Tensor] = []
         self._weight_indices: list[Tensor] = []
         # "train_forward" route: this epoch's counts [clean wrong, clean right, noisy wrong, noisy right], fed by
-        # (predictions, targets, indices) of the training forwards, folded in every _FOLD_EVERY steps
+        # (detached logits, targets, indices) of the training forwards, folded in every _FOLD_EVERY steps
         self._hook: Any = None
         self._counting = False
         self._armed: tuple[int, Tensor, Tensor] | None = None
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._pending_numel = 0
         self._mask_key: Tensor | None = None
         self._train_counts: Tensor | None = None
 
@@ -240,6 +242,7 @@ class SusceptibilityMonitor(Callback):
         self._counting = False
         self._armed = None
         self._pending.clear()
+        self._pending_numel = 0
         self._train_counts = None
 
     def _train_dataset(self, trainer: Trainer) -> Any:
@@ -260,6 +263,10 @@ class SusceptibilityMonitor(Callback):
         """Read the randomly labelled set's inputs into memory once and draw its labels (first measurement)."""
         if self._pool is not None:
             return
+        with preserved_rng():  # reading the data may draw from the global RNGs (shuffling, random transforms)
+            self._build_pool(trainer)
+
+    def _build_pool(self, trainer: Trainer) -> None:
         g = torch.Generator().manual_seed(self.seed)
         if self.unlabelled_loader is not None:
             chunks, count = [], 0
@@ -310,6 +317,7 @@ class SusceptibilityMonitor(Callback):
         if self._counting:
             self._train_counts = torch.zeros(4, dtype=torch.long, device=pl_module.device)
             self._pending.clear()
+            self._pending_numel = 0
         if not measure:
             return
         optimizer = trainer.optimizers[0]
@@ -320,19 +328,17 @@ class SusceptibilityMonitor(Callback):
             with precision.forward_context():
                 return self.compute_logits(pl_module, x)
 
-        with preserved_rng():
-            mask = self._noise_mask(trainer) if self.subset_accuracy == "eval_pass" else None
-            counts = None
-            if mask is not None:
+        mask = self._noise_mask(trainer) if self.subset_accuracy == "eval_pass" else None
+        counts = None
+        if mask is not None:
+            with preserved_rng():
                 try:
                     counts = self._subset_counts(trainer, pl_module, mask, forward)
                 except TypeError as err:  # the train batches are not (inputs, targets[, indices])
                     rank_zero_warn(f"SusceptibilityMonitor: noisy/clean subset accuracy disabled ({err})")
                     self.subset_accuracy = "off"
-            inputs, targets = self.probe_batch(trainer, epoch)
-            drop = susceptibility_step(
-                pl_module, optimizer, inputs.to(device), targets.to(device), forward=forward
-            )
+        inputs, targets = self.probe_batch(trainer, epoch)  # own generator: the global RNGs are not drawn from
+        drop = susceptibility_step(pl_module, optimizer, inputs.to(device), targets.to(device), forward=forward)
         drop = trainer.strategy.reduce(drop, reduce_op="mean")
         self._epochs.append(epoch)
         self._drops.append(float(drop))
@@ -399,7 +405,8 @@ class SusceptibilityMonitor(Callback):
         """Forward hook: keep the predictions of the first output of the training batch's size, then disarm."""
         armed = self._armed
         if armed is not None and isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == armed[0]:
-            self._pending.append((output.detach().argmax(dim=1), armed[1], armed[2]))
+            self._pending.append((output.detach(), armed[1], armed[2]))  # argmax once per fold, not per step
+            self._pending_numel += output.numel()
             self._armed = None
 
     @override
@@ -423,9 +430,12 @@ class SusceptibilityMonitor(Callback):
         """Add the pending training predictions to this epoch's counts (device ops only, no host sync)."""
         if not self._pending or self._train_counts is None or self._mask_key is None:
             self._pending.clear()
+            self._pending_numel = 0
             return
-        preds, targets, indices = (torch.cat(t) for t in zip(*self._pending))
+        logits, targets, indices = (torch.cat(t) for t in zip(*self._pending))
         self._pending.clear()
+        self._pending_numel = 0
+        preds = logits.argmax(dim=1)
         key = self._mask_key[indices.to(self._mask_key.device)] + (preds == targets.to(preds.device)).to(
             self._mask_key.device
         )
@@ -462,7 +472,7 @@ class SusceptibilityMonitor(Callback):
     ) -> None:
         if self._counting:
             self._armed = None
-            if len(self._pending) >= _FOLD_EVERY:
+            if len(self._pending) >= _FOLD_EVERY or self._pending_numel >= _FOLD_NUMEL:
                 self._fold()
         if not self.log_weight_histograms or not getattr(pl_module, "weightings", None):
             return

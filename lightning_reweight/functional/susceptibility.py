@@ -61,8 +61,39 @@ def _snapshot_value(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
 
 
+def _tensors_of(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[list[Tensor], list[Tensor]]:
+    """Every parameter (the model's and the optimizer's, once each) and every buffer of ``model``.
+
+    One walk over the module tree, remembering modules by identity: ``nn.Module.modules()`` hashes every module,
+    and some (torchmetrics metrics) hash their whole state, which made the walk the probe's largest fixed cost.
+    """
+    params: dict[int, Tensor] = {}
+    buffers: dict[int, Tensor] = {}
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for p in module._parameters.values():
+            if p is not None:
+                params.setdefault(id(p), p)
+        for b in module._buffers.values():
+            if b is not None:
+                buffers.setdefault(id(b), b)
+        stack.extend(m for m in module._modules.values() if m is not None)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                params.setdefault(id(p), p)
+    return list(params.values()), list(buffers.values())
+
+
 @contextlib.contextmanager
-def preserved_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Iterator[None]:
+def preserved_training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> Iterator[list[Tensor]]:
     """Restore parameters, buffers, gradients and optimizer state exactly on exit (in memory, no disk).
 
     Parameters and buffers are copied back in place (so references held elsewhere, e.g. by the optimizer or a DDP
@@ -73,6 +104,9 @@ def preserved_training_state(model: nn.Module, optimizer: torch.optim.Optimizer 
     Args:
         model: the module whose parameters and buffers to preserve.
         optimizer: the optimizer whose parameters and state to preserve as well.
+
+    Yields:
+        The preserved parameters (the model's and the optimizer's, each once).
 
     Example:
         >>> import torch
@@ -85,32 +119,28 @@ def preserved_training_state(model: nn.Module, optimizer: torch.optim.Optimizer 
         >>> bool(torch.equal(net.weight, before))
         True
     """
-    params: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                params.setdefault(id(p), p)
-    param_list = list(params.values())
-    param_data = [p.detach().clone() for p in param_list]
+    param_list, buffer_list = _tensors_of(model, optimizer)
+    with torch.no_grad():
+        param_data = [p.detach().clone() for p in param_list]
+        buffer_data = [b.detach().clone() for b in buffer_list]
     grads = [p.grad for p in param_list]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     opt_state: dict[Any, dict[str, tuple[Any, Any]]] = {}
     groups: list[dict[str, Any]] = []
     opt_called = None
     if optimizer is not None:
         for p, state in optimizer.state.items():
             opt_state[p] = {k: (v, _snapshot_value(v)) for k, v in state.items()}
-        groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        groups = [{k: _snapshot_value(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         opt_called = optimizer.__dict__.get("_opt_called")
     with preserved_rng():
         try:
-            yield
+            yield param_list
         finally:
             with torch.no_grad():
-                for p, saved in zip(param_list, param_data):
-                    p.copy_(saved)
-                for b, saved in buffers:
-                    b.copy_(saved)
+                if param_list:
+                    torch._foreach_copy_(param_list, param_data)
+                if buffer_list:
+                    torch._foreach_copy_(buffer_list, buffer_data)
             for p, g in zip(param_list, grads):
                 p.grad = g
             if optimizer is not None:
@@ -185,13 +215,10 @@ def susceptibility_step(
         )
     loss_fn = loss_fn if loss_fn is not None else _cross_entropy
     fwd = forward if forward is not None else model
-    with preserved_training_state(model, optimizer), torch.enable_grad():
+    with preserved_training_state(model, optimizer) as params, torch.enable_grad():
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        for p in model.parameters():
+        for p in params:
             p.grad = None
         loss_before = loss_fn(fwd(inputs), random_targets)
         loss_before.backward()
