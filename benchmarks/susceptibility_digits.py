@@ -10,7 +10,7 @@ Writes ``benchmarks/results/susceptibility_digits.json`` and ``docs/_static/susc
    ``digits-clean`` recipe, 60 epochs), with :class:`SusceptibilityMonitor` at its defaults. Per epoch: zeta, the
    drop, and train accuracy on the noisy and the clean subsets. Reported: Spearman correlation between zeta and
    noisy-subset train accuracy over the epochs; whether zeta on clean digits stays below zeta under 60% noise at
-   every epoch.
+   every epoch. The same pair again with BatchNorm after each hidden layer (a second model, reported beside it).
 2. Overhead: epoch wall time with and without the monitor, in one process, interleaved and repeated; the monitor
    with its defaults (the noisy/clean accuracy is on because the digits datamodule knows the noise mask; by default
    it is counted from the training forwards, ``subset_accuracy="train_forward"``), its core probe alone
@@ -71,13 +71,15 @@ class EpochTimer(L.Callback):
         return [b - a for a, b in zip(marks[:-1], marks[1:])]
 
 
-def train(scenario: str, seed: int, epochs: int | None, callbacks: list) -> ReweightClassifier:
+def train(
+    scenario: str, seed: int, epochs: int | None, callbacks: list, batch_norm: bool = False
+) -> ReweightClassifier:
     sc = SCENARIOS[scenario]
     recipe = sc.recipe if epochs is None else replace(sc.recipe, epochs=epochs)
     L.seed_everything(seed, verbose=False)
     dm = make_datamodule(sc, seed)
     model = ReweightClassifier(
-        MLP(64, dm.num_classes, hidden=recipe.hidden),
+        MLP(64, dm.num_classes, hidden=recipe.hidden, batch_norm=batch_norm),
         dm.num_classes,
         lr=recipe.lr,
         momentum=recipe.momentum,
@@ -88,10 +90,16 @@ def train(scenario: str, seed: int, epochs: int | None, callbacks: list) -> Rewe
     return model
 
 
-def curves(scenario: str, seed: int, epochs: int | None) -> list[dict[str, float]]:
+def curves(scenario: str, seed: int, epochs: int | None, batch_norm: bool = False) -> list[dict[str, float]]:
     monitor = SusceptibilityMonitor()
-    train(scenario, seed, epochs, [monitor])
+    train(scenario, seed, epochs, [monitor], batch_norm)
     return monitor.logged_history
+
+
+def below_fraction(clean: list[dict], noisy: list[dict]) -> float:
+    """Fraction of epochs at which zeta under clean labels is below zeta under 60% noise."""
+    pairs = [(c["memorization/zeta"], n["memorization/zeta"]) for c, n in zip(clean, noisy)]
+    return sum(c < n for c, n in pairs) / len(pairs)
 
 
 class TimedMonitor(SusceptibilityMonitor):
@@ -247,6 +255,8 @@ def main() -> None:
     with quiet():
         noisy = curves("digits-sym60", args.seed, args.epochs)
         clean = curves("digits-clean", args.seed, args.epochs)
+        noisy_bn = curves("digits-sym60", args.seed, args.epochs, batch_norm=True)
+        clean_bn = curves("digits-clean", args.seed, args.epochs, batch_norm=True)
         cost = timing(args.seed, args.timing_epochs, args.repeats)
         cost["paired"] = timing_paired(args.seed, args.paired_epochs, 2)
     zeta_n = [r["memorization/zeta"] for r in noisy]
@@ -274,6 +284,10 @@ def main() -> None:
             "spearman_ok": bool(rho >= 0.8),
             "clean_zeta_below_noisy_every_epoch": all(below),
             "clean_zeta_below_noisy_fraction": sum(below) / len(below),
+            "batchnorm_mlp_clean_zeta_below_noisy_fraction": below_fraction(clean_bn, noisy_bn),
+            "batchnorm_mlp_spearman_zeta_vs_noisy_train_acc": spearmanr(
+                [r["memorization/zeta"] for r in noisy_bn], [r["memorization/train_acc_noisy"] for r in noisy_bn]
+            ).statistic,
             "paired_epoch_ratio_default": cost["paired"]["default"]["ratio"],
             "paired_epoch_ratio_core": cost["paired"]["core"]["ratio"],
             "epoch_time_ratio_default": cost["epoch_time_ratio_default"],
@@ -287,6 +301,7 @@ def main() -> None:
         },
         "timing": cost,
         "curves": {"digits-sym60": noisy, "digits-clean": clean},
+        "curves_batchnorm_mlp": {"digits-sym60": noisy_bn, "digits-clean": clean_bn},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

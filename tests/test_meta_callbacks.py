@@ -80,6 +80,44 @@ def test_meta_interval_weights_with_current_meta_net_between_meta_steps():
     assert ((model.last_sample_weights > 0) & (model.last_sample_weights < 1)).all()
 
 
+class ManualClassifier(ReweightClassifier):
+    """The manual-optimization route: training_step steps the optimizer itself around ``self.reweight``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = self.reweight(self.per_sample_loss(batch), batch)
+        self.manual_backward(loss)
+        opt.step()
+        return loss.detach()
+
+
+@pytest.mark.parametrize("strategy", [L2RW, MetaWeightNet])
+def test_manual_optimization_equals_automatic(strategy):
+    """Same data, init and meta-net: a module that steps its optimizer by hand (automatic_optimization=False)
+    ends with the same parameters and meta-net as the usual automatic route (a second route to the same run)."""
+    runs = []
+    for manual in (False, True):
+        train, meta = loaders()
+        torch.manual_seed(0)
+        cls = ManualClassifier if manual else ReweightClassifier
+        model = cls(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05, momentum=0.9)
+        torch.manual_seed(3)
+        cb = MetaReweight(strategy(), meta_dataloader=meta, hypergrad="finite_diff", warmup_epochs=1)
+        trainer(3, [cb]).fit(model, train)
+        runs.append((model, cb))
+    (auto, auto_cb), (man, man_cb) = runs
+    assert man_cb.state_dict()["meta_steps"] == auto_cb.state_dict()["meta_steps"] == 2 * len(loaders()[0])
+    torch.testing.assert_close(flat(man), flat(auto), rtol=1e-6, atol=1e-7)
+    if strategy is MetaWeightNet:
+        torch.testing.assert_close(flat(man_cb.strategy), flat(auto_cb.strategy), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(flat(man), flat(module()))  # it trained
+
+
 def test_resume_continues_identically(tmp_path):
     train, meta = loaders()
     straight_model = module()
