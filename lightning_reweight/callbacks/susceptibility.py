@@ -161,7 +161,6 @@ class SusceptibilityMonitor(Callback):
         self._counting = False
         self._armed: tuple[int, Tensor, Tensor] | None = None
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._pending_numel = 0
         self._mask_key: Tensor | None = None
         self._train_counts: Tensor | None = None
 
@@ -242,7 +241,6 @@ class SusceptibilityMonitor(Callback):
         self._counting = False
         self._armed = None
         self._pending.clear()
-        self._pending_numel = 0
         self._train_counts = None
 
     def _train_dataset(self, trainer: Trainer) -> Any:
@@ -317,7 +315,6 @@ class SusceptibilityMonitor(Callback):
         if self._counting:
             self._train_counts = torch.zeros(4, dtype=torch.long, device=pl_module.device)
             self._pending.clear()
-            self._pending_numel = 0
         if not measure:
             return
         optimizer = trainer.optimizers[0]
@@ -406,7 +403,6 @@ class SusceptibilityMonitor(Callback):
         armed = self._armed
         if armed is not None and isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == armed[0]:
             self._pending.append((output.detach(), armed[1], armed[2]))  # argmax once per fold, not per step
-            self._pending_numel += output.numel()
             self._armed = None
 
     @override
@@ -430,11 +426,9 @@ class SusceptibilityMonitor(Callback):
         """Add the pending training predictions to this epoch's counts (device ops only, no host sync)."""
         if not self._pending or self._train_counts is None or self._mask_key is None:
             self._pending.clear()
-            self._pending_numel = 0
             return
         logits, targets, indices = (torch.cat(t) for t in zip(*self._pending))
         self._pending.clear()
-        self._pending_numel = 0
         preds = logits.argmax(dim=1)
         key = self._mask_key[indices.to(self._mask_key.device)] + (preds == targets.to(preds.device)).to(
             self._mask_key.device
@@ -472,7 +466,8 @@ class SusceptibilityMonitor(Callback):
     ) -> None:
         if self._counting:
             self._armed = None
-            if len(self._pending) >= _FOLD_EVERY or self._pending_numel >= _FOLD_NUMEL:
+            pending = self._pending
+            if len(pending) >= _FOLD_EVERY or sum(t[0].numel() for t in pending) >= _FOLD_NUMEL:
                 self._fold()
         if not self.log_weight_histograms or not getattr(pl_module, "weightings", None):
             return

@@ -65,7 +65,7 @@ def _tensors_of(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tu
     """Every parameter (the model's and the optimizer's, once each) and every buffer of ``model``.
 
     One walk over the module tree, remembering modules by identity: ``nn.Module.modules()`` hashes every module,
-    and some (torchmetrics metrics) hash their whole state, which made the walk the probe's largest fixed cost.
+    and some (torchmetrics metrics) hash their whole state; repeated walks were a visible share of the probe's cost.
     """
     params: dict[int, Tensor] = {}
     buffers: dict[int, Tensor] = {}
@@ -120,9 +120,8 @@ def preserved_training_state(
         True
     """
     param_list, buffer_list = _tensors_of(model, optimizer)
-    with torch.no_grad():
-        param_data = [p.detach().clone() for p in param_list]
-        buffer_data = [b.detach().clone() for b in buffer_list]
+    param_data = [p.detach().clone() for p in param_list]
+    buffer_data = [b.detach().clone() for b in buffer_list]
     grads = [p.grad for p in param_list]
     opt_state: dict[Any, dict[str, tuple[Any, Any]]] = {}
     groups: list[dict[str, Any]] = []
