@@ -150,6 +150,65 @@ def test_step_creates_no_optimizer_state_on_fresh_optimizer():
     _assert_same(before, _snapshot(net, opt))
 
 
+class _SubclassedSGD(torch.optim.SGD):
+    """Same maths as SGD, but a subclass: susceptibility_step takes its generic route (``optimizer.step()``)."""
+
+
+def _two_group_net_and_optimizers(**sgd_kwargs):
+    net = _net(dropout=0.2)
+    frozen = nn.Parameter(torch.randn(3), requires_grad=False)  # in the optimizer, never stepped
+    unused = nn.Parameter(torch.randn(3))  # in the optimizer, no gradient from the loss
+    head = list(net[-1].parameters())
+    body = [p for p in net.parameters() if all(p is not q for q in head)]
+
+    def groups():
+        return [{"params": body + [frozen, unused]}, {"params": head, "lr": 0.02}]
+
+    return net, torch.optim.SGD(groups(), lr=0.1, **sgd_kwargs), _SubclassedSGD(groups(), lr=0.1, **sgd_kwargs)
+
+
+@pytest.mark.parametrize(
+    "sgd_kwargs",
+    [
+        {},
+        {"momentum": 0.9, "weight_decay": 5e-4},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+        {"momentum": 0.8, "dampening": 0.3},
+        {"momentum": 0.9, "maximize": True},
+    ],
+    ids=["plain", "momentum-wd", "nesterov", "dampening", "maximize"],
+)
+@pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
+def test_sgd_route_equals_optimizer_step_route(sgd_kwargs, warm):
+    """For torch.optim.SGD the probe steps the parameters itself (the optimizer's own rule, without running
+    ``optimizer.step()``); a subclass goes through ``optimizer.step()``. Both give the same drop, leave the same
+    (unchanged) state, and the same training continues afterwards."""
+    net, sgd, generic = _two_group_net_and_optimizers(**sgd_kwargs)
+    if warm:
+        _warm_up(net, sgd)
+        generic.load_state_dict(sgd.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 6, generator=g), torch.randint(4, (24,), generator=g)
+    before = _snapshot(net, sgd)
+    torch.manual_seed(5)
+    fast = susceptibility_step(net, sgd, x, y)
+    _assert_same(before, _snapshot(net, sgd))
+    torch.manual_seed(5)
+    slow = susceptibility_step(net, generic, x, y)
+    _assert_same(before, _snapshot(net, sgd))
+    assert float(slow) != 0.0
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-7)
+
+
+def test_sgd_route_fires_no_optimizer_step_hooks():
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    calls = []
+    opt.register_step_post_hook(lambda *args: calls.append(1))
+    susceptibility_step(net, opt, torch.randn(8, 6), torch.randint(4, (8,)))
+    assert calls == []
+
+
 def test_step_rejects_mismatched_targets():
     net = _net(batch_norm=False)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)

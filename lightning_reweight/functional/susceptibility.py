@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_reweight.functional._sgd import is_plain_sgd, sgd_update_
+
 __all__ = ["preserved_rng", "preserved_training_state", "susceptibility_step"]
 
 
@@ -184,6 +186,12 @@ def susceptibility_step(
     Parameters, buffers, gradients, optimizer state and hyperparameters, and the random number generators are
     exactly as before when the function returns (see :func:`preserved_training_state`).
 
+    Two routes give the same drop. For ``torch.optim.SGD`` itself (the paper's optimizer) the step is SGD's own
+    update rule applied to the parameters directly, with the gradient from ``torch.autograd.grad``: nothing of
+    the optimizer is written, so only parameters, buffers and the random number generators are saved and put
+    back, and no optimizer step hooks fire. Any other optimizer (a subclass of SGD included) is stepped with
+    ``optimizer.step()`` under :func:`preserved_training_state`; its step pre/post hooks, if any, then run once.
+
     Args:
         model: the network; its parameters must be (among) the optimizer's.
         optimizer: the training optimizer, stepped once with its current settings.
@@ -214,6 +222,8 @@ def susceptibility_step(
         )
     loss_fn = loss_fn if loss_fn is not None else _cross_entropy
     fwd = forward if forward is not None else model
+    if is_plain_sgd(optimizer):
+        return _sgd_drop(model, optimizer, inputs, random_targets, loss_fn, fwd)
     with preserved_training_state(model, optimizer) as params, torch.enable_grad():
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -228,6 +238,46 @@ def susceptibility_step(
         with torch.no_grad():
             loss_after = loss_fn(fwd(inputs), random_targets)
         return (loss_before.detach().float() - loss_after.detach().float()).detach()
+
+
+def _sgd_drop(
+    model: nn.Module,
+    optimizer: torch.optim.SGD,
+    inputs: Tensor,
+    random_targets: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    fwd: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """The same drop for plain SGD, without running ``optimizer.step()``.
+
+    The gradient comes from ``torch.autograd.grad`` (``.grad`` is never written) and the step is
+    :func:`sgd_update_` (momentum buffers only read), so only the parameters, the buffers and the random number
+    generators need restoring.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    _, buffers = _tensors_of(model, None)
+    saved_params = [p.detach().clone() for p in params]
+    saved_buffers = [b.detach().clone() for b in buffers]
+    with preserved_rng():
+        try:
+            rng = torch.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+            with torch.enable_grad():
+                loss_before = loss_fn(fwd(inputs), random_targets)
+                grads = torch.autograd.grad(loss_before, params, allow_unused=True)
+            sgd_update_(optimizer, {p: g for p, g in zip(params, grads) if g is not None})
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            with torch.no_grad():
+                loss_after = loss_fn(fwd(inputs), random_targets)
+        finally:
+            with torch.no_grad():
+                if params:
+                    torch._foreach_copy_(params, saved_params)
+                if buffers:
+                    torch._foreach_copy_(buffers, saved_buffers)
+    return (loss_before.detach().float() - loss_after.detach().float()).detach()
 
 
 def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -1,0 +1,67 @@
+"""``torch.optim.SGD``'s update rule applied to the parameters without touching the optimizer.
+
+The susceptibility probe takes one step of the training optimizer and undoes it. For plain SGD (the paper's
+optimizer and the library's default) the step is written out here: the parameters move in place exactly as
+``SGD.step()`` would move them, while the momentum buffers are only read (the updated buffer is a new tensor), so
+the optimizer's state never needs a snapshot and the caller only restores the parameters.
+
+The arithmetic is the optimizer's own, op for op (PyTorch's single-tensor SGD):
+
+    d = -g if maximize else g
+    d = d + weight_decay * p                                  (weight_decay != 0)
+    b = d  (first step)  or  momentum * b + (1 - dampening) * d   (momentum != 0)
+    d = d + momentum * b  (nesterov)  or  b
+    p = p - lr * d
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["is_plain_sgd", "sgd_update_"]
+
+
+def is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """True for an optimizer whose ``step()`` is exactly :func:`sgd_update_`.
+
+    That is ``torch.optim.SGD`` itself (not a subclass, which may override ``step``), with float learning rates
+    and neither the fused nor the differentiable kernel.
+    """
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    return all(
+        not group.get("fused") and not group.get("differentiable") and not isinstance(group["lr"], Tensor)
+        for group in optimizer.param_groups
+    )
+
+
+@torch.no_grad()
+def sgd_update_(optimizer: torch.optim.SGD, grads: dict[Tensor, Tensor]) -> None:
+    """Move every parameter of ``optimizer`` with a gradient in ``grads`` by one SGD step, in place.
+
+    Parameters without a gradient are left alone (as ``SGD.step()`` skips ``grad is None``). The momentum buffers
+    in ``optimizer.state`` are read, never written.
+
+    Args:
+        optimizer: a plain ``torch.optim.SGD`` (see :func:`is_plain_sgd`).
+        grads: gradient of each parameter to step, keyed by the parameter.
+    """
+    for group in optimizer.param_groups:
+        lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
+        weight_decay, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
+        params = [p for p in group["params"] if p in grads]
+        if not params:
+            continue
+        d = [grads[p] for p in params]
+        if maximize:
+            d = torch._foreach_neg(d)
+        if weight_decay != 0:
+            d = torch._foreach_add(d, params, alpha=weight_decay)
+        if momentum != 0:
+            bufs = []
+            for p, dp in zip(params, d):
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                bufs.append(dp if buf is None else buf.mul(momentum).add_(dp, alpha=1 - dampening))
+            d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
+        torch._foreach_add_(params, d, alpha=-lr)
