@@ -197,6 +197,85 @@ def timing_paired(seed: int, epochs: int, repeats: int) -> dict:
     return out
 
 
+def probe_breakdown(rounds: int = 7, n: int = 200) -> dict:
+    """The probe's parts timed in a hot loop outside the Trainer (digits MLP, batch 128, SGD as in the recipe).
+
+    Median over ``rounds`` of the mean of ``n`` calls, in ms. ``compute_floor`` = forward+backward + no-grad
+    forward: the arithmetic the definition requires (2 forwards + 1 backward), whatever the implementation.
+    """
+    import copy
+
+    from lightning_reweight.functional import susceptibility_step
+    from lightning_reweight.functional._sgd import sgd_update_
+    from lightning_reweight.functional.susceptibility import preserved_rng
+
+    recipe = SCENARIOS["digits-sym60"].recipe
+    torch.manual_seed(0)
+    net = MLP(64, 10, hidden=recipe.hidden)
+    opt = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    x, y = torch.randn(128, 1, 8, 8), torch.randint(10, (128,))
+    xt, yt = torch.randn(recipe.batch_size, 1, 8, 8), torch.randint(10, (recipe.batch_size,))
+    ce = torch.nn.functional.cross_entropy
+    params = list(net.parameters())
+
+    def train_step() -> None:
+        opt.zero_grad()
+        ce(net(xt), yt).backward()
+        opt.step()
+
+    for _ in range(3):
+        train_step()
+    scratch_net = copy.deepcopy(net)
+    scratch_opt = torch.optim.SGD(scratch_net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                  weight_decay=recipe.weight_decay)
+    scratch_opt.load_state_dict(opt.state_dict())
+    grads = {p: torch.randn_like(p) for p in scratch_net.parameters()}
+
+    def fwd_bwd() -> None:
+        torch.autograd.grad(ce(net(x), y), params)
+
+    def fwd_no_grad() -> None:
+        with torch.no_grad():
+            ce(net(x), y)
+
+    def rng() -> None:
+        with preserved_rng():
+            pass
+
+    def save_restore() -> None:
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+
+    parts = {
+        "train_step_batch100_raw_torch": train_step,
+        "forward_backward_batch128": fwd_bwd,
+        "forward_no_grad_batch128": fwd_no_grad,
+        "sgd_update": lambda: sgd_update_(scratch_opt, grads),
+        "rng_save_restore": rng,
+        "parameter_save_restore": save_restore,
+        "susceptibility_step": lambda: susceptibility_step(net, opt, x, y),
+    }
+    out = {}
+    for name, fn in parts.items():
+        if name == "train_step_batch100_raw_torch":
+            snapshot = copy.deepcopy((net.state_dict(), opt.state_dict()))
+        times = []
+        for _ in range(rounds):
+            for _ in range(10):
+                fn()
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - start) / n * 1000)
+        if name == "train_step_batch100_raw_torch":
+            net.load_state_dict(snapshot[0])
+            opt.load_state_dict(snapshot[1])
+        out[name] = statistics.median(times)
+    out["compute_floor"] = out["forward_backward_batch128"] + out["forward_no_grad_batch128"]
+    return out
+
+
 def plot(noisy: list[dict], clean: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -259,6 +338,9 @@ def main() -> None:
         clean_bn = curves("digits-clean", args.seed, args.epochs, batch_norm=True)
         cost = timing(args.seed, args.timing_epochs, args.repeats)
         cost["paired"] = timing_paired(args.seed, args.paired_epochs, 2)
+        cost["probe_breakdown_hot_ms"] = probe_breakdown()
+    plain_ms = cost["median_epoch_ms"]["plain"]
+    breakdown = cost["probe_breakdown_hot_ms"]
     zeta_n = [r["memorization/zeta"] for r in noisy]
     zeta_c = [r["memorization/zeta"] for r in clean]
     acc_noisy = [r["memorization/train_acc_noisy"] for r in noisy]
@@ -296,6 +378,8 @@ def main() -> None:
             "monitor_hook_share_of_epoch_core": cost["hook_share_of_plain_epoch_core"],
             "monitor_hook_share_of_epoch_eval_pass": cost["hook_share_of_plain_epoch_eval_pass"],
             "train_forward_bookkeeping_share_of_epoch": cost["train_forward_bookkeeping_share_of_plain_epoch"],
+            "probe_compute_floor_share_of_epoch": breakdown["compute_floor"] / plain_ms,
+            "probe_hot_share_of_epoch": breakdown["susceptibility_step"] / plain_ms,
             "overhead_ok_default": bool(cost["paired"]["default"]["ratio"] <= 1.05),
             "overhead_ok_core": bool(cost["paired"]["core"]["ratio"] <= 1.05),
         },
