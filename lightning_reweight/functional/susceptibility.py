@@ -93,6 +93,18 @@ def _tensors_of(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tu
 
 
 @contextlib.contextmanager
+def _restored_values(tensors: list[Tensor]) -> Iterator[None]:
+    """Copy the values of ``tensors`` back in place on exit (the tensor objects stay the same)."""
+    saved = [t.detach().clone() for t in tensors]
+    try:
+        yield
+    finally:
+        if tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(tensors, saved)
+
+
+@contextlib.contextmanager
 def preserved_training_state(
     model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> Iterator[list[Tensor]]:
@@ -122,8 +134,6 @@ def preserved_training_state(
         True
     """
     param_list, buffer_list = _tensors_of(model, optimizer)
-    param_data = [p.detach().clone() for p in param_list]
-    buffer_data = [b.detach().clone() for b in buffer_list]
     grads = [p.grad for p in param_list]
     opt_state: dict[Any, dict[str, tuple[Any, Any]]] = {}
     groups: list[dict[str, Any]] = []
@@ -133,15 +143,10 @@ def preserved_training_state(
             opt_state[p] = {k: (v, _snapshot_value(v)) for k, v in state.items()}
         groups = [{k: _snapshot_value(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         opt_called = optimizer.__dict__.get("_opt_called")
-    with preserved_rng():
+    with preserved_rng(), _restored_values(param_list + buffer_list):
         try:
             yield param_list
         finally:
-            with torch.no_grad():
-                if param_list:
-                    torch._foreach_copy_(param_list, param_data)
-                if buffer_list:
-                    torch._foreach_copy_(buffer_list, buffer_data)
             for p, g in zip(param_list, grads):
                 p.grad = g
             if optimizer is not None:
@@ -223,61 +228,54 @@ def susceptibility_step(
     loss_fn = loss_fn if loss_fn is not None else _cross_entropy
     fwd = forward if forward is not None else model
     if is_plain_sgd(optimizer):
-        return _sgd_drop(model, optimizer, inputs, random_targets, loss_fn, fwd)
-    with preserved_training_state(model, optimizer) as params, torch.enable_grad():
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        for p in params:
-            p.grad = None
-        loss_before = loss_fn(fwd(inputs), random_targets)
-        loss_before.backward()
-        optimizer.step()
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        with torch.no_grad():
-            loss_after = loss_fn(fwd(inputs), random_targets)
-        return (loss_before.detach().float() - loss_after.detach().float()).detach()
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        _, buffers = _tensors_of(model, None)
+        with preserved_rng(), _restored_values(params + buffers):
+            return _drop(fwd, loss_fn, inputs, random_targets, lambda loss: _sgd_step(optimizer, params, loss))
+    with preserved_training_state(model, optimizer) as params:
+        return _drop(fwd, loss_fn, inputs, random_targets, lambda loss: _optimizer_step(optimizer, params, loss))
 
 
-def _sgd_drop(
-    model: nn.Module,
-    optimizer: torch.optim.SGD,
-    inputs: Tensor,
-    random_targets: Tensor,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+def _drop(
     fwd: Callable[[Tensor], Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    step: Callable[[Tensor], None],
 ) -> Tensor:
-    """The same drop for plain SGD, without running ``optimizer.step()``.
-
-    The gradient comes from ``torch.autograd.grad`` (``.grad`` is never written) and the step is
-    :func:`sgd_update_` (momentum buffers only read), so only the parameters, the buffers and the random number
-    generators need restoring.
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    _, buffers = _tensors_of(model, None)
-    saved_params = [p.detach().clone() for p in params]
-    saved_buffers = [b.detach().clone() for b in buffers]
-    with preserved_rng():
-        try:
-            rng = torch.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-            with torch.enable_grad():
-                loss_before = loss_fn(fwd(inputs), random_targets)
-                grads = torch.autograd.grad(loss_before, params, allow_unused=True)
-            sgd_update_(optimizer, {p: g for p, g in zip(params, grads) if g is not None})
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
-            with torch.no_grad():
-                loss_after = loss_fn(fwd(inputs), random_targets)
-        finally:
-            with torch.no_grad():
-                if params:
-                    torch._foreach_copy_(params, saved_params)
-                if buffers:
-                    torch._foreach_copy_(buffers, saved_buffers)
+    """``loss_fn`` before ``step(loss)`` minus after it; both forwards see the same random state (dropout masks)."""
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    with torch.enable_grad():
+        loss_before = loss_fn(fwd(inputs), targets)
+        step(loss_before)
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    with torch.no_grad():
+        loss_after = loss_fn(fwd(inputs), targets)
     return (loss_before.detach().float() - loss_after.detach().float()).detach()
+
+
+def _sgd_step(optimizer: torch.optim.SGD, params: list[Tensor], loss: Tensor) -> None:
+    """Plain SGD's step without the optimizer; the caller restores parameters, buffers and RNGs.
+
+    The gradient comes from ``torch.autograd.grad`` (``.grad`` is never written) and SGD's rule is applied in place
+    (:func:`sgd_update_`; momentum buffers only read).
+    """
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    sgd_update_(optimizer, {p: g for p, g in zip(params, grads) if g is not None})
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[Tensor], loss: Tensor) -> None:
+    """Any optimizer's step; the caller holds :func:`preserved_training_state`.
+
+    The gradient of ``loss`` alone goes into ``.grad``, then ``optimizer.step()`` runs.
+    """
+    for p in params:
+        p.grad = None
+    loss.backward()
+    optimizer.step()
 
 
 def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
