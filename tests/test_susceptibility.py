@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_reweight.callbacks import MetaReweight, SusceptibilityMonitor
 from lightning_reweight.classifier import ReweightClassifier
 from lightning_reweight.data import DigitsDataModule
-from lightning_reweight.functional import susceptibility_step
+from lightning_reweight.functional import susceptibility_losses, susceptibility_step
 from lightning_reweight.meta import L2RW
 from lightning_reweight.metrics import select_models, susceptibility_from_checkpoint
 from lightning_reweight.models import MLP
@@ -44,6 +44,12 @@ def _warm_up(net, opt, steps=3):
 
 def _reference_sgd_drop(net, opt, x, y):
     """Independent route: SGD with momentum, dampening 0, coupled weight decay, written out by hand."""
+    before, after = _reference_sgd_losses(net, opt, x, y)
+    return before - after
+
+
+def _reference_sgd_losses(net, opt, x, y):
+    """The random-label loss before and after the hand-written SGD step (see ``_reference_sgd_drop``)."""
     group = opt.param_groups[0]
     lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
     ref = copy.deepcopy(net)
@@ -57,7 +63,7 @@ def _reference_sgd_drop(net, opt, x, y):
             buf = d.clone() if buf is None else mom * buf + d
             p_ref.sub_(lr * buf)
         loss_after = nn.functional.cross_entropy(ref(x), y)
-    return float(loss_before - loss_after)
+    return float(loss_before.detach()), float(loss_after)
 
 
 def _snapshot(net, opt):
@@ -103,6 +109,19 @@ def test_step_matches_hand_written_sgd_momentum(warm):
     assert drop.dtype == torch.float32 and drop.dim() == 0
     assert float(drop) == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert expected != 0.0
+
+
+def test_losses_match_hand_written_sgd_and_give_the_drop():
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    _warm_up(net, opt)
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(4, (32,), generator=g)
+    expected_before, expected_after = _reference_sgd_losses(net, opt, x, y)
+    before, after = susceptibility_losses(net, opt, x, y)
+    assert float(before) == pytest.approx(expected_before, rel=1e-5)
+    assert float(after) == pytest.approx(expected_after, rel=1e-5)
+    assert float(susceptibility_step(net, opt, x, y)) == float(before - after)
 
 
 def test_step_leaves_every_piece_of_state_unchanged():
@@ -362,6 +381,23 @@ def test_building_the_random_label_set_leaves_training_bit_identical(tmp_path):
     for other in (from_train, from_loader):
         for (name, a), (_, b) in zip(plain.state_dict().items(), other.state_dict().items()):
             assert torch.equal(a, b), name
+
+
+def test_logged_random_label_loss_is_the_loss_before_the_step(tmp_path):
+    dm = _NoisyDM()
+    monitor = SusceptibilityMonitor(batch_size=32)
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(6, 4, hidden=(32,), batch_norm=True), num_classes=4, lr=0.1)
+    initial = copy.deepcopy(model).train()  # no dropout: the probe's first forward is deterministic
+    trainer = _trainer(tmp_path, [monitor], epochs=1)
+    trainer.fit(model, datamodule=dm)
+    x0, y0 = monitor.probe_batch(trainer, 0)
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(initial(x0), y0))
+    row = monitor.logged_history[0]
+    assert row["memorization/random_label_loss"] == pytest.approx(expected, rel=1e-5)
+    assert 0.0 < row["memorization/drop"] < row["memorization/random_label_loss"]
+    assert float(trainer.callback_metrics["memorization/random_label_loss"]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_logged_zeta_is_running_mean_and_subset_accuracy_is_exact(tmp_path):

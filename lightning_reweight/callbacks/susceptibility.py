@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from lightning_reweight.contract import split_batch
-from lightning_reweight.functional.susceptibility import preserved_rng, susceptibility_step
+from lightning_reweight.functional.susceptibility import preserved_rng, susceptibility_losses
 from lightning_reweight.loggers import define_epoch_axis, log_histograms
 
 __all__ = ["SusceptibilityMonitor"]
@@ -62,7 +62,9 @@ class SusceptibilityMonitor(Callback):
     monitor ``memorization/zeta``; under DDP the drop is averaged over ranks so all ranks hold the same ``zeta``,
     and rank zero writes):
 
-    - ``memorization/drop``: this epoch's drop; ``memorization/zeta``: the running mean of the drops.
+    - ``memorization/drop``: this epoch's drop; ``memorization/zeta``: the running mean of the drops;
+      ``memorization/random_label_loss``: the loss on the random-label batch before the step (a confident network
+      has a high one, and a large drop then partly reflects undoing that confidence rather than memorising).
     - When the datamodule has a ``noise_mask`` (True = noisy, indexed by the dataset index the train batches
       carry as third element): ``memorization/train_acc_noisy`` and ``memorization/train_acc_clean``, the
       accuracy on the given (noisy) labels of the noisy and the clean training samples (``subset_accuracy``):
@@ -335,11 +337,16 @@ class SusceptibilityMonitor(Callback):
                     rank_zero_warn(f"SusceptibilityMonitor: noisy/clean subset accuracy disabled ({err})")
                     self.subset_accuracy = "off"
         inputs, targets = self.probe_batch(trainer, epoch)  # own generator: the global RNGs are not drawn from
-        drop = susceptibility_step(pl_module, optimizer, inputs.to(device), targets.to(device), forward=forward)
-        drop = trainer.strategy.reduce(drop, reduce_op="mean")
+        losses = susceptibility_losses(pl_module, optimizer, inputs.to(device), targets.to(device), forward=forward)
+        losses = trainer.strategy.reduce(torch.stack(losses), reduce_op="mean")
+        drop, before = float(losses[0] - losses[1]), float(losses[0])  # the drop in fp32, as susceptibility_step
         self._epochs.append(epoch)
-        self._drops.append(float(drop))
-        log = {f"{self.prefix}/drop": float(drop), f"{self.prefix}/zeta": float(self.zeta or 0.0)}
+        self._drops.append(drop)
+        log = {
+            f"{self.prefix}/drop": drop,
+            f"{self.prefix}/zeta": float(self.zeta or 0.0),
+            f"{self.prefix}/random_label_loss": before,
+        }
         if counts is not None:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
             noisy_ok, noisy_n, clean_ok, clean_n = (float(c) for c in counts)

@@ -9,7 +9,7 @@ from lightning_reweight.functional.longtail import (
     ldam_margins,
     logit_adjustment_offsets,
 )
-from lightning_reweight.functional.susceptibility import susceptibility_step
+from lightning_reweight.functional.susceptibility import susceptibility_losses, susceptibility_step
 
 __all__: list[str] = [
     "check_class_counts",
@@ -21,5 +21,6 @@ __all__: list[str] = [
     "ldam_margins",
     "log_mean_exp",
     "logit_adjustment_offsets",
+    "susceptibility_losses",
     "susceptibility_step",
 ]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_reweight.functional._sgd import is_plain_sgd, sgd_update_
 
-__all__ = ["preserved_rng", "preserved_training_state", "susceptibility_step"]
+__all__ = ["preserved_rng", "preserved_training_state", "susceptibility_losses", "susceptibility_step"]
 
 
 @contextlib.contextmanager
@@ -221,6 +221,39 @@ def susceptibility_step(
         >>> bool(drop > 0), bool(torch.equal(net.weight, w)), len(opt.state)
         (True, True, 0)
     """
+    before, after = susceptibility_losses(model, optimizer, inputs, random_targets, loss_fn=loss_fn, forward=forward)
+    return before - after
+
+
+def susceptibility_losses(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: Tensor,
+    random_targets: Tensor,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    forward: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The random-label loss before and after the probe step: :func:`susceptibility_step` is their difference.
+
+    The loss before the step says how confidently the network contradicts arbitrary labels; a large drop on a
+    network that is merely confident (high loss before) is not the same as one on a network that fits them fast.
+    Same arguments, routes and guarantees as :func:`susceptibility_step`.
+
+    Returns:
+        ``(loss_before, loss_after)``, detached fp32 scalar tensors.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Linear(4, 3)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 4), torch.randint(3, (8,))
+        >>> before, after = susceptibility_losses(net, opt, x, y)
+        >>> bool(torch.isclose(before, nn.functional.cross_entropy(net(x), y)))
+        True
+    """
     if random_targets.dim() != 1 or random_targets.shape[0] != inputs.shape[0]:
         raise ValueError(
             f"random_targets must have shape ({inputs.shape[0]},) to match inputs, got {tuple(random_targets.shape)}"
@@ -231,19 +264,19 @@ def susceptibility_step(
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         _, buffers = _tensors_of(model, None)
         with preserved_rng(), _restored_values(params + buffers):
-            return _drop(fwd, loss_fn, inputs, random_targets, lambda loss: _sgd_step(optimizer, params, loss))
+            return _losses(fwd, loss_fn, inputs, random_targets, lambda loss: _sgd_step(optimizer, params, loss))
     with preserved_training_state(model, optimizer) as params:
-        return _drop(fwd, loss_fn, inputs, random_targets, lambda loss: _optimizer_step(optimizer, params, loss))
+        return _losses(fwd, loss_fn, inputs, random_targets, lambda loss: _optimizer_step(optimizer, params, loss))
 
 
-def _drop(
+def _losses(
     fwd: Callable[[Tensor], Tensor],
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     inputs: Tensor,
     targets: Tensor,
     step: Callable[[Tensor], None],
-) -> Tensor:
-    """``loss_fn`` before ``step(loss)`` minus after it; both forwards see the same random state (dropout masks)."""
+) -> tuple[Tensor, Tensor]:
+    """``loss_fn`` before and after ``step(loss)``; both forwards see the same random state (dropout masks)."""
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     with torch.enable_grad():
@@ -254,7 +287,7 @@ def _drop(
         torch.cuda.set_rng_state_all(cuda_rng)
     with torch.no_grad():
         loss_after = loss_fn(fwd(inputs), targets)
-    return (loss_before.detach().float() - loss_after.detach().float()).detach()
+    return loss_before.detach().float(), loss_after.detach().float()
 
 
 def _sgd_step(optimizer: torch.optim.SGD, params: list[Tensor], loss: Tensor) -> None:
