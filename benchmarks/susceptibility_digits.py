@@ -207,7 +207,7 @@ def probe_breakdown(rounds: int = 7, n: int = 200) -> dict:
 
     from lightning_reweight.functional import susceptibility_step
     from lightning_reweight.functional._sgd import sgd_update_
-    from lightning_reweight.functional.susceptibility import preserved_rng
+    from lightning_reweight.functional.susceptibility import _restored_values, preserved_rng
 
     recipe = SCENARIOS["digits-sym60"].recipe
     torch.manual_seed(0)
@@ -218,17 +218,15 @@ def probe_breakdown(rounds: int = 7, n: int = 200) -> dict:
     ce = torch.nn.functional.cross_entropy
     params = list(net.parameters())
 
-    def train_step() -> None:
+    def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         opt.zero_grad()
         ce(net(xt), yt).backward()
         opt.step()
 
     for _ in range(3):
-        train_step()
-    scratch_net = copy.deepcopy(net)
-    scratch_opt = torch.optim.SGD(scratch_net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                  weight_decay=recipe.weight_decay)
-    scratch_opt.load_state_dict(opt.state_dict())
+        train_step(net, opt)  # momentum buffers, as mid-training
+    # the parts that move parameters (a training step, the SGD update) run on a copy; the probe's parts on `net`
+    scratch_net, scratch_opt = copy.deepcopy((net, opt))
     grads = {p: torch.randn_like(p) for p in scratch_net.parameters()}
 
     def fwd_bwd() -> None:
@@ -243,12 +241,11 @@ def probe_breakdown(rounds: int = 7, n: int = 200) -> dict:
             pass
 
     def save_restore() -> None:
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            torch._foreach_copy_(params, saved)
+        with _restored_values(params):
+            pass
 
     parts = {
-        "train_step_batch100_raw_torch": train_step,
+        "train_step_batch100_raw_torch": lambda: train_step(scratch_net, scratch_opt),
         "forward_backward_batch128": fwd_bwd,
         "forward_no_grad_batch128": fwd_no_grad,
         "sgd_update": lambda: sgd_update_(scratch_opt, grads),
@@ -258,8 +255,6 @@ def probe_breakdown(rounds: int = 7, n: int = 200) -> dict:
     }
     out = {}
     for name, fn in parts.items():
-        if name == "train_step_batch100_raw_torch":
-            snapshot = copy.deepcopy((net.state_dict(), opt.state_dict()))
         times = []
         for _ in range(rounds):
             for _ in range(10):
@@ -268,9 +263,6 @@ def probe_breakdown(rounds: int = 7, n: int = 200) -> dict:
             for _ in range(n):
                 fn()
             times.append((time.perf_counter() - start) / n * 1000)
-        if name == "train_step_batch100_raw_torch":
-            net.load_state_dict(snapshot[0])
-            opt.load_state_dict(snapshot[1])
         out[name] = statistics.median(times)
     out["compute_floor"] = out["forward_backward_batch128"] + out["forward_no_grad_batch128"]
     return out
