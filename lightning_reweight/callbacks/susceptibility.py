@@ -32,6 +32,17 @@ def _inputs_of(sample: Any) -> Tensor:
     return sample if isinstance(sample, Tensor) else torch.as_tensor(sample)
 
 
+def _callback_metrics(trainer: Trainer) -> dict[str, Tensor]:
+    """The dict behind ``trainer.callback_metrics``, without the property's refresh from the logged results.
+
+    The public property folds every ``self.log``-ged value into the dict on each access (a visible share of the
+    monitor's per-epoch cost on a small model); the values written here are not among those, so the stored dict is
+    updated directly. Falls back to the property if Lightning stores it elsewhere.
+    """
+    stored = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
+    return stored if isinstance(stored, dict) else trainer.callback_metrics
+
+
 @contextlib.contextmanager
 def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in module.modules()]
@@ -163,6 +174,7 @@ class SusceptibilityMonitor(Callback):
         self._counting = False
         self._armed: tuple[int, Tensor, Tensor] | None = None
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._pending_numel = 0
         self._mask_key: Tensor | None = None
         self._train_counts: Tensor | None = None
 
@@ -243,6 +255,7 @@ class SusceptibilityMonitor(Callback):
         self._counting = False
         self._armed = None
         self._pending.clear()
+        self._pending_numel = 0
         self._train_counts = None
 
     def _train_dataset(self, trainer: Trainer) -> Any:
@@ -300,7 +313,7 @@ class SusceptibilityMonitor(Callback):
         assert self._pool is not None and self._labels is not None
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
         idx = torch.randperm(self._pool.shape[0], generator=g)[: self.batch_size]
-        return self._pool[idx], self._labels[idx]
+        return self._pool.index_select(0, idx), self._labels.index_select(0, idx)
 
     def _noise_mask(self, trainer: Trainer) -> Tensor | None:
         dm = trainer.datamodule
@@ -317,6 +330,7 @@ class SusceptibilityMonitor(Callback):
         if self._counting:
             self._train_counts = torch.zeros(4, dtype=torch.long, device=pl_module.device)
             self._pending.clear()
+            self._pending_numel = 0
         if not measure:
             return
         optimizer = trainer.optimizers[0]
@@ -368,7 +382,7 @@ class SusceptibilityMonitor(Callback):
         if not self._logged or self._logged[-1]["epoch"] != epoch:
             self._logged.append({"epoch": epoch})
         self._logged[-1].update(values)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        _callback_metrics(trainer).update({k: torch.tensor(v) for k, v in values.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({**values, "epoch": epoch}, step=trainer.global_step)
@@ -410,6 +424,7 @@ class SusceptibilityMonitor(Callback):
         armed = self._armed
         if armed is not None and isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == armed[0]:
             self._pending.append((output.detach(), armed[1], armed[2]))  # argmax once per fold, not per step
+            self._pending_numel += output.numel()
             self._armed = None
 
     @override
@@ -431,11 +446,10 @@ class SusceptibilityMonitor(Callback):
 
     def _fold(self) -> None:
         """Add the pending training predictions to this epoch's counts (device ops only, no host sync)."""
-        if not self._pending or self._train_counts is None or self._mask_key is None:
-            self._pending.clear()
+        pending, self._pending, self._pending_numel = self._pending, [], 0
+        if not pending or self._train_counts is None or self._mask_key is None:
             return
-        logits, targets, indices = (torch.cat(t) for t in zip(*self._pending))
-        self._pending.clear()
+        logits, targets, indices = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*pending))
         preds = logits.argmax(dim=1)
         key = self._mask_key[indices.to(self._mask_key.device)] + (preds == targets.to(preds.device)).to(
             self._mask_key.device
@@ -473,8 +487,7 @@ class SusceptibilityMonitor(Callback):
     ) -> None:
         if self._counting:
             self._armed = None
-            pending = self._pending
-            if len(pending) >= _FOLD_EVERY or sum(t[0].numel() for t in pending) >= _FOLD_NUMEL:
+            if len(self._pending) >= _FOLD_EVERY or self._pending_numel >= _FOLD_NUMEL:
                 self._fold()
         if not self.log_weight_histograms or not getattr(pl_module, "weightings", None):
             return

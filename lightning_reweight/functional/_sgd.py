@@ -59,9 +59,14 @@ def sgd_update_(optimizer: torch.optim.SGD, grads: dict[Tensor, Tensor]) -> None
         if weight_decay != 0:
             d = torch._foreach_add(d, params, alpha=weight_decay)
         if momentum != 0:
-            bufs = []
-            for p, dp in zip(params, d):
-                buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                bufs.append(dp if buf is None else buf.mul(momentum).add_(dp, alpha=1 - dampening))
+            state = optimizer.state
+            bufs = [state[p].get("momentum_buffer") if p in state else None for p in params]
+            have = [i for i, buf in enumerate(bufs) if buf is not None]
+            if have:  # momentum * buf + (1 - dampening) * d, as new tensors: the stored buffers stay as they are
+                moved = torch._foreach_mul([bufs[i] for i in have], momentum)
+                torch._foreach_add_(moved, [d[i] for i in have], alpha=1 - dampening)
+                for i, buf in zip(have, moved):
+                    bufs[i] = buf
+            bufs = [dp if buf is None else buf for dp, buf in zip(d, bufs)]
             d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
         torch._foreach_add_(params, d, alpha=-lr)
