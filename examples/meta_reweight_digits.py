@@ -44,8 +44,10 @@ def main() -> None:
                         limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
     (test,) = trainer.test(model, datamodule=dm, verbose=False)
+    auroc = meta.benchmark_metrics().get("weight_auroc")
+    auroc_text = f"{auroc:.3f}" if auroc is not None else f"n/a (no meta step: the {warmup}-epoch warm-up)"
     print(f"{args.method} ({args.hypergrad}), {args.noise:.0%} noise: test accuracy {100 * test['test/acc']:.2f}%, "
-          f"weight AUROC (last epoch) {meta.benchmark_metrics()['weight_auroc']:.3f}")
+          f"weight AUROC (last epoch) {auroc_text}")
 
 
 if __name__ == "__main__":
