@@ -15,6 +15,8 @@ all 60 epochs, no warm-up):
 
 - the weight AUROC against the noise mask (the benchmark's figure; tied zero weights count one half);
 - the AUROC of the raw alignments (no clipping, no ties): how much of the gap the clipping's ties explain;
+- the AUROC of the sign alone (weight > 0 or not) and the AUROC among the positively weighted samples only (below
+  0.5 when the noisy samples that get a weight get larger ones than the clean samples that do);
 - the share of clean samples with zero weight and of noisy samples with positive weight, per group.
 
 Writes ``benchmarks/results/l2rw_weight_auroc.json`` and ``docs/_static/l2rw_weight_auroc.png`` (about 2.5
@@ -117,10 +119,16 @@ class Recorder(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         clean = ~torch.cat(self.masks)
+        weights, alignments = torch.cat(self.weights), torch.cat(self.alignments)
         total = sum(n for n, _ in self.groups.values())
+        positive = weights > 0
         row = {
-            "weight_auroc": float(rank_auroc(torch.cat(self.weights), clean)),
-            "alignment_auroc": float(rank_auroc(torch.cat(self.alignments), clean)),
+            "weight_auroc": float(rank_auroc(weights, clean)),
+            "alignment_auroc": float(rank_auroc(alignments, clean)),
+            # the sign alone (weight > 0 or not), and the ranking among the positively weighted samples only
+            "sign_auroc": float(rank_auroc(positive.float(), clean)),
+            "auroc_among_positive_weights": float(rank_auroc(weights[positive], clean[positive])),
+            "alignment_auroc_among_positive_weights": float(rank_auroc(alignments[positive], clean[positive])),
             "train_acc_clean": self.fit[0] / max(self.fit[1], 1),
             "train_acc_noisy": self.fit[2] / max(self.fit[3], 1),
         }
@@ -236,7 +244,9 @@ def main() -> None:
     for name, s in summary.items():
         print(
             f"{name}: acc {s['test_acc']:.1f}, weight AUROC {s['mean over epochs and seeds | weight_auroc']:.3f}, "
-            f"alignment AUROC {s['mean over epochs and seeds | alignment_auroc']:.3f}"
+            f"alignment AUROC {s['mean over epochs and seeds | alignment_auroc']:.3f}, sign AUROC "
+            f"{s['mean over epochs and seeds | sign_auroc']:.3f}, AUROC among positive weights "
+            f"{s['mean over epochs and seeds | auroc_among_positive_weights']:.3f}"
         )
         for g in GROUPS:
             print(
