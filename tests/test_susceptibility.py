@@ -49,11 +49,15 @@ def _reference_sgd_drop(net, opt, x, y):
 
 
 def _reference_sgd_losses(net, opt, x, y):
-    """The random-label loss before and after the hand-written SGD step (see ``_reference_sgd_drop``)."""
+    """The random-label loss before and after the hand-written SGD step (see ``_reference_sgd_drop``).
+
+    Both forwards start from the RNG state at the call (the same dropout masks); the RNG is left after the second.
+    """
     group = opt.param_groups[0]
     lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
     ref = copy.deepcopy(net)
     params = list(ref.parameters())
+    rng = torch.get_rng_state()
     loss_before = nn.functional.cross_entropy(ref(x), y)
     grads = torch.autograd.grad(loss_before, params)
     with torch.no_grad():
@@ -62,6 +66,7 @@ def _reference_sgd_losses(net, opt, x, y):
             buf = opt.state[p_orig].get("momentum_buffer")
             buf = d.clone() if buf is None else mom * buf + d
             p_ref.sub_(lr * buf)
+        torch.set_rng_state(rng)
         loss_after = nn.functional.cross_entropy(ref(x), y)
     return float(loss_before.detach()), float(loss_after)
 
@@ -111,13 +116,17 @@ def test_step_matches_hand_written_sgd_momentum(warm):
     assert expected != 0.0
 
 
-def test_losses_match_hand_written_sgd_and_give_the_drop():
-    net = _net()
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_losses_match_hand_written_sgd_and_give_the_drop(dropout):
+    """With dropout, both forwards of the probe draw the masks the reference draws from the same RNG state."""
+    net = _net(dropout=dropout)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     _warm_up(net, opt)
     g = torch.Generator().manual_seed(11)
     x, y = torch.randn(32, 6, generator=g), torch.randint(4, (32,), generator=g)
+    rng = torch.get_rng_state()
     expected_before, expected_after = _reference_sgd_losses(net, opt, x, y)
+    torch.set_rng_state(rng)
     before, after = susceptibility_losses(net, opt, x, y)
     assert float(before) == pytest.approx(expected_before, rel=1e-5)
     assert float(after) == pytest.approx(expected_after, rel=1e-5)
