@@ -132,6 +132,8 @@ def test_mean_scale_and_statistics():
     assert stats["zero_frac"].item() == pytest.approx(0.75)
     assert stats["max"].item() == 4.0 and stats["mean"].item() == 1.0
     assert weight_statistics(torch.zeros(3))["ess"].item() == 0.0
+    # std is the population one: sqrt(mean((w - 1)^2)) = sqrt((9 + 1 + 1 + 1) / 4)
+    assert stats["std"].item() == pytest.approx(3.0**0.5)
 
 
 def test_weight_statistics_are_logged_in_training(tmp_path):

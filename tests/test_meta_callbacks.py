@@ -71,8 +71,17 @@ def test_meta_interval_weights_with_current_meta_net_between_meta_steps():
     train, meta = loaders()
     model = module()
     cb = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="forward", meta_interval=3)
-    trainer(1, [cb]).fit(model, train)
-    assert cb.state_dict()["meta_steps"] == len(range(0, len(train), 3))
+    fit = trainer(1, [cb])
+    meta_at, meta_weights = [], cb.strategy.meta_weights
+
+    def spy(*args, **kwargs):
+        meta_at.append(fit.global_step)
+        return meta_weights(*args, **kwargs)
+
+    cb.strategy.meta_weights = spy
+    fit.fit(model, train)
+    assert meta_at == list(range(0, len(train), 3))  # optimizer steps 0, 3, 6, ...
+    assert cb.state_dict()["meta_steps"] == len(meta_at)
     # the last step is not a meta step: its weights are V(l) of the current meta-net, in (0, 1)
     x, y, _ = list(train)[-1]
     assert (len(train) - 1) % 3 != 0

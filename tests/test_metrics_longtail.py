@@ -39,7 +39,8 @@ def test_against_reference():
     bal = BalancedAccuracy(6)
     bal.update(logits, target)
     assert float(bal.compute()) == pytest.approx(sum(ref[:5]) / 5, rel=1e-6)
-    counts = [500, 150, 60, 20, 19, 3]  # many: 0,1  medium: 2,3  few: 4,5 (5 absent from the data)
+    # many (> 100): 0,1  medium (20..100, both ends included): 2,3  few (< 20): 4,5 (5 absent from the data)
+    counts = [500, 101, 100, 20, 19, 3]
     shot = ShotAccuracy(counts)
     shot.update(logits, target)
     out = shot.compute()

@@ -682,6 +682,10 @@ def test_select_models_quadrants():
     )
     assert sel.preferred == ("a", "e")
     assert sel.as_dict()["preferred"] == ["a", "e"]
+    # on the threshold (exact in binary): accuracy at the mean counts as high, zeta at the mean as high
+    tie = select_models([1.0, 0.5, 0.75], [0.25, 0.75, 0.5])
+    assert (tie.accuracy_threshold, tie.susceptibility_threshold) == (0.75, 0.5)
+    assert tie.quadrants[2] == "high_acc_high_zeta"
 
 
 def test_select_models_validates():
