@@ -54,6 +54,7 @@ def test_run_one_record():
     assert rec["scenario"] == "digits-lt10" and rec["seed"] == 1 and rec["epochs"] == 2
     assert 0.0 <= rec["test_acc"] <= 100.0 and 0.0 <= rec["test_balanced_acc"] <= 100.0
     assert rec["step_time_ms"] > 0 and rec["steps_timed"] > 0
+    assert rec["best_test_acc"] >= rec["test_acc"] and rec["best_epoch"] in (0, 1)
     with pytest.raises(ValueError, match="unknown method"):
         run_one("nope", "digits-clean")
 
@@ -107,3 +108,55 @@ def test_cli_fit_runs_lightning_cli(tmp_path):
 def test_cli_usage(capsys):
     assert main([]) == 0 and "benchmark" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
+
+
+def test_test_curve_matches_snapshots_and_trainer_test_and_leaves_training_unchanged():
+    """Per-epoch test accuracy = plain-torch evaluation of that epoch's weights; the last one = trainer.test's
+    torchmetrics figures; a run with the curve (dropout draws from the RNG) ends with the same weights."""
+    import copy
+
+    import lightning as L
+    from lightning.pytorch import Callback
+
+    from lightning_reweight.bench.runner import make_datamodule, make_trainer
+    from lightning_reweight.bench.test_curve import TestCurve
+    from lightning_reweight.classifier import ReweightClassifier
+    from lightning_reweight.models import MLP
+
+    class Snapshots(Callback):
+        def __init__(self):
+            self.states = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.states.append(copy.deepcopy(pl_module.state_dict()))
+
+    def fit(callbacks):
+        L.seed_everything(0, verbose=False)
+        dm = make_datamodule(SCENARIOS["digits-lt10"], 0)
+        model = ReweightClassifier(MLP(64, 10, hidden=(32,), dropout=0.3), 10, lr=0.05, momentum=0.9)
+        trainer = make_trainer(3, callbacks)
+        trainer.fit(model, datamodule=dm)
+        return trainer, model, dm
+
+    curve, snaps = TestCurve(batch_size=100), Snapshots()
+    trainer, model, dm = fit([snaps, curve])
+    _, plain, _ = fit([])
+    for a, b in zip(model.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+
+    x = torch.cat([b[0] for b in dm.test_dataloader()])
+    y = torch.cat([b[1] for b in dm.test_dataloader()])
+    ref = ReweightClassifier(MLP(64, 10, hidden=(32,), dropout=0.3), 10).eval()
+    for epoch, state in enumerate(snaps.states):
+        ref.load_state_dict(state)
+        with torch.no_grad():
+            hit = (ref(x).argmax(1) == y).double()
+        recall = [float(hit[y == c].mean()) for c in y.unique()]
+        assert curve.acc[epoch] == pytest.approx(100 * float(hit.mean()), abs=1e-9)
+        assert curve.balanced_acc[epoch] == pytest.approx(100 * statistics.mean(recall), abs=1e-6)
+    (test,) = trainer.test(model, datamodule=dm, verbose=False)
+    assert curve.acc[-1] == pytest.approx(100 * test["test/acc"], abs=1e-4)
+    assert curve.balanced_acc[-1] == pytest.approx(100 * test["test/balanced_acc"], abs=1e-4)
+    best = curve.best()
+    assert best["best_test_acc"] == max(curve.acc) == curve.acc[best["best_epoch"]]
+    assert best["best_test_balanced_acc"] == max(curve.balanced_acc)

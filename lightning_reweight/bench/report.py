@@ -38,22 +38,31 @@ def summarise(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (scenario, method), recs in groups.items():
         row: dict[str, Any] = {"scenario": scenario, "method": method, "seeds": len(recs)}
-        for key in ("test_acc", "test_balanced_acc", "step_time_ratio"):
+        for key in ("test_acc", "test_balanced_acc", "best_test_acc", "best_test_balanced_acc", "step_time_ratio"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(key) for r in recs])
         rows.append(row)
     return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width text table: scenario, method, accuracy, balanced accuracy, step-time ratio."""
-    header = f"{'scenario':<14} {'method':<22} {'test acc %':>14} {'balanced acc %':>15} {'step x CE':>10} {'seeds':>5}"
+    """A fixed-width text table of :func:`summarise` rows.
+
+    Columns: scenario, method, last-epoch accuracy and balanced accuracy, best-epoch accuracy (``nan`` for
+    records without one), step-time ratio, seeds.
+    """
+    header = (
+        f"{'scenario':<14} {'method':<22} {'test acc %':>14} {'balanced acc %':>15} {'best acc %':>14} "
+        f"{'step x CE':>10} {'seeds':>5}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         ratio = r["step_time_ratio_mean"]
+        best, best_std = r.get("best_test_acc_mean", math.nan), r.get("best_test_acc_std", math.nan)
         lines.append(
             f"{r['scenario']:<14} {r['method']:<22} "
             f"{r['test_acc_mean']:>7.2f} ± {r['test_acc_std']:<4.2f} "
             f"{r['test_balanced_acc_mean']:>8.2f} ± {r['test_balanced_acc_std']:<4.2f} "
+            f"{best:>7.2f} ± {best_std:<4.2f} "
             f"{ratio:>10.2f} {r['seeds']:>5}"
         )
     return "\n".join(lines)

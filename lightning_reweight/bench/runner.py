@@ -17,6 +17,7 @@ import torch
 
 from lightning_reweight.bench.methods import METHODS, BuildContext
 from lightning_reweight.bench.scenarios import SCENARIOS, Scenario
+from lightning_reweight.bench.test_curve import TestCurve
 from lightning_reweight.bench.timing import StepTimer
 from lightning_reweight.classifier import ReweightClassifier
 from lightning_reweight.models import MLP, NormalizedLinear
@@ -71,7 +72,7 @@ def make_datamodule(scenario: Scenario, seed: int) -> Any:
 
 
 def make_trainer(epochs: int, callbacks: list[Any]) -> L.Trainer:
-    """The benchmark's Trainer: CPU, no logger, checkpoints, progress bar or validation (last-epoch test only)."""
+    """The benchmark's Trainer: CPU, no logger, checkpoints, progress bar or validation."""
     return L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -96,8 +97,9 @@ def run_one(method: str, scenario: str | Scenario, seed: int = 0, *, epochs: int
         epochs: override the recipe's epochs.
 
     Returns:
-        A record: method, scenario, seed, epochs, test accuracy, test balanced accuracy (both in %), median
-        step time in ms, steps timed, wall time, plus whatever the method's callbacks report through a
+        A record: method, scenario, seed, epochs, test accuracy, test balanced accuracy (both in %, last
+        epoch), the best of each over the epochs and its epoch (:class:`TestCurve`), median step time in ms,
+        steps timed, wall time, plus whatever the method's callbacks report through a
         ``benchmark_metrics()`` method.
     """
     if method not in METHODS:
@@ -121,7 +123,8 @@ def run_one(method: str, scenario: str | Scenario, seed: int = 0, *, epochs: int
             weight_decay=recipe.weight_decay,
         )
         timer = StepTimer(skip_epochs=1 if recipe.epochs > 1 else 0)
-        trainer = make_trainer(recipe.epochs, [timer, *parts.callbacks])
+        curve = TestCurve()
+        trainer = make_trainer(recipe.epochs, [timer, *parts.callbacks, curve])
         trainer.fit(model, datamodule=dm)
         (test,) = trainer.test(model, datamodule=dm, verbose=False)
     record: dict[str, Any] = {
@@ -133,6 +136,7 @@ def run_one(method: str, scenario: str | Scenario, seed: int = 0, *, epochs: int
         "test_balanced_acc": 100.0 * float(test["test/balanced_acc"]),
         "step_time_ms": timer.median_ms,
         "steps_timed": len(timer.times),
+        **(curve.best() or {}),
         "wall_s": time.perf_counter() - start,
     }
     for cb in parts.callbacks:
