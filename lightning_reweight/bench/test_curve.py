@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from lightning_reweight._modes import eval_mode
 from lightning_reweight.contract import split_batch
 
 __all__ = ["TestCurve"]
@@ -51,17 +52,11 @@ class TestCurve(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._data is not None
         x_all, y_all = self._data
-        modes = [(m, m.training) for m in pl_module.modules()]
-        pl_module.eval()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                preds = torch.cat([
-                    pl_module(x_all[i : i + self.batch_size].to(pl_module.device)).argmax(dim=1).cpu()
-                    for i in range(0, x_all.shape[0], self.batch_size)
-                ])
-        finally:
-            for m, training in modes:
-                m.training = training
+        with eval_mode(pl_module), torch.random.fork_rng(devices=[]):
+            preds = torch.cat([
+                pl_module(x_all[i : i + self.batch_size].to(pl_module.device)).argmax(dim=1).cpu()
+                for i in range(0, x_all.shape[0], self.batch_size)
+            ])
         correct = (preds == y_all).double()
         per_class_total = torch.bincount(y_all).double()
         per_class_hits = torch.bincount(y_all, weights=correct, minlength=per_class_total.numel())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
+from lightning_reweight._modes import eval_mode
 from lightning_reweight.contract import split_batch
 from lightning_reweight.functional.susceptibility import preserved_rng, susceptibility_losses
 from lightning_reweight.loggers import define_epoch_axis, log_histograms
@@ -41,17 +40,6 @@ def _callback_metrics(trainer: Trainer) -> dict[str, Tensor]:
     """
     stored = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
     return stored if isinstance(stored, dict) else trainer.callback_metrics
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class SusceptibilityMonitor(Callback):
@@ -408,7 +396,7 @@ class SusceptibilityMonitor(Callback):
             self._eval_data = (torch.cat(xs), torch.cat(ys).cpu(), mask[torch.cat(ids).cpu()])
         x_all, y_all, noisy = self._eval_data
         correct = torch.empty_like(noisy)
-        with torch.no_grad(), _eval_mode(pl_module):
+        with torch.no_grad(), eval_mode(pl_module):
             for start in range(0, x_all.shape[0], self.eval_batch_size):
                 x = x_all[start : start + self.eval_batch_size].to(pl_module.device)
                 pred = forward(x).argmax(dim=1).cpu()
