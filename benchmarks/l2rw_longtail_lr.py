@@ -2,12 +2,14 @@
 
 Run from the repository root:
 
-    PYTHONPATH=$PWD python benchmarks/l2rw_longtail_lr.py --seeds 3 --lrs 0.05 0.02
+    PYTHONPATH=$PWD python benchmarks/l2rw_longtail_lr.py --seeds 0 1 2 3 4 --lrs 0.05 0.02 \
+        --methods l2rw ce --scenarios digits-lt10 digits-lt50
 
-Trains ``MetaReweight(L2RW(), hypergrad="finite_diff")`` on ``digits-lt50`` with the shared recipe except the
-learning rate, and records every 10 epochs the balanced test accuracy, the median effective sample size of the
-weights ``(sum w)^2 / sum w^2`` (of a 100-sample batch) and the weighted training loss. Writes
-``benchmarks/results/l2rw_longtail_lr.json``.
+Trains ``MetaReweight(L2RW(), hypergrad="finite_diff")`` (``l2rw``) or plain cross-entropy (``ce``, the same
+model without the callback) with the shared recipe except the learning rate, and records every 10 epochs the
+balanced test accuracy, the median effective sample size of the weights ``(sum w)^2 / sum w^2`` (of a 100-sample
+batch; L2RW only) and the weighted training loss. Writes ``benchmarks/results/l2rw_longtail_lr.json`` with a
+summary: last-epoch balanced accuracy per (scenario, method, lr), mean and range over seeds.
 """
 
 from __future__ import annotations
@@ -68,15 +70,15 @@ class Probe(L.Callback):
         self.ess.clear()
 
 
-def run(seed: int, lr: float) -> list[dict[str, float]]:
-    sc = SCENARIOS["digits-lt50"]
+def run(scenario: str, method: str, seed: int, lr: float) -> list[dict[str, float]]:
+    sc = SCENARIOS[scenario]
     recipe = sc.recipe
     L.seed_everything(seed, verbose=False)
     dm = make_datamodule(sc, seed)
     model = ReweightClassifier(MLP(64, dm.num_classes, hidden=recipe.hidden), dm.num_classes, lr=lr,
                                momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     probe = Probe(dm)
-    callbacks = [MetaReweight(L2RW(), hypergrad="finite_diff", meta_seed=seed), probe]
+    callbacks = [MetaReweight(L2RW(), hypergrad="finite_diff", meta_seed=seed), probe] if method == "l2rw" else [probe]
     make_trainer(recipe.epochs, callbacks).fit(model, datamodule=dm)
     return probe.rows
 
@@ -85,25 +87,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[3])
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.02])
+    parser.add_argument("--methods", nargs="+", choices=["l2rw", "ce"], default=["l2rw"])
+    parser.add_argument("--scenarios", nargs="+", choices=["digits-lt10", "digits-lt50"], default=["digits-lt50"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/l2rw_longtail_lr.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     runs = []
     with quiet():
-        for seed in args.seeds:
-            for lr in args.lrs:
-                rows = run(seed, lr)
-                runs.append({"seed": seed, "lr": lr, "curve": rows})
-                print(f"seed {seed} lr {lr}: " + ", ".join(
-                    f"ep{r['epoch']} {r['balanced_test_acc']:.1f}% ess {r['median_effective_sample_size']:.1f}"
-                    for r in rows), flush=True)
+        for scenario in args.scenarios:
+            for method in args.methods:
+                for lr in args.lrs:
+                    for seed in args.seeds:
+                        rows = run(scenario, method, seed, lr)
+                        runs.append({"scenario": scenario, "method": method, "seed": seed, "lr": lr, "curve": rows})
+                        print(f"{scenario} {method} lr {lr} seed {seed}: " + ", ".join(
+                            f"ep{r['epoch']} {r['balanced_test_acc']:.1f}% ess {r['median_effective_sample_size']:.1f}"
+                            for r in rows), flush=True)
+    summary = []
+    for key in dict.fromkeys((r["scenario"], r["method"], r["lr"]) for r in runs):
+        last = [r["curve"][-1]["balanced_test_acc"] for r in runs if (r["scenario"], r["method"], r["lr"]) == key]
+        summary.append({"scenario": key[0], "method": key[1], "lr": key[2], "seeds": len(last),
+                        "last_balanced_acc_mean": statistics.fmean(last), "min": min(last), "max": max(last)})
     result = {
         "meta": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "command": "PYTHONPATH=$PWD python benchmarks/l2rw_longtail_lr.py "
-                            f"--seeds {' '.join(map(str, args.seeds))} --lrs {' '.join(map(str, args.lrs))}",
-                 "scenario": "digits-lt50", "torch": torch.__version__},
+                            f"--seeds {' '.join(map(str, args.seeds))} --lrs {' '.join(map(str, args.lrs))} "
+                            f"--methods {' '.join(args.methods)} --scenarios {' '.join(args.scenarios)}",
+                 "torch": torch.__version__},
+        "summary": summary,
         "runs": runs,
     }
+    for row in summary:
+        print(f"{row['scenario']} {row['method']} lr {row['lr']}: {row['last_balanced_acc_mean']:.2f} "
+              f"({row['min']:.1f}-{row['max']:.1f}, n={row['seeds']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
