@@ -9,7 +9,9 @@ def _labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat(n // num_classes)
 
 
-@pytest.mark.parametrize(("n", "rate", "expected"), [(1000, 0.3, 300), (37, 0.2, 7), (100, 0.0, 0), (10, 0.45, 4)])
+@pytest.mark.parametrize(
+    ("n", "rate", "expected"), [(1000, 0.3, 300), (37, 0.2, 7), (100, 0.0, 0), (10, 0.45, 4), (10, 0.37, 4)]
+)
 def test_symmetric_flips_exact_count_to_other_classes(n, rate, expected):
     y = torch.arange(n) % 10
     noisy, is_noisy = inject_label_noise(y, rate, kind="symmetric", num_classes=10, seed=3)

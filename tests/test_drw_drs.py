@@ -253,3 +253,17 @@ def test_drw_criterion_mode_reaches_wrapped_base_loss(tmp_path):
     assert len(crit.seen_weights) == len(epochs) == 12
     for e, w in zip(epochs, crit.seen_weights):
         assert torch.allclose(w, expected if e >= 1 else torch.ones(3), rtol=1e-5)
+
+
+def test_sampler_draws_anew_each_epoch_and_repeats_within_one():
+    """A new order (or multinomial draw) every epoch, the same one for the same epoch (a resumed run)."""
+    from lightning_reweight.samplers import DeferredWeightedSampler
+
+    sampler = DeferredWeightedSampler(50, torch.linspace(1.0, 2.0, 50), start_epoch=2, seed=4)
+    orders = {}
+    for epoch in (0, 1, 2, 3):
+        sampler.set_epoch(epoch)
+        orders[epoch] = list(sampler)
+        assert list(sampler) == orders[epoch]
+    assert sorted(orders[0]) == list(range(50))  # before start_epoch: a permutation
+    assert orders[0] != orders[1] and orders[2] != orders[3]

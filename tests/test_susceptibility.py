@@ -541,6 +541,17 @@ def test_weight_means_split_by_noise_mask(tmp_path):
     assert float(trainer.callback_metrics["memorization/weight_mean_clean"]) == pytest.approx(w[~m].mean().item())
 
 
+def test_probe_batch_differs_by_epoch_and_repeats_within_one(tmp_path):
+    monitor = SusceptibilityMonitor(batch_size=16, seed=3)
+    L.seed_everything(0, verbose=False)
+    trainer = _trainer(tmp_path, [monitor], 1)
+    trainer.fit(_module(0), datamodule=_NoisyDM())
+    (x0, y0), (x1, _) = monitor.probe_batch(trainer, 0), monitor.probe_batch(trainer, 1)
+    again = monitor.probe_batch(trainer, 0)
+    assert torch.equal(again[0], x0) and torch.equal(again[1], y0)
+    assert not torch.equal(x0, x1)
+
+
 def test_unlabelled_loader_and_every_n_epochs(tmp_path):
     pool = DataLoader(TensorDataset(torch.randn(40, 6)), batch_size=8)
     monitor = SusceptibilityMonitor(batch_size=16, every_n_epochs=2, unlabelled_loader=pool, seed=3)
