@@ -89,6 +89,81 @@ def test_meta_interval_weights_with_current_meta_net_between_meta_steps():
     assert ((model.last_sample_weights > 0) & (model.last_sample_weights < 1)).all()
 
 
+def test_callback_weights_are_l2rw_of_the_training_forward_itself_with_dropout():
+    """End to end: the weights MetaReweight hands to ``reweight`` are L2RW's rule on per-sample gradients of the
+    training forward (its dropout masks), dotted with the meta gradient of the meta batch it drew (per-sample
+    gradients one by one, in a fresh copy of the model)."""
+    train, meta = loaders()
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(64, 4, hidden=(16,), dropout=0.5), num_classes=4, lr=0.05, momentum=0.9)
+    seen: dict = {}
+
+    class Before(L.Callback):  # runs before MetaReweight's own batch-start hook
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.update(state={k: v.clone() for k, v in pl_module.state_dict().items()}, batch=batch,
+                        rng=torch.get_rng_state())
+
+    cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad="forward")
+    draw = cb._next_meta_batch
+    cb._next_meta_batch = lambda t: seen.setdefault("meta", draw(t))
+    trainer(1, [Before(), cb], max_steps=1).fit(model, train)
+
+    ref = ReweightClassifier(MLP(64, 4, hidden=(16,), dropout=0.5), num_classes=4).train()
+    ref.load_state_dict(seen["state"])
+    params = list(ref.parameters())
+    torch.set_rng_state(seen["rng"])
+    meta_grad = torch.autograd.grad(ref.per_sample_loss(seen["meta"]).mean(), params)
+    torch.set_rng_state(seen["rng"])  # the training forward's masks
+    losses = ref.per_sample_loss(seen["batch"])
+    u = torch.stack([
+        sum((a.double() * b.double()).sum() for a, b in zip(torch.autograd.grad(li, params, retain_graph=True),
+                                                            meta_grad))
+        for li in losses
+    ]).clamp_min(0)
+    expected = (len(u) * u / u.sum()).float()
+    assert u.sum() > 0 and (u == 0).any()
+    assert torch.allclose(model.last_sample_weights, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_virtual_step_uses_the_optimizers_current_lr():
+    train, meta = loaders()
+
+    class SetLR(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = 0.01 * (trainer.current_epoch + 1)
+
+    cb = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="forward")
+    fit = trainer(2, [SetLR(), cb])
+    step, lrs = cb.strategy.meta_weights, []
+
+    def spy(problem, lr):
+        lrs.append((fit.current_epoch, lr))
+        return step(problem, lr)
+
+    cb.strategy.meta_weights = spy
+    fit.fit(module(), train)
+    assert lrs == [(e, pytest.approx(0.01 * (e + 1))) for e in (0, 1) for _ in range(len(train))]
+
+
+def test_meta_loader_reshuffled_every_meta_epoch():
+    """Three meta batches per pass over the meta set: the second pass is a new order of the same samples."""
+    train, meta = loaders()
+    cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad="forward")
+    draw, batches = cb._next_meta_batch, []
+
+    def spy(t):
+        batches.append(draw(t))
+        return batches[-1]
+
+    cb._next_meta_batch = spy
+    trainer(1, [cb]).fit(module(), train)
+    first, second = (torch.cat([b[0] for b in batches[k : k + 3]]) for k in (0, 3))
+    assert len(batches) == len(train) == 6
+    assert not torch.equal(first, second)
+    assert torch.equal(first.flatten().sort().values, second.flatten().sort().values)  # the same samples
+
+
 class ManualClassifier(ReweightClassifier):
     """The manual-optimization route: training_step steps the optimizer itself around ``self.reweight``."""
 

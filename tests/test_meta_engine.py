@@ -180,3 +180,13 @@ def test_invalid_hypergrad():
     x, y, mx, my = data()
     with pytest.raises(ValueError, match="hypergrad"):
         l2rw_weights(model, x, y, mx, my, hypergrad="newton")
+
+
+def test_mwnet_normalized_weights_are_mean_scaled_meta_net_outputs():
+    mwn = MetaWeightNet(hidden=8, normalize=True)
+    losses = torch.tensor([0.1, 0.5, 2.0, 4.0])
+    v = mwn.weight_net(losses).detach()
+    w = mwn.weights(losses)
+    assert torch.allclose(w, 4 * v / v.sum())
+    raw = MetaWeightNet(hidden=8)  # unnormalised (the official ResNet-32 script): the meta-net's outputs as they are
+    assert torch.allclose(raw.weights(losses), raw.weight_net(losses).detach())
