@@ -30,3 +30,28 @@ for name, strategy in (("mwn", MetaWeightNet(hidden=8)), ("l2rw", L2RW())):
                 "model": flat(model).clone(), "steps": cb.state_dict()["meta_steps"],
                 "weights": model.last_sample_weights.clone()},
                f"{out}/{name}_rank{trainer.global_rank}.pt")
+
+# one MW-Net step with an SGD meta optimizer (the gradient's scale matters, unlike Adam's first step): each rank
+# records what it trained on, so the test can recompute the two local meta gradients and their mean
+L.seed_everything(0, verbose=False)
+train, meta = loaders()
+model = module()
+strategy = MetaWeightNet(hidden=8, meta_optimizer="sgd", meta_lr=0.5)
+cb = MetaReweight(strategy, meta_dataloader=meta, hypergrad="forward")
+seen = {"meta_init": {k: v.clone() for k, v in strategy.weight_net.state_dict().items()}}
+
+
+class Record(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        seen.update(model_init={k: v.clone() for k, v in pl_module.state_dict().items()},
+                    batch=[t.clone() for t in batch])
+
+
+draw = cb._next_meta_batch
+cb._next_meta_batch = lambda t: seen.setdefault("meta_batch", [x.clone() for x in draw(t)])
+trainer = L.Trainer(max_epochs=1, max_steps=1, accelerator="cpu", devices=2, strategy="ddp", callbacks=[Record(), cb],
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0)
+trainer.fit(model, train)
+seen["meta_after"] = {k: v.clone() for k, v in strategy.weight_net.state_dict().items()}
+torch.save(seen, f"{out}/mwn_sgd_step_rank{trainer.global_rank}.pt")

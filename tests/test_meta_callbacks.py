@@ -249,6 +249,33 @@ def test_ddp_two_processes_identical_meta_net(tmp_path):
     mwn = torch.load(tmp_path / "mwn_rank0.pt", weights_only=True)
     assert not torch.allclose(mwn["meta"], mwn["init"])  # ... and it was trained
 
+    # the meta gradient is the mean of the ranks' own: recompute both in this process, average, take the SGD step
+    ranks = [torch.load(tmp_path / f"mwn_sgd_step_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    local = []
+    for rec in ranks:
+        ref = module()
+        ref.load_state_dict(rec["model_init"])
+        mwn = MetaWeightNet(hidden=8, meta_optimizer="sgd", meta_lr=0.5)
+        mwn.weight_net.load_state_dict(rec["meta_init"])
+        problem = MetaProblem(ref, ref.per_sample_loss, lambda b, ref=ref: ref.per_sample_loss(b).mean(),
+                              rec["batch"], rec["meta_batch"], hypergrad="forward")
+        local.append(mwn.meta_gradient(problem, lr=0.05))
+    assert not torch.equal(ranks[0]["batch"][2], ranks[1]["batch"][2])  # the ranks trained on different samples
+
+    def stepped(grads):
+        mwn = MetaWeightNet(hidden=8, meta_optimizer="sgd", meta_lr=0.5)
+        mwn.weight_net.load_state_dict(ranks[0]["meta_init"])
+        for p, g in zip(mwn.weight_net.parameters(), grads):
+            p.grad = g
+        mwn.meta_opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in mwn.weight_net.parameters()])
+
+    after = torch.cat([v.reshape(-1) for v in ranks[0]["meta_after"].values()])
+    mean = stepped([(a + b) / 2 for a, b in zip(*local)])
+    total = stepped([a + b for a, b in zip(*local)])
+    torch.testing.assert_close(after, mean, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(after, total, rtol=1e-4, atol=1e-6)  # the check tells a mean from a sum
+
 
 def test_fsdp_and_deepspeed_refused_at_setup():
     from lightning.pytorch.strategies import FSDPStrategy
