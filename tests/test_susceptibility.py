@@ -618,6 +618,9 @@ def test_missing_num_classes_is_reported(tmp_path):
 # DDP
 
 
+_LOCAL_PROBES: list[tuple[float, float]] = []  # this process's (loss before, loss after), before the DDP mean
+
+
 class _RecordZeta(L.Callback):
     def __init__(self, out_dir):
         self.out_dir = out_dir
@@ -626,11 +629,22 @@ class _RecordZeta(L.Callback):
         monitor, eval_pass = (c for c in trainer.callbacks if isinstance(c, SusceptibilityMonitor))
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
         torch.save({"drops": [d for _, d in monitor.history], "zeta": monitor.zeta, "logged": monitor.logged_history,
-                    "eval_pass": eval_pass.logged_history, "records": pl_module.records}, path)
+                    "eval_pass": eval_pass.logged_history, "records": pl_module.records,
+                    "local_probes": list(_LOCAL_PROBES)}, path)
 
 
 @pytest.mark.ddp
-def test_ddp_ranks_agree_on_zeta(tmp_path):
+def test_ddp_ranks_agree_on_zeta(tmp_path, monkeypatch):
+    import lightning_reweight.callbacks.susceptibility as monitor_module
+
+    probe = monitor_module.susceptibility_losses
+
+    def recorded(*args, **kwargs):
+        before, after = probe(*args, **kwargs)
+        _LOCAL_PROBES.append((float(before), float(after)))
+        return before, after
+
+    monkeypatch.setattr(monitor_module, "susceptibility_losses", recorded)  # the forked ranks inherit it
     L.seed_everything(0, verbose=False)
     torch.manual_seed(0)
     model = _Recording(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)
@@ -657,6 +671,10 @@ def test_ddp_ranks_agree_on_zeta(tmp_path):
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert len(r0["drops"]) == 2
+    # the logged drop is the mean over ranks of each rank's own probe (two monitors probe each epoch, in order)
+    for epoch, drop in enumerate(r0["drops"]):
+        local = [r[2 * epoch][0] - r[2 * epoch][1] for r in (r0["local_probes"], r1["local_probes"])]
+        assert drop == pytest.approx(sum(local) / 2, rel=1e-5)
     assert {k: r0[k] for k in ("drops", "zeta", "logged", "eval_pass")} == {
         k: r1[k] for k in ("drops", "zeta", "logged", "eval_pass")
     }
