@@ -589,6 +589,21 @@ def test_resume_restores_history_and_labels(tmp_path):
     assert susceptibility_from_checkpoint(path) == pytest.approx(sum(d for _, d in monitor.history) / 2)
 
 
+def test_resume_mid_epoch_does_not_probe_that_epoch_twice(tmp_path):
+    """A checkpoint taken inside epoch 1 (6 steps per epoch, saved after step 9): the resumed run carries the
+    monitor's history of epochs 0-1 and probes epoch 2 once, with no second probe of epoch 1."""
+    ckpt_dir = tmp_path / "mid"
+    monitor = SusceptibilityMonitor(batch_size=32, seed=5)
+    L.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=9, save_top_k=-1, filename="{step}")
+    _trainer(tmp_path, [monitor, ckpt], epochs=2, enable_checkpointing=True).fit(_module(), datamodule=_NoisyDM())
+    (path,) = ckpt_dir.glob("step=9*.ckpt")
+    resumed = SusceptibilityMonitor(batch_size=32, seed=5)
+    _trainer(tmp_path, [resumed], epochs=3).fit(_module(), datamodule=_NoisyDM(), ckpt_path=path)
+    assert [e for e, _ in resumed.history] == [0, 1, 2]
+    assert resumed.history[:2] == monitor.history
+
+
 def test_missing_num_classes_is_reported(tmp_path):
     class Plain(L.LightningModule):
         def __init__(self):
