@@ -117,6 +117,7 @@ MODES: dict[str, StepFactory] = {
 for _hg in ("finite_diff", "forward", "second_order"):
     MODES[f"l2rw-{_hg}"] = meta_step(L2RW, _hg)
     MODES[f"mwn-{_hg}"] = meta_step(MetaWeightNet, _hg)
+    MODES[f"mwn-fo-{_hg}"] = meta_step(lambda: MetaWeightNet(lookahead=False), _hg)  # first order: no virtual step
 
 
 def make(batch: int, meta_batch: int, device: str, seed: int = 0) -> tuple[nn.Module, Batch, Batch]:

@@ -49,6 +49,11 @@ class MetaWeightNet(MetaStrategy):
     rounding); ``"finite_diff"`` approximates ``G_i`` by a one-sided difference along ``grad L_meta(theta')``.
     The virtual step is plain SGD (no momentum, no weight decay), as in the official code.
 
+    ``lookahead=False`` is a cheaper, first-order variant (not the paper's): ``G_i`` is taken at ``theta``
+    instead of ``theta'`` (``G_i = <grad l_i(theta), grad L_meta(theta)>``, L2RW's alignment), which drops the
+    virtual step and its backward pass; the error is first order in ``a`` (it is the meta gradient's limit as
+    the virtual step shrinks, times ``a``). Every hypergradient route supports it.
+
     Defaults follow the official noisy-label / ResNet-32 script: Adam, lr 1e-3, weight decay 1e-4, hidden 100,
     no weight normalisation (the loss is ``mean_i V(l_i) l_i``).
 
@@ -61,6 +66,8 @@ class MetaWeightNet(MetaStrategy):
         nesterov: Nesterov momentum for SGD.
         normalize: divide the weights by their sum (the WRN-28-10 / class-imbalance scripts); returned on the
             mean scale.
+        lookahead: take ``G_i`` at the virtual-step parameters ``theta'`` (the paper); ``False`` takes it at
+            ``theta`` (first order, one backward pass fewer per meta step).
 
     Example:
         >>> import torch
@@ -86,6 +93,7 @@ class MetaWeightNet(MetaStrategy):
         meta_momentum: float = 0.9,
         nesterov: bool = True,
         normalize: bool = False,
+        lookahead: bool = True,
     ) -> None:
         super().__init__()
         if meta_lr <= 0:
@@ -94,6 +102,7 @@ class MetaWeightNet(MetaStrategy):
             raise ValueError(f"meta_optimizer must be one of {_META_OPTIMIZERS}, got {meta_optimizer!r}")
         self.weight_net = WeightNet(hidden)
         self.normalize = normalize
+        self.lookahead = lookahead
         params = list(self.weight_net.parameters())
         if meta_optimizer == "adam":
             self.meta_opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=meta_lr,
@@ -115,11 +124,11 @@ class MetaWeightNet(MetaStrategy):
         """``grad_phi L_meta(theta'(phi))`` by the problem's hypergradient route (this process only)."""
         phi = list(self.weight_net.parameters())
         with torch.enable_grad():
-            if problem.hypergrad == "second_order":
+            if problem.hypergrad == "second_order" and self.lookahead:
                 return problem.virtual_step_gradient(lambda losses: self._virtual(self.weight_net(losses)),
                                                      lambda: phi, lr)
             w = self._virtual(self.weight_net(problem.detached_losses()))
-            g = problem.lookahead_alignment(w.detach(), lr)
+            g = problem.lookahead_alignment(w.detach(), lr) if self.lookahead else problem.alignment()
             surrogate = -lr * (g.to(w.dtype) * w).sum()
             return list(torch.autograd.grad(surrogate, phi))
 

@@ -38,9 +38,10 @@ def _l2rw(hypergrad: str):
     return build
 
 
-def _mwn(hypergrad: str):
+def _mwn(hypergrad: str, lookahead: bool = True):
     def build(ctx: BuildContext) -> MethodParts:
         strategy = MetaWeightNet(
+            lookahead=lookahead,
             meta_optimizer=str(MWN_SETTINGS["meta_optimizer"]),
             meta_lr=float(MWN_SETTINGS["meta_lr"]),
             meta_momentum=float(MWN_SETTINGS["meta_momentum"]),
@@ -61,3 +62,6 @@ for _short, _route in _ROUTES.items():
     register_method(f"mwn-{_short}", {"noise", "longtail"}, f"Meta-Weight-Net, {_route} hypergradient")(
         _mwn(_route)
     )
+register_method("mwn-fo-fd", {"noise", "longtail"}, "Meta-Weight-Net, first order (no lookahead), finite diff.")(
+    _mwn("finite_diff", lookahead=False)
+)
