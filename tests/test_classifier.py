@@ -79,3 +79,31 @@ def test_trains_on_clean_digits():
     assert res["test/acc"] > 0.9
     assert res["test/balanced_acc"] > 0.9
     assert trainer.optimizers[0].param_groups[0]["lr"] < 0.05  # the cosine schedule ran
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "warmup_multistep"])
+def test_scheduler_steps_once_per_epoch_along_its_formula(scheduler):
+    """The lr seen by every training step, against the closed form of the schedule (epoch-wise, constant within an
+    epoch): cosine over max_epochs, or linear warm-up then x gamma at each milestone."""
+    import math
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    seen: dict[int, set[float]] = {}
+
+    class RecordLR(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(trainer.current_epoch, set()).add(trainer.optimizers[0].param_groups[0]["lr"])
+
+    data = DataLoader(TensorDataset(*_batch()), batch_size=2)  # 3 steps per epoch
+    model = ReweightClassifier(MLP(64, 5, hidden=(4,)), num_classes=5, lr=0.1, scheduler=scheduler,
+                               milestones=(3,), gamma=0.5, warmup_epochs=2)
+    L.Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", callbacks=[RecordLR()]).fit(model, data)
+    if scheduler == "cosine":
+        expected = [0.1 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5)]
+    else:
+        expected = [0.05, 0.1, 0.1, 0.05, 0.05]  # (e + 1) / 2 for e < 2, then 0.5 from epoch 3
+    for epoch, lr in enumerate(expected):
+        (got,) = seen[epoch]  # one lr per epoch
+        assert got == pytest.approx(lr)

@@ -344,3 +344,28 @@ def test_weight_function_figure_only_for_image_loggers():
     assert log_weight_function(fake, mwn)
     assert calls == [("meta/weight_function", 7)]
     assert not log_weight_function(types.SimpleNamespace(loggers=[object()], current_epoch=0, global_step=0), mwn)
+
+
+def test_histograms_and_figures_written_on_rank_zero_only():
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_reweight.loggers import log_histograms
+
+    calls = []
+
+    class FakeTensorBoard(TensorBoardLogger):  # only the experiment is used
+        def __init__(self) -> None:
+            pass
+
+        @property
+        def experiment(self):
+            return types.SimpleNamespace(add_histogram=lambda tag, v, global_step: calls.append(tag),
+                                         add_figure=lambda tag, fig, global_step, close: calls.append(tag))
+
+    values = {"w": torch.rand(5)}
+    for rank_zero in (False, True):
+        fake = types.SimpleNamespace(loggers=[FakeTensorBoard()], current_epoch=0, global_step=3,
+                                     is_global_zero=rank_zero)
+        assert log_histograms(fake, values) == int(rank_zero)
+        assert log_weight_function(fake, MetaWeightNet(hidden=4)) == rank_zero
+    assert calls == ["w", "meta/weight_function"]
