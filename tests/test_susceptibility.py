@@ -634,6 +634,7 @@ def test_missing_num_classes_is_reported(tmp_path):
 
 
 _LOCAL_PROBES: list[tuple[float, float]] = []  # this process's (loss before, loss after), before the DDP mean
+_LOCAL_EVAL_COUNTS: list[list[float]] = []  # this process's eval-pass counts, before the DDP sum
 
 
 class _RecordZeta(L.Callback):
@@ -645,7 +646,7 @@ class _RecordZeta(L.Callback):
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
         torch.save({"drops": [d for _, d in monitor.history], "zeta": monitor.zeta, "logged": monitor.logged_history,
                     "eval_pass": eval_pass.logged_history, "records": pl_module.records,
-                    "local_probes": list(_LOCAL_PROBES)}, path)
+                    "local_probes": list(_LOCAL_PROBES), "local_eval_counts": list(_LOCAL_EVAL_COUNTS)}, path)
 
 
 @pytest.mark.ddp
@@ -660,6 +661,14 @@ def test_ddp_ranks_agree_on_zeta(tmp_path, monkeypatch):
         return before, after
 
     monkeypatch.setattr(monitor_module, "susceptibility_losses", recorded)  # the forked ranks inherit it
+    counts_of = SusceptibilityMonitor._subset_counts
+
+    def recorded_counts(self, *args, **kwargs):
+        counts = counts_of(self, *args, **kwargs)
+        _LOCAL_EVAL_COUNTS.append(counts.tolist())
+        return counts
+
+    monkeypatch.setattr(SusceptibilityMonitor, "_subset_counts", recorded_counts)
     L.seed_everything(0, verbose=False)
     torch.manual_seed(0)
     model = _Recording(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)
@@ -701,6 +710,8 @@ def test_ddp_ranks_agree_on_zeta(tmp_path, monkeypatch):
         assert logged["memorization/train_acc_noisy"] == pytest.approx(noisy)
         assert logged["memorization/train_acc_clean"] == pytest.approx(clean)
     # eval pass: each rank evaluates half of the training set; the summed counts give the full-set accuracy
+    for r in (r0, r1):
+        assert [c[1] + c[3] for c in r["local_eval_counts"]] == [48, 48]  # noisy + clean seen by this rank, per epoch
     epoch0 = r0["eval_pass"][0]
     assert epoch0["evalpass/train_acc_noisy"] == pytest.approx(correct[dm.noise_mask].float().mean().item())
     assert epoch0["evalpass/train_acc_clean"] == pytest.approx(correct[~dm.noise_mask].float().mean().item())
