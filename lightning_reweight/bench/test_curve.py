@@ -57,6 +57,7 @@ class TestCurve(Callback):
                 pl_module(x_all[i : i + self.batch_size].to(pl_module.device)).argmax(dim=1).cpu()
                 for i in range(0, x_all.shape[0], self.batch_size)
             ])
+        # float64 counts, not metrics.BalancedAccuracy (float32 mean): the benchmark JSON files were written with these
         correct = (preds == y_all).double()
         per_class_total = torch.bincount(y_all).double()
         per_class_hits = torch.bincount(y_all, weights=correct, minlength=per_class_total.numel())
