@@ -17,18 +17,34 @@ from lightning_reweight.meta import L2RW, MetaWeightNet  # noqa: E402
 warnings.filterwarnings("ignore")
 out = sys.argv[1]
 L.seed_everything(0, verbose=False)
+
+
+class Weights(L.Callback):
+    """Each rank's weights as handed to ``reweight``, with the batch's dataset indices."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append((pl_module.last_sample_weights.detach().clone(), batch[2].clone()))
+
+
 for name, strategy in (("mwn", MetaWeightNet(hidden=8)), ("l2rw", L2RW())):
     train, meta = loaders()
+    recorder = Weights()
     model = module()
     cb = MetaReweight(strategy, meta_dataloader=meta, hypergrad="finite_diff")
     init = flat(strategy).clone() if name == "mwn" else torch.zeros(0)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", callbacks=[cb], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", callbacks=[cb, recorder],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, train)
+    scores = cb.sample_scores()  # a collective: summed over both ranks
     torch.save({"meta": flat(strategy).clone() if name == "mwn" else torch.zeros(0), "init": init,
                 "model": flat(model).clone(), "steps": cb.state_dict()["meta_steps"],
-                "weights": model.last_sample_weights.clone()},
+                "weights": model.last_sample_weights.clone(), "sample_scores": scores,
+                "local_weights": torch.cat([w for w, _ in recorder.seen]),
+                "local_indices": torch.cat([i for _, i in recorder.seen])},
                f"{out}/{name}_rank{trainer.global_rank}.pt")
 
 # one MW-Net step with an SGD meta optimizer (the gradient's scale matters, unlike Adam's first step): each rank

@@ -164,6 +164,74 @@ def test_meta_loader_reshuffled_every_meta_epoch():
     assert torch.equal(first.flatten().sort().values, second.flatten().sort().values)  # the same samples
 
 
+class NoisyData(L.LightningDataModule):
+    """The test loaders behind a datamodule that knows a noise mask (any boolean mask will do here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train, self._meta = loaders()
+        self.train_dataset = self._train.dataset
+        self.noise_mask = torch.arange(len(self.train_dataset)) % 3 == 0
+
+    def train_dataloader(self) -> DataLoader:
+        return self._train
+
+    def meta_dataloader(self) -> DataLoader:
+        return self._meta
+
+
+def pairwise_auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative), ties one half, over all pairs."""
+    pos, neg = scores[positive], scores[~positive]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+@pytest.mark.parametrize("strategy", [L2RW, MetaWeightNet])
+def test_weight_aurocs_and_sample_history_match_the_weights_handed_to_reweight(strategy):
+    """Per-epoch weight AUROC, the per-sample history and its logged AUROC, recomputed from the weights the
+    module received (a second callback records them with the batch's indices)."""
+    dm = NoisyData()
+    epochs: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    class Recorder(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            epochs.append([])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch >= 1:  # after warm-up
+                epochs[-1].append((pl_module.last_sample_weights.detach().clone(), batch[2].clone()))
+
+    cb = MetaReweight(strategy(), hypergrad="finite_diff", warmup_epochs=1)
+    fit = trainer(3, [cb, Recorder()], limit_train_batches=4)  # samples 160-239 are never weighted
+    fit.fit(module(), datamodule=dm)
+    clean = ~dm.noise_mask
+    per_epoch = [pairwise_auroc(torch.cat([w for w, _ in e]), clean[torch.cat([i for _, i in e])]) for e in epochs[1:]]
+    assert cb.auroc_history == pytest.approx(per_epoch, abs=1e-9)
+
+    n = len(dm.train_dataset)
+    visits, pct, wsum, pos = (torch.zeros(n, dtype=torch.float64) for _ in range(4))
+    for w, idx in (pair for e in epochs for pair in e):
+        for k, (i, wi) in enumerate(zip(idx.tolist(), w.double().tolist())):
+            visits[i] += 1
+            pct[i] += (float((w < w[k]).sum()) + float((w == w[k]).sum()) / 2) / len(w)
+            wsum[i] += wi
+            pos[i] += wi > 0
+    scores = cb.sample_scores()
+    assert torch.equal(scores["visits"], visits)
+    assert bool((visits[:160] == 2).all() and (visits[160:] == 0).all())
+    torch.testing.assert_close(scores["percentile"], pct / visits, equal_nan=True)  # nan where never weighted
+    torch.testing.assert_close(scores["mean_weight"], wsum / visits, equal_nan=True)
+    torch.testing.assert_close(scores["positive_share"], pos / visits, equal_nan=True)
+    seen = visits > 0
+    expected = pairwise_auroc((pct / visits)[seen], clean[seen])
+    assert cb.sample_auroc_history[-1] == pytest.approx(expected, abs=1e-9)
+    assert float(fit.callback_metrics["meta/sample_auroc"]) == pytest.approx(expected, abs=1e-6)
+    assert cb.benchmark_metrics()["sample_auroc_positive_share"] == pytest.approx(
+        pairwise_auroc((pos / visits)[seen], clean[seen]), abs=1e-9
+    )
+
+
 class ManualClassifier(ReweightClassifier):
     """The manual-optimization route: training_step steps the optimizer itself around ``self.reweight``."""
 
@@ -229,6 +297,11 @@ def test_resume_continues_identically(tmp_path):
     torch.testing.assert_close(flat(resumed.strategy), flat(straight.strategy), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(flat(resumed_model), flat(straight_model), rtol=1e-6, atol=1e-7)
     assert not torch.allclose(flat(straight.strategy), torch.cat([v.reshape(-1) for v in init.values()]))
+    resumed_scores, straight_scores = resumed.sample_scores(), straight.sample_scores()
+    assert torch.equal(resumed_scores["visits"], straight_scores["visits"])  # epochs 1-3 of every sample
+    assert bool((straight_scores["visits"] == 3).all())
+    for key in ("percentile", "mean_weight"):
+        torch.testing.assert_close(resumed_scores[key], straight_scores[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.ddp
@@ -246,6 +319,14 @@ def test_ddp_two_processes_identical_meta_net(tmp_path):
         torch.testing.assert_close(r0["model"], r1["model"])  # DDP kept the models in sync
         assert torch.isfinite(r0["weights"]).all() and not torch.allclose(r0["weights"], torch.ones_like(r0["weights"]))
         assert torch.equal(r0["meta"], r1["meta"])  # the meta-net is identical on both ranks
+        # the per-sample history is the sum over ranks: both hold the same, each sample seen once (by one rank)
+        for key in ("visits", "percentile", "mean_weight"):
+            torch.testing.assert_close(r0["sample_scores"][key], r1["sample_scores"][key])
+        assert bool((r0["sample_scores"]["visits"] == 1).all())
+        weights = torch.zeros(len(train.dataset))
+        for r in (r0, r1):
+            weights[r["local_indices"]] = r["local_weights"]
+        torch.testing.assert_close(r0["sample_scores"]["mean_weight"], weights.double())
     mwn = torch.load(tmp_path / "mwn_rank0.pt", weights_only=True)
     assert not torch.allclose(mwn["meta"], mwn["init"])  # ... and it was trained
 

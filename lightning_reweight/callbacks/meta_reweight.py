@@ -16,7 +16,8 @@ from typing_extensions import override
 from lightning_reweight.contract import WeightingContext
 from lightning_reweight.meta.base import MetaStrategy
 from lightning_reweight.meta.engine import HYPERGRADS, MetaProblem, RNGState, capture_rng
-from lightning_reweight.metrics.weight_auroc import WeightNoiseAUROC
+from lightning_reweight.metrics.weight_auroc import WeightNoiseAUROC, rank_auroc
+from lightning_reweight.metrics.weight_history import SampleWeightHistory
 
 __all__ = ["MetaReweight"]
 
@@ -55,6 +56,11 @@ class MetaReweight(Callback):
         meta_seed: seeds the meta loader's shuffling.
         track_noise_auroc: when the datamodule has a ``noise_mask`` and batches carry indices, accumulate the
             AUROC of the weights against it per epoch (logged as ``meta/weight_auroc``).
+        track_sample_history: when batches carry dataset indices, keep every sample's weight history over the
+            meta steps after warm-up (:class:`~lightning_reweight.metrics.SampleWeightHistory`; four float64
+            numbers per training sample, saved in checkpoints): :meth:`sample_scores` ranks suspected noisy
+            samples without clean labels, and with a ``noise_mask`` the AUROC of the cumulative score against it
+            is logged each epoch as ``meta/sample_auroc``.
         plot_every_n_epochs: for a strategy with a ``weight_net`` (MW-Net), log the learned weight-vs-loss curve
             as a figure every this many epochs to loggers that accept images (TensorBoard, W&B); 0 disables.
 
@@ -76,6 +82,7 @@ class MetaReweight(Callback):
         fd_eps: float = 1e-3,
         meta_seed: int = 0,
         track_noise_auroc: bool = True,
+        track_sample_history: bool = True,
         plot_every_n_epochs: int = 1,
     ) -> None:
         if not isinstance(strategy, MetaStrategy):
@@ -101,6 +108,7 @@ class MetaReweight(Callback):
         self.fd_eps = fd_eps
         self.meta_seed = meta_seed
         self.track_noise_auroc = track_noise_auroc
+        self.track_sample_history = track_sample_history
         self.plot_every_n_epochs = plot_every_n_epochs
         self._meta_loader = meta_dataloader
         self._meta_iter: Iterator[Any] | None = None
@@ -113,6 +121,8 @@ class MetaReweight(Callback):
         self._noise_mask: Tensor | None = None
         self._auroc = WeightNoiseAUROC()
         self.auroc_history: list[float] = []
+        self._history: SampleWeightHistory | None = None
+        self.sample_auroc_history: list[float] = []
 
     # ------------------------------------------------------------------ setup
     @override
@@ -138,7 +148,7 @@ class MetaReweight(Callback):
                     "meta_dataloader() (e.g. lightning_reweight.data.DigitsDataModule)"
                 )
             self._meta_loader = dm.meta_dataloader()
-        if self.track_noise_auroc:
+        if self.track_noise_auroc or self.track_sample_history:
             mask = getattr(getattr(trainer, "datamodule", None), "noise_mask", None)
             self._noise_mask = None if mask is None else torch.as_tensor(mask).bool().cpu()
         self._trainer = trainer
@@ -153,6 +163,8 @@ class MetaReweight(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.strategy.to(pl_module.device)
         self._auroc.to(pl_module.device)
+        if self._history is not None:
+            self._history.to(pl_module.device)
         if self._pending_extra is not None:  # after .to(device): optimizer state follows the parameters
             self.strategy.load_extra_state(self._pending_extra)
             self._pending_extra = None
@@ -194,9 +206,46 @@ class MetaReweight(Callback):
         )
         weights = self.strategy.meta_weights(problem, self._virtual_lr(trainer)).detach()
         self._meta_steps += 1
-        if self._noise_mask is not None and context.indices is not None:
-            self._auroc.update(weights, self._noise_mask[context.indices.cpu()].to(weights.device))
+        if context.indices is not None:
+            if self.track_noise_auroc and self._noise_mask is not None:
+                self._auroc.update(weights, self._noise_mask[context.indices.cpu()].to(weights.device))
+            if self.track_sample_history:
+                self._sample_history(trainer, weights.device).update(weights, context.indices)
         return weights
+
+    def _sample_history(self, trainer: L.Trainer, device: torch.device) -> SampleWeightHistory:
+        if self._history is None:
+            dm = getattr(trainer, "datamodule", None)
+            dataset = getattr(dm, "train_dataset", None) if dm is not None else None
+            if dataset is None:
+                dataset = getattr(trainer.train_dataloader, "dataset", None)
+            if dataset is None:
+                raise ValueError(
+                    "MetaReweight(track_sample_history=True) needs the training set's length "
+                    "(trainer.datamodule.train_dataset or trainer.train_dataloader.dataset); pass "
+                    "track_sample_history=False"
+                )
+            self._history = SampleWeightHistory(len(dataset)).to(device)
+        return self._history
+
+    def sample_scores(self) -> dict[str, Tensor] | None:
+        """Every training sample's weight history since warm-up (``None`` before the first meta step).
+
+        The dict of :class:`~lightning_reweight.metrics.SampleWeightHistory`, indexed by dataset index:
+        ``"percentile"`` (mean within-batch percentile of the sample's weights; low = suspected noisy label),
+        ``"mean_weight"``, ``"positive_share"`` and ``"visits"``. Under DDP, summed over ranks (a collective:
+        call it on every rank).
+        """
+        return None if self._history is None else self._history.compute()
+
+    def _sample_aurocs(self) -> dict[str, float]:
+        """AUROC of each history score against the noise mask (empty without a history or a matching mask)."""
+        history, mask = self._history, self._noise_mask
+        if history is None or mask is None or len(mask) != history.num_samples:
+            return {}
+        scores = {k: v.cpu() for k, v in history.compute().items()}
+        seen = scores.pop("visits") > 0
+        return {key: float(rank_auroc(score[seen], ~mask[seen])) for key, score in scores.items()}
 
     def _virtual_lr(self, trainer: L.Trainer) -> float:
         if self.virtual_lr is not None:
@@ -238,12 +287,16 @@ class MetaReweight(Callback):
     # ------------------------------------------------------------------ epoch end: AUROC, figure
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._noise_mask is not None and trainer.current_epoch >= self.warmup_epochs:
+        if self.track_noise_auroc and self._noise_mask is not None and trainer.current_epoch >= self.warmup_epochs:
             if trainer.world_size > 1 or self._auroc.weights:
                 value = float(self._auroc.compute())
                 self.auroc_history.append(value)
                 pl_module.log("meta/weight_auroc", value, on_step=False, on_epoch=True, sync_dist=False)
             self._auroc.reset()
+        aurocs = self._sample_aurocs()
+        if aurocs:
+            self.sample_auroc_history.append(aurocs["percentile"])
+            pl_module.log("meta/sample_auroc", aurocs["percentile"], on_step=False, on_epoch=True, sync_dist=False)
         every = self.plot_every_n_epochs
         if every > 0 and (trainer.current_epoch + 1) % every == 0 and hasattr(self.strategy, "weight_net"):
             self._log_weight_function(trainer)
@@ -255,12 +308,17 @@ class MetaReweight(Callback):
         log_weight_function(trainer, self.strategy)
 
     def benchmark_metrics(self) -> dict[str, Any]:
-        """Figures for the benchmark record: the weight AUROC of the last epoch and its post-warm-up mean."""
+        """Figures for the benchmark record.
+
+        The weight AUROC of the last epoch and its post-warm-up mean; the AUROC against the noise mask of each
+        per-sample history score (the whole run after warm-up), as ``sample_auroc_<score>``.
+        """
         hist = [h for h in self.auroc_history if h == h]
         return {
             "weight_auroc": hist[-1] if hist else None,
             "weight_auroc_mean": sum(hist) / len(hist) if hist else None,
             "meta_steps": self._meta_steps,
+            **{f"sample_auroc_{key}": value for key, value in self._sample_aurocs().items()},
         }
 
     # ------------------------------------------------------------------ checkpoint
@@ -273,6 +331,8 @@ class MetaReweight(Callback):
             "meta_epoch": self._meta_epoch,
             "meta_pos": self._meta_pos,
             "auroc_history": list(self.auroc_history),
+            "sample_auroc_history": list(self.sample_auroc_history),
+            "sample_history": None if self._history is None else self._history.metric_state_cpu(),
         }
 
     @override
@@ -283,4 +343,7 @@ class MetaReweight(Callback):
         self._meta_epoch = int(state_dict["meta_epoch"])
         self._meta_pos = int(state_dict["meta_pos"])
         self.auroc_history = list(state_dict.get("auroc_history", []))
+        self.sample_auroc_history = list(state_dict.get("sample_auroc_history", []))
+        history = state_dict.get("sample_history")
+        self._history = None if history is None else SampleWeightHistory.from_state(history)
         self._meta_iter = None

@@ -8,11 +8,13 @@ from lightning_reweight.metrics.selection import (
     susceptibility_from_checkpoint,
 )
 from lightning_reweight.metrics.weight_auroc import WeightNoiseAUROC, rank_auroc
+from lightning_reweight.metrics.weight_history import SampleWeightHistory
 
 __all__: list[str] = [
     "BalancedAccuracy",
     "ModelSelection",
     "PerClassAccuracy",
+    "SampleWeightHistory",
     "ShotAccuracy",
     "WeightNoiseAUROC",
     "plot_model_selection",

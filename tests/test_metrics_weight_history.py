@@ -1,0 +1,95 @@
+"""SampleWeightHistory: per-sample weight records against a plain-Python accumulation of the same batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_reweight.metrics import SampleWeightHistory
+from lightning_reweight.metrics.weight_history import batch_percentiles
+
+
+def percentile_by_counting(weights: list[float]) -> list[float]:
+    """(rank - 1/2) / B with tied values sharing their mean rank, by counting (the definition, no sorting)."""
+    n = len(weights)
+    return [(sum(v < w for v in weights) + sum(v == w for v in weights) / 2) / n for w in weights]
+
+
+def reference(batches: list[tuple[torch.Tensor, torch.Tensor]], num_samples: int) -> dict[str, list[float]]:
+    sums = {i: [0.0, 0.0, 0.0, 0.0] for i in range(num_samples)}
+    for weights, indices in batches:
+        ws = weights.tolist()
+        for i, w, p in zip(indices.tolist(), ws, percentile_by_counting(ws)):
+            sums[i][0] += 1
+            sums[i][1] += p
+            sums[i][2] += w
+            sums[i][3] += w > 0
+    out: dict[str, list[float]] = {"visits": [], "percentile": [], "mean_weight": [], "positive_share": []}
+    for i in range(num_samples):
+        visits = sums[i][0]
+        out["visits"].append(visits)
+        for k, key in enumerate(("percentile", "mean_weight", "positive_share"), start=1):
+            out[key].append(sums[i][k] / visits if visits else math.nan)
+    return out
+
+
+def random_batches(seed: int, num_samples: int, count: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        w = torch.rand(size, generator=g)
+        w[torch.rand(size, generator=g) < 0.3] = 0.0  # clipped weights (L2RW): many exact ties at zero
+        w[: size // 4] = torch.round(w[: size // 4] * 4) / 4  # and ties among positive ones
+        # repeats within a batch, too; the last two samples are never drawn
+        out.append((w, torch.randint(0, num_samples - 2, (size,), generator=g)))
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 64])
+def test_batch_percentiles_match_counting(size):
+    g = torch.Generator().manual_seed(size)
+    w = torch.round(torch.rand(size, generator=g) * 5) / 5
+    expected = torch.tensor(percentile_by_counting(w.tolist()), dtype=torch.float64)
+    torch.testing.assert_close(batch_percentiles(w), expected, rtol=0, atol=1e-12)
+
+
+def test_uniform_weights_are_all_average():
+    assert torch.equal(batch_percentiles(torch.full((5,), 0.2)), torch.full((5,), 0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_history_matches_python_accumulation(seed):
+    batches = random_batches(seed, num_samples=30, count=12, size=9)
+    history = SampleWeightHistory(num_samples=30)
+    for w, idx in batches:
+        history.update(w, idx)
+    got = history.compute()
+    want = reference(batches, 30)
+    assert want["visits"][-1] == 0 and math.isnan(want["percentile"][-1])  # never seen: nan scores
+    for key in want:
+        torch.testing.assert_close(got[key], torch.tensor(want[key], dtype=torch.float64), equal_nan=True)
+
+
+def test_states_sum_across_processes_and_checkpoint_round_trip():
+    """Two ranks' sums added (the DDP reduction) give the history of all their batches; a restored state too."""
+    batches = random_batches(5, num_samples=20, count=8, size=6)
+    ranks = [SampleWeightHistory(20), SampleWeightHistory(20)]
+    for k, (w, idx) in enumerate(batches):
+        ranks[k % 2].update(w, idx)
+    assert ranks[0]._reductions["sums"].__name__ == "dim_zero_sum"
+    merged = SampleWeightHistory.from_state({"sums": ranks[0].metric_state_cpu()["sums"] + ranks[1].sums})
+    want = reference(batches, 20)
+    for key in want:
+        torch.testing.assert_close(merged.compute()[key], torch.tensor(want[key], dtype=torch.float64), equal_nan=True)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="num_samples"):
+        SampleWeightHistory(0)
+    history = SampleWeightHistory(4)
+    with pytest.raises(ValueError, match="one length"):
+        history.update(torch.rand(3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        history.update(torch.rand(2), torch.tensor([1, 4]))
