@@ -6,7 +6,9 @@ Per scenario: last-epoch test accuracy, mean ± std over seeds with the differen
 the number of seeds, then the best test accuracy over the epochs (the papers' model selection; records written
 before the benchmark recorded it show ``-``). Long-tailed scenarios (``digits-lt*``) use balanced accuracy.
 Then, for noisy scenarios whose records carry it, the weight AUROC at the last epoch / averaged over the epochs
-after warm-up; and the step-time ratio to cross-entropy, averaged over every record of the method in the file.
+after warm-up; the AUROC of the per-sample weight history over the whole run after warm-up (``SampleWeightHistory``:
+mean within-batch percentile / share of visits with a positive weight); and the step-time ratio to cross-entropy,
+averaged over every record of the method in the file.
 """
 
 import json
@@ -31,7 +33,9 @@ def table(path: str, scenarios: list[str] | None = None) -> str:
     head = ["method"]
     for s in scenarios:
         head += [f"{s} last (Δ vs CE)", f"{s} best"]
-    head += [f"{s} weight AUROC last / mean" for s in auroc] + ["step ratio (digits MLP)"]
+    history = [s for s in auroc if any("sample_auroc_percentile" in r for r in records if r["scenario"] == s)]
+    head += [f"{s} weight AUROC last / mean" for s in auroc]
+    head += [f"{s} history AUROC percentile / positive share" for s in history] + ["step ratio (digits MLP)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m in methods:
         cells = [m]
@@ -51,6 +55,12 @@ def table(path: str, scenarios: list[str] | None = None) -> str:
             cells.append(
                 f"{statistics.fmean(r['weight_auroc'] for r in recs):.3f} / "
                 f"{statistics.fmean(r['weight_auroc_mean'] for r in recs):.3f}" if recs else "-"
+            )
+        for s in history:
+            recs = [r for r in by.get((m, s), []) if "sample_auroc_percentile" in r]
+            cells.append(
+                f"{statistics.fmean(r['sample_auroc_percentile'] for r in recs):.3f} / "
+                f"{statistics.fmean(r['sample_auroc_positive_share'] for r in recs):.3f}" if recs else "-"
             )
         ratios = [r["step_time_ratio"] for r in records if r["method"] == m and r.get("step_time_ratio")]
         cells.append(f"{statistics.fmean(ratios):.2f}" if ratios else "")

@@ -20,7 +20,7 @@ CASES = {
     "mwn-in-warmup": (["meta_reweight_digits.py", "--epochs", "2"], r"test accuracy " + PERCENT + r".*n/a"),
     "l2rw-forward": (
         ["meta_reweight_digits.py", "--method", "l2rw", "--hypergrad", "forward", "--epochs", "1"],
-        r"test accuracy " + PERCENT + r".*AUROC \(last epoch\) [01]\.\d+",
+        r"test accuracy " + PERCENT + r".*AUROC \(last epoch\) [01]\.\d+\nweight history: AUROC [01]\.\d+; \d+ of ",
     ),
     "susceptibility": (["susceptibility_digits.py", "--epochs", "2"], r"epoch 1: zeta -?\d"),
 }
