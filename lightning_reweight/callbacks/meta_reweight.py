@@ -60,7 +60,8 @@ class MetaReweight(Callback):
             meta steps after warm-up (:class:`~lightning_reweight.metrics.SampleWeightHistory`; four float64
             numbers per training sample, saved in checkpoints): :meth:`sample_scores` ranks suspected noisy
             samples without clean labels, and with a ``noise_mask`` the AUROC of the cumulative score against it
-            is logged each epoch as ``meta/sample_auroc``.
+            is logged each epoch as ``meta/sample_auroc``. Costs about 0.25 ms per meta step on CPU (2% of an L2RW
+            step of the digits MLP, less on larger models).
         plot_every_n_epochs: for a strategy with a ``weight_net`` (MW-Net), log the learned weight-vs-loss curve
             as a figure every this many epochs to loggers that accept images (TensorBoard, W&B); 0 disables.
 
