@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_reweight.callbacks._data import train_dataset
 from lightning_reweight.contract import WeightingContext
 from lightning_reweight.meta.base import MetaStrategy
 from lightning_reweight.meta.engine import HYPERGRADS, MetaProblem, RNGState, capture_rng
@@ -60,8 +61,8 @@ class MetaReweight(Callback):
             meta steps after warm-up (:class:`~lightning_reweight.metrics.SampleWeightHistory`; four float64
             numbers per training sample, saved in checkpoints): :meth:`sample_scores` ranks suspected noisy
             samples without clean labels, and with a ``noise_mask`` the AUROC of the cumulative score against it
-            is logged each epoch as ``meta/sample_auroc``. Costs about 0.25 ms per meta step on CPU (2% of an L2RW
-            step of the digits MLP, less on larger models).
+            is logged each epoch as ``meta/sample_auroc``. Costs about 0.3 ms per meta step on CPU (2% of an L2RW
+            step of the digits MLP, less on larger models; ``benchmarks/sample_history_cost.py``).
         plot_every_n_epochs: for a strategy with a ``weight_net`` (MW-Net), log the learned weight-vs-loss curve
             as a figure every this many epochs to loggers that accept images (TensorBoard, W&B); 0 disables.
 
@@ -216,10 +217,7 @@ class MetaReweight(Callback):
 
     def _sample_history(self, trainer: L.Trainer, device: torch.device) -> SampleWeightHistory:
         if self._history is None:
-            dm = getattr(trainer, "datamodule", None)
-            dataset = getattr(dm, "train_dataset", None) if dm is not None else None
-            if dataset is None:
-                dataset = getattr(trainer.train_dataloader, "dataset", None)
+            dataset = train_dataset(trainer)
             if dataset is None:
                 raise ValueError(
                     "MetaReweight(track_sample_history=True) needs the training set's length "

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from lightning_reweight._modes import eval_mode
+from lightning_reweight.callbacks._data import train_dataset
 from lightning_reweight.contract import split_batch
 from lightning_reweight.functional.susceptibility import preserved_rng, susceptibility_losses
 from lightning_reweight.loggers import define_epoch_axis, log_histograms
@@ -248,10 +249,7 @@ class SusceptibilityMonitor(Callback):
 
     def _train_dataset(self, trainer: Trainer) -> Any:
         if self._dataset is None:
-            dm = trainer.datamodule
-            dataset = getattr(dm, "train_dataset", None) if dm is not None else None
-            if dataset is None:
-                dataset = getattr(trainer.train_dataloader, "dataset", None)
+            dataset = train_dataset(trainer)
             if dataset is None:
                 raise ValueError(
                     "SusceptibilityMonitor found no training dataset (trainer.datamodule.train_dataset or "
