@@ -1,4 +1,5 @@
-"""Run by tests/test_meta_callbacks.py: 2-process DDP (gloo) fits with MW-Net then L2RW; each rank saves state."""
+"""Run by tests/test_meta_callbacks.py: 2-process DDP (gloo) fits with MW-Net (paper order, then delayed) and L2RW;
+each rank saves state."""
 
 from __future__ import annotations
 
@@ -29,18 +30,19 @@ class Weights(L.Callback):
         self.seen.append((pl_module.last_sample_weights.detach().clone(), batch[2].clone()))
 
 
-for name, strategy in (("mwn", MetaWeightNet(hidden=8)), ("l2rw", L2RW())):
+runs = (("mwn", MetaWeightNet(hidden=8)), ("mwn_delayed", MetaWeightNet(hidden=8, delayed=True)), ("l2rw", L2RW()))
+for name, strategy in runs:
     train, meta = loaders()
     recorder = Weights()
     model = module()
     cb = MetaReweight(strategy, meta_dataloader=meta, hypergrad="finite_diff")
-    init = flat(strategy).clone() if name == "mwn" else torch.zeros(0)
+    init = flat(strategy).clone() if name.startswith("mwn") else torch.zeros(0)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", callbacks=[cb, recorder],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, train)
     scores = cb.sample_scores()  # a collective: summed over both ranks
-    torch.save({"meta": flat(strategy).clone() if name == "mwn" else torch.zeros(0), "init": init,
+    torch.save({"meta": flat(strategy).clone() if name.startswith("mwn") else torch.zeros(0), "init": init,
                 "model": flat(model).clone(), "steps": cb.state_dict()["meta_steps"],
                 "weights": model.last_sample_weights.clone(), "sample_scores": scores,
                 "local_weights": torch.cat([w for w, _ in recorder.seen]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -270,17 +272,75 @@ def test_manual_optimization_equals_automatic(strategy):
     assert not torch.allclose(flat(man), flat(module()))  # it trained
 
 
-def test_resume_continues_identically(tmp_path):
+def textbook_phi_gradient(model: nn.Module, mwn: MetaWeightNet, x, y, mx, my, lr: float) -> list[torch.Tensor]:
+    """MW-Net's meta gradient written out on a copy: virtual SGD step on mean V(l) l, meta CE, backward to phi."""
+    m = copy.deepcopy(model)
+    names = [n for n, _ in m.named_parameters()]
+    params = list(m.parameters())
+    losses = F.cross_entropy(m(x), y, reduction="none")
+    grads = torch.autograd.grad((mwn.weight_net(losses.detach()) * losses).mean(), params, create_graph=True)
+    virtual = {n: p - lr * g for n, p, g in zip(names, params, grads)}
+    meta = F.cross_entropy(functional_call(m, virtual, (mx,)), my)
+    return list(torch.autograd.grad(meta, list(mwn.weight_net.parameters())))
+
+
+@pytest.mark.parametrize("delayed", [True, False])
+def test_delayed_mwnet_is_the_hand_written_delayed_step(delayed):
+    """``delayed=True``: each step weights with V(l; phi_t), steps theta with that gradient and updates phi by the
+    textbook meta gradient of the virtual step theta - lr * (that gradient), all written out by hand here; the
+    paper's order (``delayed=False``) weights with phi_{t+1} and ends elsewhere."""
+    train, _ = loaders()
+    g = torch.Generator().manual_seed(4)
+    mx, my = torch.randn(30, 1, 8, 8, generator=g), torch.randint(0, 4, (30,), generator=g)
+    meta = DataLoader(TensorDataset(mx, my), batch_size=30)  # one fixed meta batch
+    model, ref = module(), module()
+    torch.manual_seed(3)
+    init = MetaWeightNet(hidden=8).state_dict()
+    mwn, ref_mwn = (MetaWeightNet(hidden=8, meta_lr=0.05, delayed=d) for d in (delayed, True))
+    mwn.load_state_dict(init)
+    ref_mwn.load_state_dict(init)
+    cb = MetaReweight(mwn, meta_dataloader=meta, hypergrad="forward")
+    trainer(1, [cb], limit_train_batches=3).fit(model, train)
+
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for (x, y, _), _step in zip(train, range(3)):
+        flat_x = x.reshape(len(x), -1)
+        losses = F.cross_entropy(ref(flat_x), y, reduction="none")
+        opt.zero_grad()
+        (ref_mwn.weight_net(losses.detach()).detach() * losses).mean().backward()
+        for p, gp in zip(ref_mwn.weight_net.parameters(), textbook_phi_gradient(ref, ref_mwn, flat_x, y, mx, my, 0.05)):
+            p.grad = gp
+        ref_mwn.meta_opt.step()
+        opt.step()
+    assert cb.state_dict()["meta_steps"] == 3
+    if delayed:
+        torch.testing.assert_close(flat(cb.strategy), flat(ref_mwn), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(flat(model), flat(ref), rtol=1e-5, atol=1e-6)
+    else:
+        assert (flat(model) - flat(ref)).abs().max() > 1e-4
+
+
+def test_delayed_mwnet_refuses_gradient_accumulation():
+    train, meta = loaders()
+    cb = MetaReweight(MetaWeightNet(hidden=8, delayed=True), meta_dataloader=meta)
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        trainer(1, [cb], accumulate_grad_batches=2).fit(module(), train)
+
+
+@pytest.mark.parametrize("delayed", [False, True])
+def test_resume_continues_identically(tmp_path, delayed):
     train, meta = loaders()
     straight_model = module()
-    straight = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="forward", warmup_epochs=1)
+    straight = MetaReweight(MetaWeightNet(hidden=8, delayed=delayed), meta_dataloader=meta, hypergrad="forward",
+                            warmup_epochs=1)
     torch.manual_seed(1)
     straight.strategy.weight_net.load_state_dict(MetaWeightNet(hidden=8).weight_net.state_dict())
     init = {k: v.clone() for k, v in straight.strategy.state_dict().items()}
     trainer(4, [straight]).fit(straight_model, train)
 
     first_model = module()
-    first = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="forward", warmup_epochs=1)
+    first = MetaReweight(MetaWeightNet(hidden=8, delayed=delayed), meta_dataloader=meta, hypergrad="forward",
+                         warmup_epochs=1)
     first.strategy.load_state_dict(init)
     t = trainer(2, [first])
     t.fit(first_model, train)
@@ -290,7 +350,8 @@ def test_resume_continues_identically(tmp_path):
     assert any("MetaReweight" in k for k in state["callbacks"])
 
     resumed_model = module(seed=5)
-    resumed = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="forward", warmup_epochs=1)
+    resumed = MetaReweight(MetaWeightNet(hidden=8, delayed=delayed), meta_dataloader=meta, hypergrad="forward",
+                           warmup_epochs=1)
     trainer(4, [resumed]).fit(resumed_model, train, ckpt_path=ckpt)
     assert resumed.state_dict()["meta_steps"] == straight.state_dict()["meta_steps"]
     assert resumed.state_dict()["meta_pos"] == straight.state_dict()["meta_pos"]
@@ -313,7 +374,7 @@ def test_ddp_two_processes_identical_meta_net(tmp_path):
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train, _ = loaders()
-    for name in ("mwn", "l2rw"):
+    for name in ("mwn", "mwn_delayed", "l2rw"):
         r0, r1 = (torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1))
         assert r0["steps"] == r1["steps"] == len(train) // 2  # both trained, each on half the batches
         torch.testing.assert_close(r0["model"], r1["model"])  # DDP kept the models in sync
@@ -327,8 +388,9 @@ def test_ddp_two_processes_identical_meta_net(tmp_path):
         for r in (r0, r1):
             weights[r["local_indices"]] = r["local_weights"]
         torch.testing.assert_close(r0["sample_scores"]["mean_weight"], weights.double())
-    mwn = torch.load(tmp_path / "mwn_rank0.pt", weights_only=True)
-    assert not torch.allclose(mwn["meta"], mwn["init"])  # ... and it was trained
+    for name in ("mwn", "mwn_delayed"):
+        mwn = torch.load(tmp_path / f"{name}_rank0.pt", weights_only=True)
+        assert not torch.allclose(mwn["meta"], mwn["init"])  # ... and it was trained
 
     # the meta gradient is the mean of the ranks' own: recompute both in this process, average, take the SGD step
     ranks = [torch.load(tmp_path / f"mwn_sgd_step_rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -381,12 +443,16 @@ def test_argument_errors():
         trainer(1, [MetaReweight(L2RW())]).fit(module(), train)
 
 
-def test_bf16_mixed_trains_and_meta_maths_in_fp32():
+@pytest.mark.parametrize("delayed", [False, True])
+def test_bf16_mixed_trains_and_meta_maths_in_fp32(delayed):
     train, meta = loaders()
     model = module()
-    cb = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad="finite_diff")
+    torch.manual_seed(0)
+    cb = MetaReweight(MetaWeightNet(hidden=8, delayed=delayed), meta_dataloader=meta, hypergrad="finite_diff")
+    init = flat(cb.strategy).clone()
     trainer(1, [cb], precision="bf16-mixed").fit(model, train)
     assert torch.isfinite(flat(cb.strategy)).all() and cb.state_dict()["meta_steps"] == len(train)
+    assert not torch.allclose(flat(cb.strategy), init)  # the meta-net was updated (after the backward if delayed)
     # under autocast the engine recomputes the losses in fp32: the same alignment as without autocast
     x, y, _ = next(iter(train))
     mx, my = next(iter(meta))

@@ -166,6 +166,26 @@ def test_mwnet_meta_gradient_routes_match_textbook():
     assert rel(fd, ref) < 0.05  # first order in h: direction and length
 
 
+def test_mwnet_meta_gradient_from_a_given_step_gradient_matches_textbook():
+    """The delayed route hands the real backward's gradient of mean_i V(l_i) l_i to the meta step, which takes the
+    virtual step from it instead of differentiating it: same textbook meta gradient (exact on the forward route)."""
+    model = small_cnn()
+    x, y, mx, my = data(16, 12)
+    torch.manual_seed(3)
+    mwn = MetaWeightNet(hidden=16, delayed=True)
+    lr = 0.5
+    ref = flat(textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr))
+    m = copy.deepcopy(model)  # the real step's gradient, computed apart (BatchNorm in train mode: same batch stats)
+    losses = F.cross_entropy(m(x), y, reduction="none")
+    step = torch.autograd.grad((mwn.weight_net(losses.detach()) * losses).mean(), list(m.parameters()))
+    fwd = flat(mwn.meta_gradient(problem(model, "forward", x, y, mx, my), lr, step_gradient=step))
+    fd = flat(mwn.meta_gradient(problem(model, "finite_diff", x, y, mx, my), lr, step_gradient=step))
+    assert rel(fwd, ref) < 1e-5
+    assert F.cosine_similarity(fd, ref, dim=0) > 0.999
+    zero = flat(mwn.meta_gradient(problem(model, "forward", x, y, mx, my), lr, step_gradient=[0 * g for g in step]))
+    assert rel(zero, ref) > 1e-3  # the given gradient is what places theta'
+
+
 def test_mwnet_virtual_step_reuses_training_graph():
     model = small_cnn()
     x, y, mx, my = data()

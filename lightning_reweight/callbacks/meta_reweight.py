@@ -34,7 +34,10 @@ class MetaReweight(Callback):
     draws a meta batch (cycling the meta loader), builds a :class:`~lightning_reweight.meta.MetaProblem` from the
     training forward's losses and lets the strategy turn it into weights. The meta loss is the mean of
     ``per_sample_loss`` on the meta batch. Between meta steps a stateful strategy (MW-Net) weights with its
-    current meta-net; during warm-up weights are uniform.
+    current meta-net; during warm-up weights are uniform. A *delayed* strategy (``MetaWeightNet(delayed=True)``)
+    weights the batch with its current meta-net and runs its meta update in ``on_before_optimizer_step``, taking
+    the virtual step from the real gradient (unscaled, not yet clipped; under DDP the ranks' average); it needs
+    ``accumulate_grad_batches=1``.
 
     Exactness and side effects: extra forwards run on cloned buffers, in fp32 (autocast off), inside a forked
     RNG; the training batch's extra forwards replay the RNG state saved in ``on_train_batch_start``, which
@@ -118,6 +121,7 @@ class MetaReweight(Callback):
         self._meta_pos = 0
         self._meta_steps = 0
         self._rng: RNGState | None = None
+        self._pending: tuple[MetaProblem, float] | None = None
         self._trainer: L.Trainer | None = None
         self._pending_extra: dict[str, Any] | None = None
         self._noise_mask: Tensor | None = None
@@ -141,6 +145,11 @@ class MetaReweight(Callback):
             raise TypeError(
                 f"{type(pl_module).__name__} must mix in lightning_reweight.ReweightingMixin (implement "
                 "per_sample_loss(batch) and return self.reweight(losses, batch) from training_step)"
+            )
+        if self.strategy.delayed and trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"a delayed {type(self.strategy).__name__} reuses one batch's gradient for its virtual step: it "
+                f"does not work with accumulate_grad_batches={trainer.accumulate_grad_batches} (use delayed=False)"
             )
         if self._meta_loader is None:
             dm = getattr(trainer, "datamodule", None)
@@ -193,6 +202,7 @@ class MetaReweight(Callback):
         module = context.module
         if not self._meta_step_now(trainer):
             return self.strategy.weights(losses.detach())
+        delayed = self.strategy.delayed
         problem = MetaProblem(
             module,
             module.per_sample_loss,
@@ -200,13 +210,17 @@ class MetaReweight(Callback):
             context.batch,
             move_data_to_device(self._next_meta_batch(trainer), module.device),
             hypergrad=self.hypergrad,
-            losses=losses,
+            losses=losses.detach() if delayed else losses,
             rng_state=self._rng,
             fd_eps=self.fd_eps,
             reduce=self._all_reduce if trainer.world_size > 1 else None,
-            reuse_graph=trainer.world_size == 1,
+            reuse_graph=trainer.world_size == 1 and not delayed,
         )
-        weights = self.strategy.meta_weights(problem, self._virtual_lr(trainer)).detach()
+        if delayed:  # weights of the current meta-net; its update waits for the real gradient
+            weights = self.strategy.weights(losses.detach())
+            self._pending = (problem, self._virtual_lr(trainer))
+        else:
+            weights = self.strategy.meta_weights(problem, self._virtual_lr(trainer)).detach()
         self._meta_steps += 1
         if context.indices is not None:
             if self.track_noise_auroc and self._noise_mask is not None:
@@ -214,6 +228,26 @@ class MetaReweight(Callback):
             if self.track_sample_history:
                 self._sample_history(trainer, weights.device).update(weights, context.indices)
         return weights
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """A delayed strategy's meta update, with the real step's gradient (unscaled, not yet clipped)."""
+        if self._pending is None:
+            return
+        problem, lr = self._pending
+        self._pending = None
+        grads = [p.grad for p in problem.params]
+        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            return  # an fp16 overflow: the optimizer skips this step, and so does the meta-net
+        self.strategy.meta_update(problem, lr, grads)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._pending = None  # a step without an optimizer step (skipped loss) drops its delayed meta update
 
     def _sample_history(self, trainer: L.Trainer, device: torch.device) -> SampleWeightHistory:
         if self._history is None:

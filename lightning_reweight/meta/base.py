@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -32,6 +33,9 @@ class MetaStrategy(nn.Module):
 
     #: whether the strategy keeps learned state between steps (then ``meta_interval > 1`` makes sense)
     stateful: bool = False
+    #: whether the meta step runs after the real backward pass (:meth:`meta_update` with the real step's
+    #: gradient), the real step weighting with :meth:`weights` of the state before it
+    delayed: bool = False
 
     def meta_weights(self, problem: MetaProblem, lr: float) -> Tensor:
         """One meta step on ``problem`` with virtual-step size ``lr``; returns mean-scale weights ``(B,)``."""
@@ -40,6 +44,13 @@ class MetaStrategy(nn.Module):
     def weights(self, losses: Tensor) -> Tensor:
         """Mean-scale weights between meta steps (only stateful strategies have any)."""
         raise NotImplementedError(f"{type(self).__name__} has no weights between meta steps; use meta_interval=1")
+
+    def meta_update(self, problem: MetaProblem, lr: float, step_gradient: Sequence[Tensor | None]) -> None:
+        """A delayed meta step: update the learned state, given the real step's gradient ``grad sum w_i l_i``.
+
+        Only strategies with ``delayed = True`` implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no delayed meta step")
 
     def extra_state(self) -> dict[str, Any]:
         """State beyond ``state_dict()`` to checkpoint (e.g. a meta-optimizer's)."""

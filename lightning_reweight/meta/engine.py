@@ -279,13 +279,21 @@ class MetaProblem:
             return self.alignment_at_lr(1.0)
         return self.directional(self.meta_gradient(reduce=True))
 
-    def lookahead_alignment(self, weights: Tensor, lr: float) -> Tensor:
+    def lookahead_alignment(self, weights: Tensor, lr: float, step_gradient: Sequence[Tensor | None] | None = None
+                            ) -> Tensor:
         """MW-Net's ``G_i = <grad l_i(theta), grad L_meta(theta')>``, ``theta' = theta - lr grad sum w_i l_i``.
 
         With ``"forward"``, ``sum_i G_i dw_i/dphi * (-lr)`` is the exact meta gradient of
         ``L_meta(theta'(phi))``; ``"finite_diff"`` approximates only the directional derivative.
+        ``step_gradient``: ``grad sum w_i l_i`` when it is already known (the real step's gradient, for a
+        delayed meta step), which saves the virtual step's backward pass; ``None`` differentiates it here.
         """
-        return self.directional(self.meta_gradient(self.virtual_params(weights, lr)))
+        if step_gradient is None:
+            virtual = self.virtual_params(weights, lr)
+        else:
+            virtual = [t.detach() - lr * (0 if g is None else g.detach().to(t.dtype))
+                       for t, g in zip(self._params, step_gradient)]
+        return self.directional(self.meta_gradient(virtual))
 
     def virtual_step_gradient(
         self, weights_of: Callable[[Tensor], Tensor], wrt: Callable[[], Sequence[Tensor]], lr: float

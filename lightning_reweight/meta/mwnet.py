@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -54,6 +55,14 @@ class MetaWeightNet(MetaStrategy):
     virtual step and its backward pass; the error is first order in ``a`` (it is the meta gradient's limit as
     the virtual step shrinks, times ``a``). Every hypergradient route supports it.
 
+    ``delayed=True`` keeps the paper's meta gradient but reorders the step: the real step weights with
+    ``V(l; phi)`` *before* this step's meta update (the update takes effect from the next step), so its gradient
+    ``grad sum_i w_i l_i`` is the virtual step's, and :class:`~lightning_reweight.callbacks.MetaReweight` runs the
+    meta update after the real backward pass (``on_before_optimizer_step``) with that gradient: one backward pass
+    fewer per meta step. The new ``phi`` is the same as without the delay (on the fast routes, single process,
+    when the training loss is exactly ``reweight``'s); only the real step's weights are one meta step old.
+    ``"second_order"`` still differentiates its own virtual step (the reference).
+
     Defaults follow the official noisy-label / ResNet-32 script: Adam, lr 1e-3, weight decay 1e-4, hidden 100,
     no weight normalisation (the loss is ``mean_i V(l_i) l_i``).
 
@@ -68,6 +77,8 @@ class MetaWeightNet(MetaStrategy):
             mean scale.
         lookahead: take ``G_i`` at the virtual-step parameters ``theta'`` (the paper); ``False`` takes it at
             ``theta`` (first order, one backward pass fewer per meta step).
+        delayed: run the meta update after the real backward pass and reuse its gradient for the virtual step
+            (the real step weights with the meta-net before the update; one backward pass fewer per meta step).
 
     Example:
         >>> import torch
@@ -94,6 +105,7 @@ class MetaWeightNet(MetaStrategy):
         nesterov: bool = True,
         normalize: bool = False,
         lookahead: bool = True,
+        delayed: bool = False,
     ) -> None:
         super().__init__()
         if meta_lr <= 0:
@@ -103,6 +115,7 @@ class MetaWeightNet(MetaStrategy):
         self.weight_net = WeightNet(hidden)
         self.normalize = normalize
         self.lookahead = lookahead
+        self.delayed = delayed
         params = list(self.weight_net.parameters())
         if meta_optimizer == "adam":
             self.meta_opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=meta_lr,
@@ -120,25 +133,40 @@ class MetaWeightNet(MetaStrategy):
             v = self.weight_net(losses.float())
         return mean_scale(v) if self.normalize else v
 
-    def meta_gradient(self, problem: MetaProblem, lr: float) -> list[Tensor]:
-        """``grad_phi L_meta(theta'(phi))`` by the problem's hypergradient route (this process only)."""
+    def meta_gradient(
+        self, problem: MetaProblem, lr: float, step_gradient: Sequence[Tensor | None] | None = None
+    ) -> list[Tensor]:
+        """``grad_phi L_meta(theta'(phi))`` by the problem's hypergradient route (this process only).
+
+        ``step_gradient``: ``grad_theta sum_i w_i l_i`` if already computed (by the real backward pass);
+        the fast routes then take the virtual step from it instead of differentiating it.
+        """
         phi = list(self.weight_net.parameters())
         with torch.enable_grad():
             if problem.hypergrad == "second_order" and self.lookahead:
                 return problem.virtual_step_gradient(lambda losses: self._virtual(self.weight_net(losses)),
                                                      lambda: phi, lr)
             w = self._virtual(self.weight_net(problem.detached_losses()))
-            g = problem.lookahead_alignment(w.detach(), lr) if self.lookahead else problem.alignment()
+            if self.lookahead:
+                g = problem.lookahead_alignment(w.detach(), lr, step_gradient)
+            else:
+                g = problem.alignment()
             surrogate = -lr * (g.to(w.dtype) * w).sum()
             return list(torch.autograd.grad(surrogate, phi))
 
-    def meta_weights(self, problem: MetaProblem, lr: float) -> Tensor:
-        """Update ``phi`` with one meta-optimizer step (gradient averaged across processes); new weights."""
-        grads = problem.all_reduce(self.meta_gradient(problem, lr))
+    def meta_update(
+        self, problem: MetaProblem, lr: float, step_gradient: Sequence[Tensor | None] | None = None
+    ) -> None:
+        """One meta-optimizer step on ``phi`` (its gradient averaged across processes)."""
+        grads = problem.all_reduce(self.meta_gradient(problem, lr, step_gradient))
         for p, g in zip(self.weight_net.parameters(), grads):
             p.grad = g.to(p.dtype)
         self.meta_opt.step()
         self.meta_opt.zero_grad(set_to_none=True)
+
+    def meta_weights(self, problem: MetaProblem, lr: float) -> Tensor:
+        """Update ``phi`` with one meta-optimizer step (gradient averaged across processes); new weights."""
+        self.meta_update(problem, lr)
         return self.weights(problem.detached_losses())
 
     def extra_state(self) -> dict[str, Any]:
