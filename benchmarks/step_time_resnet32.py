@@ -87,6 +87,33 @@ def meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str) -> StepFacto
     return factory
 
 
+def delayed_meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str) -> StepFactory:
+    """A step with a delayed strategy (``MetaWeightNet(delayed=True)``): the batch is weighted with the current
+    meta-net, and the meta update runs after the backward pass with its gradient, as
+    :class:`~lightning_reweight.callbacks.MetaReweight` does in ``on_before_optimizer_step``."""
+
+    def factory(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
+        strat = strategy().to(next(model.parameters()).device)
+
+        def per_sample(b: Batch) -> Tensor:
+            return F.cross_entropy(model(b[0]), b[1], reduction="none")
+
+        def step(batch: Batch, meta: Batch) -> None:
+            rng = capture_rng(batch[0].device)
+            losses = per_sample(batch)
+            loss = (strat.weights(losses.detach()) * losses).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            problem = MetaProblem(model, per_sample, lambda b: per_sample(b).mean(), batch, meta,
+                                  hypergrad=hypergrad, losses=losses.detach(), rng_state=rng)
+            strat.meta_update(problem, opt.param_groups[0]["lr"], [p.grad for p in problem.params])
+            opt.step()
+
+        return step
+
+    return factory
+
+
 def criterion_step(make_criterion: Callable[[], nn.Module]) -> StepFactory:
     """A step with a loss module that reduces to a scalar itself (ABSGD's attentional loss, LDAM)."""
 
@@ -118,6 +145,8 @@ for _hg in ("finite_diff", "forward", "second_order"):
     MODES[f"l2rw-{_hg}"] = meta_step(L2RW, _hg)
     MODES[f"mwn-{_hg}"] = meta_step(MetaWeightNet, _hg)
     MODES[f"mwn-fo-{_hg}"] = meta_step(lambda: MetaWeightNet(lookahead=False), _hg)  # first order: no virtual step
+for _hg in ("finite_diff", "forward"):  # delayed: the virtual step reuses the real backward's gradient
+    MODES[f"mwn-delayed-{_hg}"] = delayed_meta_step(lambda: MetaWeightNet(delayed=True), _hg)
 
 
 def make(batch: int, meta_batch: int, device: str, seed: int = 0) -> tuple[nn.Module, Batch, Batch]:

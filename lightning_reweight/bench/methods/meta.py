@@ -38,10 +38,11 @@ def _l2rw(hypergrad: str):
     return build
 
 
-def _mwn(hypergrad: str, lookahead: bool = True):
+def _mwn(hypergrad: str, lookahead: bool = True, delayed: bool = False):
     def build(ctx: BuildContext) -> MethodParts:
         strategy = MetaWeightNet(
             lookahead=lookahead,
+            delayed=delayed,
             meta_optimizer=str(MWN_SETTINGS["meta_optimizer"]),
             meta_lr=float(MWN_SETTINGS["meta_lr"]),
             meta_momentum=float(MWN_SETTINGS["meta_momentum"]),
@@ -65,3 +66,8 @@ for _short, _route in _ROUTES.items():
 register_method("mwn-fo-fd", {"noise", "longtail"}, "Meta-Weight-Net, first order (no lookahead), finite diff.")(
     _mwn("finite_diff", lookahead=False)
 )
+for _short in ("fd", "fwd"):
+    register_method(f"mwn-dl-{_short}", {"noise", "longtail"},
+                    f"Meta-Weight-Net, delayed meta update (virtual step from the real gradient), {_ROUTES[_short]}")(
+        _mwn(_ROUTES[_short], delayed=True)
+    )
