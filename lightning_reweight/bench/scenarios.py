@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "scenarios": ["digits-sym40", "digits-lt50"],
         "seeds": [0],
         "epochs": None,
-        "exclude_methods": ["l2rw-fwd", "l2rw-2nd", "mwn-fwd", "mwn-2nd", "mwn-fo-fd"],
+        "exclude_methods": ["l2rw-fwd", "l2rw-2nd", "mwn-fwd", "mwn-2nd", "mwn-fo-fd", "mwn-dl-fd", "mwn-dl-fwd"],
     },
     "standard": {"scenarios": list(SCENARIOS), "seeds": [0, 1, 2], "epochs": None},
     "full": {"scenarios": list(SCENARIOS), "seeds": [0, 1, 2, 3, 4], "epochs": None},
