@@ -63,7 +63,9 @@ def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
 
 def meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str) -> StepFactory:
     """A reweighted step: the per-sample losses of the training forward are handed to the meta engine, exactly
-    as :class:`~lightning_reweight.callbacks.MetaReweight` does inside ``training_step``."""
+    as :class:`~lightning_reweight.callbacks.MetaReweight` does inside ``training_step`` (after preparing the
+    alignment before the training forward, for strategies that need only that, as it does in
+    ``on_train_batch_start``)."""
 
     def factory(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
         strat = strategy().to(next(model.parameters()).device)
@@ -73,9 +75,12 @@ def meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str) -> StepFacto
 
         def step(batch: Batch, meta: Batch) -> None:
             rng = capture_rng(batch[0].device)
-            losses = per_sample(batch)
             problem = MetaProblem(model, per_sample, lambda b: per_sample(b).mean(), batch, meta,
-                                  hypergrad=hypergrad, losses=losses, rng_state=rng, reuse_graph=True)
+                                  hypergrad=hypergrad, rng_state=rng, reuse_graph=True)
+            if strat.early_alignment:  # MetaReweight prepares L2RW's alignment in on_train_batch_start
+                problem.prepare()
+            losses = per_sample(batch)
+            problem.attach_losses(losses)
             w = strat.meta_weights(problem, lr=opt.param_groups[0]["lr"])
             loss = (w.detach() * losses).mean()
             opt.zero_grad(set_to_none=True)

@@ -132,6 +132,44 @@ def test_dropout_masks_replayed_from_saved_state():
     assert rel(fd, ref) < 0.05
 
 
+@pytest.mark.parametrize("hypergrad", HYPERGRADS)
+def test_prepared_before_the_training_forward_equals_the_reference(hypergrad):
+    """``prepare()`` before the training forward (as MetaReweight does for L2RW), then ``attach_losses`` with that
+    forward's losses: the per-sample-gradient reference, the same dropout masks, and nothing consumed from the RNG."""
+    model = small_cnn(dropout=0.5)
+    before = copy.deepcopy(model.state_dict())
+    x, y, mx, my = data()
+    rng = capture_rng()
+    ref = reference_alignment(model, x, y, mx, my, rng=rng[0])
+    torch.set_rng_state(rng[0])
+    early = problem(model, hypergrad, x, y, mx, my, rng_state=rng)
+    early.prepare()
+    for k, v in model.state_dict().items():  # parameters and BatchNorm statistics untouched
+        assert torch.equal(v, before[k])
+    losses = F.cross_entropy(model(x), y, reduction="none")  # draws its masks from the restored stream
+    early.attach_losses(losses)
+    got = early.alignment()
+    if hypergrad == "finite_diff":
+        assert F.cosine_similarity(got.double(), ref, dim=0) > 0.999
+        assert rel(got, ref) < 0.05
+    else:
+        assert rel(got, ref) < 1e-5
+
+
+def test_prepared_finite_difference_does_not_reuse_autocast_losses():
+    """Made outside autocast, handed losses computed under bf16 autocast: the engine recomputes l(theta) in fp32."""
+    model = small_cnn()
+    x, y, mx, my = data()
+    ref = problem(model, "finite_diff", x, y, mx, my).alignment()
+    early = problem(model, "finite_diff", x, y, mx, my)
+    early.prepare()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        early.attach_losses(losses)
+    assert not torch.allclose(losses.detach().float(), F.cross_entropy(model(x), y, reduction="none"), rtol=1e-4)
+    torch.testing.assert_close(early.alignment(), ref, rtol=1e-5, atol=1e-6)
+
+
 def textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr):
     """Meta-Weight-Net's meta gradient written out: virtual step, meta loss, backward to phi."""
     m = copy.deepcopy(model)

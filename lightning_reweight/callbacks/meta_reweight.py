@@ -122,6 +122,7 @@ class MetaReweight(Callback):
         self._meta_steps = 0
         self._rng: RNGState | None = None
         self._pending: tuple[MetaProblem, float] | None = None
+        self._early: MetaProblem | None = None
         self._trainer: L.Trainer | None = None
         self._pending_extra: dict[str, Any] | None = None
         self._noise_mask: Tensor | None = None
@@ -189,6 +190,11 @@ class MetaReweight(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._rng = capture_rng(pl_module.device)
+        self._early = None
+        if self.strategy.early_alignment and self._meta_step_now(trainer):
+            # the alignment's meta forward/backward and shifted forward, before the training graph exists
+            self._early = self._problem(trainer, pl_module, batch, None)
+            self._early.prepare()
 
     def _meta_step_now(self, trainer: L.Trainer) -> bool:
         return trainer.current_epoch >= self.warmup_epochs and trainer.global_step % self.meta_interval == 0
@@ -203,19 +209,12 @@ class MetaReweight(Callback):
         if not self._meta_step_now(trainer):
             return self.strategy.weights(losses.detach())
         delayed = self.strategy.delayed
-        problem = MetaProblem(
-            module,
-            module.per_sample_loss,
-            lambda b: module.per_sample_loss(b).mean(),
-            context.batch,
-            move_data_to_device(self._next_meta_batch(trainer), module.device),
-            hypergrad=self.hypergrad,
-            losses=losses.detach() if delayed else losses,
-            rng_state=self._rng,
-            fd_eps=self.fd_eps,
-            reduce=self._all_reduce if trainer.world_size > 1 else None,
-            reuse_graph=trainer.world_size == 1 and not delayed,
-        )
+        early, self._early = self._early, None
+        if early is not None and early.train_batch is context.batch:
+            problem = early
+            problem.attach_losses(losses)
+        else:
+            problem = self._problem(trainer, module, context.batch, losses.detach() if delayed else losses)
         if delayed:  # weights of the current meta-net; its update waits for the real gradient
             weights = self.strategy.weights(losses.detach())
             self._pending = (problem, self._virtual_lr(trainer))
@@ -228,6 +227,22 @@ class MetaReweight(Callback):
             if self.track_sample_history:
                 self._sample_history(trainer, weights.device).update(weights, context.indices)
         return weights
+
+    def _problem(self, trainer: L.Trainer, module: Any, batch: Any, losses: Tensor | None) -> MetaProblem:
+        """This step's meta problem: the training batch, the next meta batch, the step's saved RNG state."""
+        return MetaProblem(
+            module,
+            module.per_sample_loss,
+            lambda b: module.per_sample_loss(b).mean(),
+            batch,
+            move_data_to_device(self._next_meta_batch(trainer), module.device),
+            hypergrad=self.hypergrad,
+            losses=losses,
+            rng_state=self._rng,
+            fd_eps=self.fd_eps,
+            reduce=self._all_reduce if trainer.world_size > 1 else None,
+            reuse_graph=trainer.world_size == 1 and not self.strategy.delayed,
+        )
 
     @override
     def on_before_optimizer_step(
@@ -248,6 +263,7 @@ class MetaReweight(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._pending = None  # a step without an optimizer step (skipped loss) drops its delayed meta update
+        self._early = None
 
     def _sample_history(self, trainer: L.Trainer, device: torch.device) -> SampleWeightHistory:
         if self._history is None:

@@ -33,6 +33,10 @@ class MetaStrategy(nn.Module):
 
     #: whether the strategy keeps learned state between steps (then ``meta_interval > 1`` makes sense)
     stateful: bool = False
+    #: whether :meth:`meta_weights` needs from the problem only :meth:`MetaProblem.alignment` (L2RW's ``u`` at
+    #: ``theta``), which :class:`~lightning_reweight.callbacks.MetaReweight` then prepares before the training
+    #: forward (:meth:`MetaProblem.prepare`)
+    early_alignment: bool = False
     #: whether the meta step runs after the real backward pass (:meth:`meta_update` with the real step's
     #: gradient), the real step weighting with :meth:`weights` of the state before it
     delayed: bool = False

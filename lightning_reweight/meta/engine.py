@@ -119,6 +119,7 @@ class MetaProblem:
     reuse_graph: bool = False
     _names: list[str] = field(init=False, repr=False)
     _params: list[Tensor] = field(init=False, repr=False)
+    _early: Any = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if self.hypergrad not in HYPERGRADS:
@@ -184,6 +185,28 @@ class MetaProblem:
         """Average ``tensors`` across processes with ``reduce`` (identity in a single process)."""
         return list(self.reduce(tensors)) if self.reduce is not None else tensors
 
+    def attach_losses(self, losses: Tensor) -> None:
+        """Hand over the training forward's per-sample losses after the problem was made (see :meth:`prepare`).
+
+        Whether they were computed under autocast is read now, where the forward ran.
+        """
+        self.losses = losses
+        self._autocast = torch.is_autocast_enabled(self._params[0].device.type)
+
+    def prepare(self) -> None:
+        """Compute now the part of :meth:`alignment` that does not need the training forward's losses.
+
+        Called before the training forward (``MetaReweight`` does it in ``on_train_batch_start`` for strategies
+        that need only the alignment, like L2RW), so that the meta forward and backward and the shifted forward
+        run while the training graph does not exist yet: less memory alive at once, and measurably faster on CPU.
+        ``"finite_diff"`` keeps the shifted losses and finishes in :meth:`alignment` with the training forward's
+        losses (:meth:`attach_losses`); the other routes compute the whole alignment here.
+        """
+        if self.hypergrad == "finite_diff":
+            self._early = ("shift", self._fd_shift(self.meta_gradient(reduce=True)))
+        else:
+            self._early = ("done", self.alignment())
+
     def detached_losses(self) -> Tensor:
         """The training losses at ``theta`` in fp32, detached (the training forward's, or recomputed)."""
         base = self._base_losses()
@@ -236,15 +259,7 @@ class MetaProblem:
                     primal, tangent = fwAD.unpack_dual(self.train_losses_at(dual))
                 return torch.zeros_like(primal) if tangent is None else tangent.float()
             if self.hypergrad == "finite_diff":
-                d_norm = _norm(direction)
-                if d_norm == 0.0:
-                    return torch.zeros_like(self.train_losses_at(theta))
-                h = self.fd_eps * max(_norm(theta), 1.0) / d_norm
-                base = self._base_losses()
-                if base is None:
-                    base = self.train_losses_at(theta)
-                shifted = self.train_losses_at([t + h * d.to(t.dtype) for t, d in zip(theta, direction)])
-                return (shifted - base) / h
+                return self._fd_finish(self._fd_shift(direction))
             with torch.enable_grad():
                 p = [t.requires_grad_(True) for t in (x.clone() for x in theta)]
                 losses = self.train_losses_at(p)
@@ -253,6 +268,24 @@ class MetaProblem:
                 inner = sum((g * d).sum() for g, d in zip(grads, direction) if g is not None)
                 (u,) = torch.autograd.grad(inner, eps)
                 return u.detach()
+
+    def _fd_shift(self, direction: Sequence[Tensor]) -> tuple[Tensor, float] | None:
+        """``(l(theta + h d), h)`` with ``h = fd_eps * max(|theta|, 1) / |d|``; ``None`` when ``d = 0``."""
+        d_norm = _norm(direction)
+        if d_norm == 0.0:
+            return None
+        theta = [p.detach() for p in self._params]
+        h = self.fd_eps * max(_norm(theta), 1.0) / d_norm
+        with self._forked(), torch.no_grad():
+            return self.train_losses_at([t + h * d.to(t.dtype) for t, d in zip(theta, direction)]), h
+
+    def _fd_finish(self, shift: tuple[Tensor, float] | None) -> Tensor:
+        """``(l(theta + h d) - l(theta)) / h``, reusing the training forward's ``l(theta)`` when it can."""
+        base = self.detached_losses()
+        if shift is None:
+            return torch.zeros_like(base)
+        shifted, h = shift
+        return (shifted - base) / h
 
     def alignment_at_lr(self, lr: float) -> Tensor:
         """:meth:`alignment` times ``lr``; ``"second_order"`` takes the virtual step with size ``lr``."""
@@ -275,6 +308,9 @@ class MetaProblem:
         gradient averaged across processes (under DDP the meta batch is the union of the ranks' meta batches);
         ``"second_order"`` uses this process's meta batch.
         """
+        if self._early is not None:
+            kind, value = self._early
+            return value if kind == "done" else self._fd_finish(value)
         if self.hypergrad == "second_order":
             return self.alignment_at_lr(1.0)
         return self.directional(self.meta_gradient(reduce=True))

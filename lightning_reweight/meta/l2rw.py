@@ -47,6 +47,7 @@ class L2RW(MetaStrategy):
     """
 
     stateful = False
+    early_alignment = True
 
     def meta_weights(self, problem: MetaProblem, lr: float) -> Tensor:
         """Mean-scale L2RW weights of the problem's training batch."""

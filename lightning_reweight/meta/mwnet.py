@@ -116,6 +116,7 @@ class MetaWeightNet(MetaStrategy):
         self.normalize = normalize
         self.lookahead = lookahead
         self.delayed = delayed
+        self.early_alignment = not lookahead and not delayed  # first order: G is L2RW's alignment at theta
         params = list(self.weight_net.parameters())
         if meta_optimizer == "adam":
             self.meta_opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=meta_lr,
