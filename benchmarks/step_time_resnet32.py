@@ -61,7 +61,7 @@ def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
     return step
 
 
-def meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str) -> StepFactory:
+def meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str, early: bool = True) -> StepFactory:
     """A reweighted step: the per-sample losses of the training forward are handed to the meta engine, exactly
     as :class:`~lightning_reweight.callbacks.MetaReweight` does inside ``training_step`` (after preparing the
     alignment before the training forward, for strategies that need only that, as it does in
@@ -77,7 +77,7 @@ def meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str) -> StepFacto
             rng = capture_rng(batch[0].device)
             problem = MetaProblem(model, per_sample, lambda b: per_sample(b).mean(), batch, meta,
                                   hypergrad=hypergrad, rng_state=rng, reuse_graph=True)
-            if strat.early_alignment:  # MetaReweight prepares L2RW's alignment in on_train_batch_start
+            if early and strat.early_alignment:  # MetaReweight prepares L2RW's alignment in on_train_batch_start
                 problem.prepare()
             losses = per_sample(batch)
             problem.attach_losses(losses)
@@ -152,6 +152,8 @@ for _hg in ("finite_diff", "forward", "second_order"):
     MODES[f"mwn-fo-{_hg}"] = meta_step(lambda: MetaWeightNet(lookahead=False), _hg)  # first order: no virtual step
 for _hg in ("finite_diff", "forward"):  # delayed: the virtual step reuses the real backward's gradient
     MODES[f"mwn-delayed-{_hg}"] = delayed_meta_step(lambda: MetaWeightNet(delayed=True), _hg)
+for _hg in ("finite_diff", "forward"):  # L2RW's alignment after the training forward, while its graph is alive
+    MODES[f"l2rw-late-{_hg}"] = meta_step(L2RW, _hg, early=False)
 
 
 def make(batch: int, meta_batch: int, device: str, seed: int = 0) -> tuple[nn.Module, Batch, Batch]:
