@@ -62,10 +62,12 @@ def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
 
 
 def meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str, early: bool = True) -> StepFactory:
-    """A reweighted step: the per-sample losses of the training forward are handed to the meta engine, exactly
-    as :class:`~lightning_reweight.callbacks.MetaReweight` does inside ``training_step`` (after preparing the
-    alignment before the training forward, for strategies that need only that, as it does in
-    ``on_train_batch_start``)."""
+    """A reweighted step, in the order :class:`~lightning_reweight.callbacks.MetaReweight` runs it: the alignment
+    prepared before the training forward for strategies that need only that (``on_train_batch_start``); the
+    training forward's per-sample losses handed to the engine (inside ``training_step``); for a delayed strategy
+    (``MetaWeightNet(delayed=True)``) the batch weighted with the current meta-net and the meta update run after
+    the backward pass with its gradient (``on_before_optimizer_step``). ``early=False`` computes the alignment
+    after the training forward instead (the order before it was prepared early)."""
 
     def factory(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
         strat = strategy().to(next(model.parameters()).device)
@@ -76,42 +78,18 @@ def meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str, early: bool 
         def step(batch: Batch, meta: Batch) -> None:
             rng = capture_rng(batch[0].device)
             problem = MetaProblem(model, per_sample, lambda b: per_sample(b).mean(), batch, meta,
-                                  hypergrad=hypergrad, rng_state=rng, reuse_graph=True)
-            if early and strat.early_alignment:  # MetaReweight prepares L2RW's alignment in on_train_batch_start
+                                  hypergrad=hypergrad, rng_state=rng, reuse_graph=not strat.delayed)
+            if early and strat.early_alignment:
                 problem.prepare()
             losses = per_sample(batch)
-            problem.attach_losses(losses)
-            w = strat.meta_weights(problem, lr=opt.param_groups[0]["lr"])
+            problem.attach_losses(losses.detach() if strat.delayed else losses)
+            lr = opt.param_groups[0]["lr"]
+            w = strat.weights(losses.detach()) if strat.delayed else strat.meta_weights(problem, lr=lr)
             loss = (w.detach() * losses).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-
-        return step
-
-    return factory
-
-
-def delayed_meta_step(strategy: Callable[[], MetaStrategy], hypergrad: str) -> StepFactory:
-    """A step with a delayed strategy (``MetaWeightNet(delayed=True)``): the batch is weighted with the current
-    meta-net, and the meta update runs after the backward pass with its gradient, as
-    :class:`~lightning_reweight.callbacks.MetaReweight` does in ``on_before_optimizer_step``."""
-
-    def factory(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
-        strat = strategy().to(next(model.parameters()).device)
-
-        def per_sample(b: Batch) -> Tensor:
-            return F.cross_entropy(model(b[0]), b[1], reduction="none")
-
-        def step(batch: Batch, meta: Batch) -> None:
-            rng = capture_rng(batch[0].device)
-            losses = per_sample(batch)
-            loss = (strat.weights(losses.detach()) * losses).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            problem = MetaProblem(model, per_sample, lambda b: per_sample(b).mean(), batch, meta,
-                                  hypergrad=hypergrad, losses=losses.detach(), rng_state=rng)
-            strat.meta_update(problem, opt.param_groups[0]["lr"], [p.grad for p in problem.params])
+            if strat.delayed:
+                strat.meta_update(problem, lr, [p.grad for p in problem.params])
             opt.step()
 
         return step
@@ -151,7 +129,7 @@ for _hg in ("finite_diff", "forward", "second_order"):
     MODES[f"mwn-{_hg}"] = meta_step(MetaWeightNet, _hg)
     MODES[f"mwn-fo-{_hg}"] = meta_step(lambda: MetaWeightNet(lookahead=False), _hg)  # first order: no virtual step
 for _hg in ("finite_diff", "forward"):  # delayed: the virtual step reuses the real backward's gradient
-    MODES[f"mwn-delayed-{_hg}"] = delayed_meta_step(lambda: MetaWeightNet(delayed=True), _hg)
+    MODES[f"mwn-delayed-{_hg}"] = meta_step(lambda: MetaWeightNet(delayed=True), _hg)
 for _hg in ("finite_diff", "forward"):  # L2RW's alignment after the training forward, while its graph is alive
     MODES[f"l2rw-late-{_hg}"] = meta_step(L2RW, _hg, early=False)
 

@@ -142,6 +142,32 @@ def test_callback_weights_are_l2rw_of_the_training_forward_itself_with_dropout(h
         assert float((w - expected).norm() / expected.norm()) < 0.05
 
 
+class RebuiltBatchClassifier(ReweightClassifier):
+    """Hands ``reweight`` a new batch object (as an augmenting training_step would): the early alignment is unused."""
+
+    def training_step(self, batch, batch_idx):
+        batch = tuple(batch)
+        return self.reweight(self.per_sample_loss(batch), batch)
+
+
+def test_rebuilt_batch_falls_back_to_the_late_alignment_with_one_meta_batch_per_step():
+    """When training_step reweights another batch object than the hook prepared, the alignment is computed afresh
+    on the meta batch already drawn: the same training as the usual module (one meta batch per step, not two)."""
+    runs = []
+    for cls in (ReweightClassifier, RebuiltBatchClassifier):
+        train, meta = loaders()
+        torch.manual_seed(0)
+        model = cls(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05, momentum=0.9)
+        cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad="finite_diff")
+        trainer(1, [cb]).fit(model, train)
+        runs.append((model, cb.state_dict()))
+    (usual, usual_state), (rebuilt, rebuilt_state) = runs
+    assert rebuilt_state["meta_steps"] == usual_state["meta_steps"] == len(loaders()[0])
+    assert (rebuilt_state["meta_epoch"], rebuilt_state["meta_pos"]) == (usual_state["meta_epoch"],
+                                                                        usual_state["meta_pos"])
+    torch.testing.assert_close(flat(rebuilt), flat(usual), rtol=1e-6, atol=1e-7)
+
+
 def test_virtual_step_uses_the_optimizers_current_lr():
     train, meta = loaders()
 

@@ -33,11 +33,13 @@ class MetaReweight(Callback):
     attaches itself as a weighting source, and on every ``meta_interval``-th step after ``warmup_epochs`` it
     draws a meta batch (cycling the meta loader), builds a :class:`~lightning_reweight.meta.MetaProblem` from the
     training forward's losses and lets the strategy turn it into weights. The meta loss is the mean of
-    ``per_sample_loss`` on the meta batch. Between meta steps a stateful strategy (MW-Net) weights with its
-    current meta-net; during warm-up weights are uniform. A *delayed* strategy (``MetaWeightNet(delayed=True)``)
-    weights the batch with its current meta-net and runs its meta update in ``on_before_optimizer_step``, taking
-    the virtual step from the real gradient (unscaled, not yet clipped; under DDP the ranks' average); it needs
-    ``accumulate_grad_batches=1``.
+    ``per_sample_loss`` on the meta batch. A strategy that needs only the alignment at ``theta`` (L2RW) has it
+    prepared in ``on_train_batch_start``, before the training forward (less memory alive at once); the finite
+    difference then takes ``l(theta)`` from the training forward. Between meta steps a stateful strategy (MW-Net)
+    weights with its current meta-net; during warm-up weights are uniform. A *delayed* strategy
+    (``MetaWeightNet(delayed=True)``) weights the batch with its current meta-net and runs its meta update in
+    ``on_before_optimizer_step``, taking the virtual step from the real gradient (unscaled, not yet clipped; under
+    DDP the ranks' average); it needs ``accumulate_grad_batches=1``.
 
     Exactness and side effects: extra forwards run on cloned buffers, in fp32 (autocast off), inside a forked
     RNG; the training batch's extra forwards replay the RNG state saved in ``on_train_batch_start``, which
@@ -213,8 +215,9 @@ class MetaReweight(Callback):
         if early is not None and early.train_batch is context.batch:
             problem = early
             problem.attach_losses(losses)
-        else:
-            problem = self._problem(trainer, module, context.batch, losses.detach() if delayed else losses)
+        else:  # training_step handed over another batch object than the hook saw: start afresh (same meta batch)
+            problem = self._problem(trainer, module, context.batch, losses.detach() if delayed else losses,
+                                    None if early is None else early.meta_batch)
         if delayed:  # weights of the current meta-net; its update waits for the real gradient
             weights = self.strategy.weights(losses.detach())
             self._pending = (problem, self._virtual_lr(trainer))
@@ -228,14 +231,18 @@ class MetaReweight(Callback):
                 self._sample_history(trainer, weights.device).update(weights, context.indices)
         return weights
 
-    def _problem(self, trainer: L.Trainer, module: Any, batch: Any, losses: Tensor | None) -> MetaProblem:
-        """This step's meta problem: the training batch, the next meta batch, the step's saved RNG state."""
+    def _problem(
+        self, trainer: L.Trainer, module: Any, batch: Any, losses: Tensor | None, meta_batch: Any = None
+    ) -> MetaProblem:
+        """This step's meta problem: the training batch, the meta batch (default: the next one), the saved RNG."""
+        if meta_batch is None:
+            meta_batch = move_data_to_device(self._next_meta_batch(trainer), module.device)
         return MetaProblem(
             module,
             module.per_sample_loss,
             lambda b: module.per_sample_loss(b).mean(),
             batch,
-            move_data_to_device(self._next_meta_batch(trainer), module.device),
+            meta_batch,
             hypergrad=self.hypergrad,
             losses=losses,
             rng_state=self._rng,
@@ -254,7 +261,8 @@ class MetaReweight(Callback):
         problem, lr = self._pending
         self._pending = None
         grads = [p.grad for p in problem.params]
-        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+        present = [g for g in grads if g is not None]
+        if present and not bool(torch.stack([torch.isfinite(g).all() for g in present]).all()):  # one sync
             return  # an fp16 overflow: the optimizer skips this step, and so does the meta-net
         self.strategy.meta_update(problem, lr, grads)
 

@@ -119,6 +119,7 @@ class MetaProblem:
     reuse_graph: bool = False
     _names: list[str] = field(init=False, repr=False)
     _params: list[Tensor] = field(init=False, repr=False)
+    _prepared: bool = field(init=False, repr=False, default=False)
     _early: Any = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
@@ -198,14 +199,16 @@ class MetaProblem:
 
         Called before the training forward (``MetaReweight`` does it in ``on_train_batch_start`` for strategies
         that need only the alignment, like L2RW), so that the meta forward and backward and the shifted forward
-        run while the training graph does not exist yet: less memory alive at once, and measurably faster on CPU.
-        ``"finite_diff"`` keeps the shifted losses and finishes in :meth:`alignment` with the training forward's
-        losses (:meth:`attach_losses`); the other routes compute the whole alignment here.
+        run while the training graph does not exist yet: less memory alive at once (and, on CPU, a slightly
+        faster finite difference). ``"finite_diff"`` keeps the shifted losses and finishes in :meth:`alignment`
+        with the training forward's losses (:meth:`attach_losses`); the other routes compute the whole alignment
+        here.
         """
         if self.hypergrad == "finite_diff":
-            self._early = ("shift", self._fd_shift(self.meta_gradient(reduce=True)))
+            self._early = self._fd_shift(self.meta_gradient(reduce=True))
         else:
-            self._early = ("done", self.alignment())
+            self._early = self.alignment()
+        self._prepared = True
 
     def detached_losses(self) -> Tensor:
         """The training losses at ``theta`` in fp32, detached (the training forward's, or recomputed)."""
@@ -308,9 +311,8 @@ class MetaProblem:
         gradient averaged across processes (under DDP the meta batch is the union of the ranks' meta batches);
         ``"second_order"`` uses this process's meta batch.
         """
-        if self._early is not None:
-            kind, value = self._early
-            return value if kind == "done" else self._fd_finish(value)
+        if self._prepared:
+            return self._fd_finish(self._early) if self.hypergrad == "finite_diff" else self._early
         if self.hypergrad == "second_order":
             return self.alignment_at_lr(1.0)
         return self.directional(self.meta_gradient(reduce=True))
