@@ -604,6 +604,15 @@ def test_resume_mid_epoch_does_not_probe_that_epoch_twice(tmp_path):
     assert resumed.history[:2] == monitor.history
 
 
+def test_state_key_follows_the_prefix():
+    # Lightning's convention for keyed callback states: the class name and the repr of the keying arguments
+    monitor = SusceptibilityMonitor()
+    assert monitor.state_key == "SusceptibilityMonitor{'prefix': 'memorization'}"
+    assert monitor.state_key == SusceptibilityMonitor(prefix="memorization").state_key
+    monitor.prefix = "probe"
+    assert monitor.state_key == "SusceptibilityMonitor{'prefix': 'probe'}"
+
+
 def test_missing_num_classes_is_reported(tmp_path):
     class Plain(L.LightningModule):
         def __init__(self):

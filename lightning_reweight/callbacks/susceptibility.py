@@ -147,6 +147,7 @@ class SusceptibilityMonitor(Callback):
         self.eval_batch_size = eval_batch_size
         self.pool_size = pool_size
         self.prefix = prefix
+        self._state_key: tuple[str, str] | None = None
         self._labels: Tensor | None = None
         self._epochs: list[int] = []
         self._drops: list[float] = []
@@ -191,8 +192,14 @@ class SusceptibilityMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        """Checkpoint key; monitors with different ``prefix`` keep separate states."""
-        return self._generate_state_key(prefix=self.prefix)
+        """Checkpoint key; monitors with different ``prefix`` keep separate states.
+
+        Lightning formats it on every hook call (its profiler's action name), so it is built once per ``prefix``.
+        """
+        cached = self._state_key
+        if cached is None or cached[0] != self.prefix:
+            cached = self._state_key = (self.prefix, self._generate_state_key(prefix=self.prefix))
+        return cached[1]
 
     # ------------------------------------------------------------------ overridable policy
     def compute_logits(self, pl_module: LightningModule, inputs: Tensor) -> Tensor:
