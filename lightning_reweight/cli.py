@@ -74,7 +74,8 @@ def lightning_cli(argv: Sequence[str]) -> int:
         ReweightClassifier,
         ReweightDataModule,
         subclass_mode_data=True,
-        args=list(argv),
+        # the command line itself is read by LightningCLI (handing it over as args makes it warn about both)
+        args=None if list(argv) == sys.argv[1:] else list(argv),
         parser_kwargs={cmd: {"default_config_files": [str(default)]} for cmd in _LIGHTNING_SUBCOMMANDS},
         save_config_kwargs={"overwrite": True},
     )

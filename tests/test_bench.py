@@ -2,6 +2,8 @@
 
 import json
 import statistics
+import sys
+import warnings
 
 import pytest
 import torch
@@ -97,12 +99,18 @@ def test_cli_benchmark_prints_table_and_writes_json(tmp_path, capsys):
     assert data["summary"][0]["seeds"] == 2 and data["meta"]["preset"] == "quick"
 
 
-def test_cli_fit_runs_lightning_cli(tmp_path):
-    code = main(["fit", "--trainer.max_epochs=1", "--trainer.enable_checkpointing=false",
-                 f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-                 "--data.init_args.noise_rate=0.2"])
+@pytest.mark.parametrize("command_line", [False, True])
+def test_cli_fit_runs_lightning_cli(tmp_path, monkeypatch, command_line):
+    argv = ["fit", "--trainer.max_epochs=1", "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+            "--data.init_args.noise_rate=0.2"]
+    monkeypatch.setattr(sys, "argv", ["lightning-reweight", *argv] if command_line else ["pytest"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(None if command_line else argv)
     assert code == 0
     assert (tmp_path / "lightning_logs").exists()
+    assert not [w for w in caught if "args parameter" in str(w.message)]  # the console script's own arguments
 
 
 def test_cli_usage(capsys):

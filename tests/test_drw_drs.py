@@ -8,7 +8,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reweight import ReweightClassifier
-from lightning_reweight.callbacks import DeferredResampling, DeferredReweighting
+from lightning_reweight.callbacks import ClassWeighting, DeferredResampling, DeferredReweighting
+from lightning_reweight.contract import WeightingContext
 from lightning_reweight.losses import LDAMLoss
 from lightning_reweight.models import MLP
 
@@ -135,6 +136,11 @@ def test_drw_errors():
     trainer = trainer_for(None, 1, [DeferredReweighting(0, mode="criterion", cls_num_list=COUNTS)])
     with pytest.raises(ValueError, match="criterion.weight"):
         trainer.fit(model, TinyDataModule())
+    weighting = ClassWeighting(torch.ones(3))
+    with pytest.raises(ValueError, match=r"return self.reweight\(losses, batch\)"):  # reweight called without batch
+        weighting.sample_weights(torch.ones(2), WeightingContext(None))
+    with pytest.raises(ValueError, match=r"batches must be \(inputs, targets"):
+        weighting.sample_weights(torch.ones(2), WeightingContext(None, batch=torch.zeros(2, 4)))
 
 
 class ClassCounter(L.Callback):

@@ -479,9 +479,69 @@ def test_argument_errors():
         MetaReweight(L2RW(), meta_interval=2)
     with pytest.raises(ValueError, match="hypergrad"):
         MetaReweight(L2RW(), hypergrad="exact")
-    train, _ = loaders()
+    train, meta = loaders()
     with pytest.raises(ValueError, match="meta_dataloader"):
         trainer(1, [MetaReweight(L2RW())]).fit(module(), train)
+    with pytest.raises(TypeError, match=r"DataLoader\(dataset"):
+        MetaReweight(L2RW(), meta_dataloader=meta.dataset)  # a dataset, not a loader
+
+
+class ForgetfulClassifier(ReweightClassifier):
+    """A training_step that reduces the losses itself instead of through ``self.reweight``."""
+
+    def training_step(self, batch, batch_idx):
+        return self.per_sample_loss(batch).mean()
+
+
+class BatchlessClassifier(ReweightClassifier):
+    """A training_step that calls ``self.reweight`` without the batch."""
+
+    def training_step(self, batch, batch_idx):
+        return self.reweight(self.per_sample_loss(batch))
+
+
+def test_a_training_step_that_bypasses_reweight_is_reported():
+    train, meta = loaders()
+    torch.manual_seed(0)
+    forgetful = ForgetfulClassifier(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+    fit = trainer(3, [MetaReweight(L2RW(), meta_dataloader=meta)])
+    with pytest.raises(RuntimeError, match=r"never called self.reweight\(losses, batch\) in epoch 0"):
+        fit.fit(forgetful, train)
+    assert fit.current_epoch == 0  # stopped after the first epoch
+    batchless = BatchlessClassifier(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+    with pytest.raises(ValueError, match=r"needs the training batch: return self.reweight\(losses, batch\)"):
+        trainer(1, [MetaReweight(MetaWeightNet(), meta_dataloader=meta)]).fit(batchless, train)
+
+
+@pytest.mark.parametrize("strategy", [L2RW, MetaWeightNet])
+def test_a_reused_callback_starts_a_new_fit_afresh(strategy):
+    """A callback fitted once and reused for a new (not resumed) fit on a larger training set trains exactly as a
+    new callback holding the same strategy state: counters, meta-loader position and sample history restart."""
+    small, meta = loaders(n=120)
+    train, _ = loaders()
+    used = MetaReweight(strategy(), meta_dataloader=meta)
+    trainer(1, [used]).fit(module(), small)
+    fresh = MetaReweight(copy.deepcopy(used.strategy), meta_dataloader=meta)
+    runs = []
+    for cb in (used, fresh):
+        model = module(1)
+        trainer(2, [cb]).fit(model, train)
+        runs.append((flat(model), cb.state_dict()["meta_steps"], cb.sample_scores()["visits"]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] == 2 * len(train)
+    assert torch.equal(runs[0][2], runs[1][2]) and runs[0][2].tolist() == [2.0] * len(train.dataset)
+
+
+def test_a_continued_fit_on_the_same_trainer_keeps_the_run_state():
+    train, meta = loaders()
+    cb = MetaReweight(L2RW(), meta_dataloader=meta)
+    model, fit = module(), trainer(1, [cb])
+    fit.fit(model, train)
+    fit.fit_loop.max_epochs = 2
+    fit.fit(model, train)
+    assert fit.current_epoch == 2
+    assert cb.state_dict()["meta_steps"] == 2 * len(train)
+    assert cb.sample_scores()["visits"].tolist() == [2.0] * len(train.dataset)
 
 
 @pytest.mark.parametrize("delayed", [False, True])

@@ -613,6 +613,71 @@ def test_state_key_follows_the_prefix():
     assert monitor.state_key == "SusceptibilityMonitor{'prefix': 'probe'}"
 
 
+def test_a_reused_monitor_starts_a_new_fit_afresh(tmp_path):
+    """A monitor fitted once and reused for a new (not resumed) fit on other data measures exactly as a new one."""
+    used = SusceptibilityMonitor(batch_size=16, pool_size=48)
+    L.seed_everything(0, verbose=False)
+    _trainer(tmp_path, [used], 2).fit(_module(), datamodule=_NoisyDM(n=64, seed=1))
+    fresh = SusceptibilityMonitor(batch_size=16, pool_size=48)
+    for monitor in (used, fresh):
+        _fit(tmp_path, [monitor], epochs=2)
+    assert [e for e, _ in used.history] == [0, 1]
+    assert used.history == fresh.history and torch.equal(used.random_labels, fresh.random_labels)
+    assert used.logged_history == fresh.logged_history
+
+
+class _DictOutput(ReweightClassifier):
+    """A forward that returns a dict of logits and features (the subset accuracy reads the logits from it)."""
+
+    def forward(self, x):
+        return {"features": x, "logits": self.backbone(x)}
+
+    def per_sample_loss(self, batch):
+        x, y, _ = batch
+        return nn.functional.cross_entropy(self(x)["logits"], y, reduction="none")
+
+
+def test_a_forward_returning_a_dict_of_logits_is_read_through_logits_from_output(tmp_path):
+    """Same drops and subset accuracies as the same network whose forward returns the logits themselves."""
+    runs = []
+    for cls in (ReweightClassifier, _DictOutput):
+        monitor = SusceptibilityMonitor(batch_size=16)
+        L.seed_everything(0, verbose=False)
+        torch.manual_seed(0)
+        model = cls(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)
+        _trainer(tmp_path, [monitor], 2).fit(model, datamodule=_NoisyDM())
+        runs.append(monitor.logged_history)
+    assert runs[0] == runs[1]
+    assert all("memorization/train_acc_noisy" in r and "memorization/drop" in r for r in runs[1])
+
+
+def test_unreadable_outputs_and_samples_are_reported(tmp_path):
+    class Features(_DictOutput):
+        def forward(self, x):
+            return {"features": self.backbone(x)}
+
+        def per_sample_loss(self, batch):
+            x, y, _ = batch
+            return nn.functional.cross_entropy(self(x)["features"], y, reduction="none")
+
+    torch.manual_seed(0)
+    model = Features(MLP(6, 4, hidden=(8,)), num_classes=4, lr=0.1)
+    with pytest.raises(TypeError, match="override SusceptibilityMonitor.logits_from_output"):
+        _trainer(tmp_path, [SusceptibilityMonitor(batch_size=16)], 1).fit(model, datamodule=_NoisyDM())
+
+    class Samples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return {"pixels": torch.zeros(6), "label": 0}
+
+    pool = DataLoader(Samples(), batch_size=8)
+    monitor = SusceptibilityMonitor(batch_size=16, unlabelled_loader=pool)
+    with pytest.raises(TypeError, match=r"keys \['label', 'pixels'\].*unlabelled_loader"):
+        _fit(tmp_path, [monitor], epochs=1)
+
+
 def test_missing_num_classes_is_reported(tmp_path):
     class Plain(L.LightningModule):
         def __init__(self):

@@ -41,6 +41,10 @@ class ClassWeighting:
     def sample_weights(self, losses: Tensor, context: WeightingContext) -> Tensor:
         """Mean-scale weights of the batch's targets."""
         if context.targets is None:
+            if context.batch is None:
+                raise ValueError(
+                    "class weighting needs the batch's targets: return self.reweight(losses, batch) from training_step"
+                )
             raise ValueError("class weighting needs the batch's targets: batches must be (inputs, targets[, indices])")
         c = self.class_weights.to(losses.device)[context.targets.long()]
         return c * (c.numel() / c.sum())

@@ -11,6 +11,7 @@ from lightning.fabric.utilities import move_data_to_device
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_reweight.callbacks._data import train_dataset
@@ -107,6 +108,13 @@ class MetaReweight(Callback):
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         if virtual_lr is not None and virtual_lr <= 0:
             raise ValueError(f"virtual_lr must be positive (or None for the optimizer's lr), got {virtual_lr}")
+        if isinstance(meta_dataloader, Dataset) or (
+            meta_dataloader is not None and not hasattr(meta_dataloader, "__iter__")
+        ):
+            raise TypeError(
+                f"meta_dataloader must be a loader of meta batches, got {type(meta_dataloader).__name__}; wrap a "
+                "dataset in torch.utils.data.DataLoader(dataset, batch_size=..., shuffle=True)"
+            )
         self.strategy = strategy
         self.hypergrad = hypergrad
         self.meta_interval = meta_interval
@@ -117,7 +125,15 @@ class MetaReweight(Callback):
         self.track_noise_auroc = track_noise_auroc
         self.track_sample_history = track_sample_history
         self.plot_every_n_epochs = plot_every_n_epochs
+        self._user_meta_loader = meta_dataloader
         self._meta_loader = meta_dataloader
+        self._trainer: L.Trainer | None = None
+        self._noise_mask: Tensor | None = None
+        self._auroc = WeightNoiseAUROC()
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """Counters, meta-loader position, pending work and weight records of one run (the strategy is kept)."""
         self._meta_iter: Iterator[Any] | None = None
         self._meta_epoch = 0
         self._meta_pos = 0
@@ -125,13 +141,13 @@ class MetaReweight(Callback):
         self._rng: RNGState | None = None
         self._pending: tuple[MetaProblem, float] | None = None
         self._early: MetaProblem | None = None
-        self._trainer: L.Trainer | None = None
         self._pending_extra: dict[str, Any] | None = None
-        self._noise_mask: Tensor | None = None
-        self._auroc = WeightNoiseAUROC()
+        self._auroc.reset()
         self.auroc_history: list[float] = []
         self._history: SampleWeightHistory | None = None
         self.sample_auroc_history: list[float] = []
+        self._epoch_batches = 0  # training batches seen in the current epoch ...
+        self._reweight_calls = 0  # ... and sample_weights calls among them
 
     # ------------------------------------------------------------------ setup
     @override
@@ -154,7 +170,10 @@ class MetaReweight(Callback):
                 f"a delayed {type(self.strategy).__name__} reuses one batch's gradient for its virtual step: it "
                 f"does not work with accumulate_grad_batches={trainer.accumulate_grad_batches} (use delayed=False)"
             )
-        if self._meta_loader is None:
+        if trainer.global_step == 0 and trainer.current_epoch == 0:
+            # a new run (a checkpoint being resumed is loaded after this hook and overwrites it)
+            self._reset_run_state()
+        if self._user_meta_loader is None:
             dm = getattr(trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "meta_dataloader"):
                 raise ValueError(
@@ -162,6 +181,7 @@ class MetaReweight(Callback):
                     "meta_dataloader() (e.g. lightning_reweight.data.DigitsDataModule)"
                 )
             self._meta_loader = dm.meta_dataloader()
+            self._meta_iter = None
         if self.track_noise_auroc or self.track_sample_history:
             mask = getattr(getattr(trainer, "datamodule", None), "noise_mask", None)
             self._noise_mask = None if mask is None else torch.as_tensor(mask).bool().cpu()
@@ -193,6 +213,7 @@ class MetaReweight(Callback):
     ) -> None:
         self._rng = capture_rng(pl_module.device)
         self._early = None
+        self._epoch_batches += 1
         if self.strategy.early_alignment and self._meta_step_now(trainer):
             # the alignment's meta forward/backward and shifted forward, before the training graph exists
             self._early = self._problem(trainer, pl_module, batch, None)
@@ -205,7 +226,14 @@ class MetaReweight(Callback):
         """The weights of this training batch (the :class:`~lightning_reweight.contract.SampleWeighting` hook)."""
         trainer = self._trainer
         ones = torch.ones_like(losses, dtype=torch.float32)
-        if trainer is None or not trainer.training or trainer.current_epoch < self.warmup_epochs:
+        if trainer is None or not trainer.training:
+            return ones
+        self._reweight_calls += 1
+        if context.batch is None:
+            raise ValueError(
+                "MetaReweight needs the training batch: return self.reweight(losses, batch) from training_step"
+            )
+        if trainer.current_epoch < self.warmup_epochs:
             return ones
         module = context.module
         if not self._meta_step_now(trainer):
@@ -344,6 +372,13 @@ class MetaReweight(Callback):
     # ------------------------------------------------------------------ epoch end: AUROC, figure
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batches, calls, self._epoch_batches, self._reweight_calls = self._epoch_batches, self._reweight_calls, 0, 0
+        if batches and not calls:
+            raise RuntimeError(
+                f"MetaReweight: {type(pl_module).__name__}.training_step never called self.reweight(losses, batch) "
+                f"in epoch {trainer.current_epoch}, so no sample was reweighted (and the meta steps prepared "
+                "before each batch were wasted): reduce the per-sample losses with self.reweight(losses, batch)"
+            )
         if self.track_noise_auroc and self._noise_mask is not None and trainer.current_epoch >= self.warmup_epochs:
             if trainer.world_size > 1 or self._auroc.weights:
                 value = float(self._auroc.compute())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,11 +25,22 @@ _FOLD_EVERY = 64  # training steps whose logits are kept before they are folded 
 _FOLD_NUMEL = 1 << 20  # ... or fewer, once the kept logits reach this many elements (4 MiB in fp32)
 
 
+_INPUT_KEYS = ("x", "inputs", "input", "image", "images", "pixel_values")
+
+
 def _inputs_of(sample: Any) -> Tensor:
+    """The inputs of a dataset sample or a loader batch: itself, its first element, or a known dict key."""
     if isinstance(sample, (tuple, list)):
         sample = sample[0]
-    elif isinstance(sample, dict):
-        sample = sample.get("x", sample.get("inputs", sample.get("input")))
+    elif isinstance(sample, Mapping):
+        key = next((k for k in _INPUT_KEYS if k in sample), None)
+        if key is None:
+            raise TypeError(
+                f"SusceptibilityMonitor found no inputs in a sample with keys {sorted(map(str, sample))} (it looks "
+                f"for {', '.join(_INPUT_KEYS)}): pass unlabelled_loader=... yielding input tensors or (inputs, ...) "
+                "tuples"
+            )
+        sample = sample[key]
     return sample if isinstance(sample, Tensor) else torch.as_tensor(sample)
 
 
@@ -90,7 +102,9 @@ class SusceptibilityMonitor(Callback):
       ``memorization/weights_noisy`` to W&B and TensorBoard (``log_weight_histograms``; rank zero's samples).
 
     The probe calls the LightningModule's ``forward`` on a batch of inputs (inside the trainer's precision
-    context) and expects logits; override :meth:`compute_logits` for modules whose forward returns something
+    context) and takes the logits out of its output with :meth:`logits_from_output` (the output itself, a
+    ``"logits"`` entry, or the first element of a tuple); override that, or :meth:`compute_logits`, for modules
+    whose forward returns something
     else.
 
     Args:
@@ -141,23 +155,16 @@ class SusceptibilityMonitor(Callback):
         self.every_n_epochs = every_n_epochs
         self.unlabelled_loader = unlabelled_loader
         self.seed = seed
-        self.num_classes = num_classes
-        self.subset_accuracy = subset_accuracy
+        self._num_classes_arg = num_classes
+        self._subset_accuracy_arg = subset_accuracy
         self.log_weight_histograms = log_weight_histograms
         self.eval_batch_size = eval_batch_size
         self.pool_size = pool_size
         self.prefix = prefix
         self._state_key: tuple[str, str] | None = None
-        self._labels: Tensor | None = None
-        self._epochs: list[int] = []
-        self._drops: list[float] = []
-        self._logged: list[dict[str, float]] = []
-        self._pool: Tensor | None = None
-        self._pool_indices: Tensor | None = None
-        self._dataset: Any = None
-        self._eval_data: tuple[Tensor, Tensor, Tensor] | None = None
         self._weights: list[Tensor] = []
         self._weight_indices: list[Tensor] = []
+        self._reset_run_state()
         # "train_forward" route: this epoch's counts [clean wrong, clean right, noisy wrong, noisy right], fed by
         # (detached logits, targets, indices) of the training forwards, folded in every _FOLD_EVERY steps
         self._hook: Any = None
@@ -167,6 +174,19 @@ class SusceptibilityMonitor(Callback):
         self._pending_numel = 0
         self._mask_key: Tensor | None = None
         self._train_counts: Tensor | None = None
+
+    def _reset_run_state(self) -> None:
+        """The randomly labelled set, the measurements and the cached data of one run."""
+        self.num_classes: int | None = self._num_classes_arg
+        self.subset_accuracy = self._subset_accuracy_arg  # a run that found no subset data turned it "off"
+        self._labels: Tensor | None = None
+        self._epochs: list[int] = []
+        self._drops: list[float] = []
+        self._logged: list[dict[str, float]] = []
+        self._pool: Tensor | None = None
+        self._pool_indices: Tensor | None = None
+        self._dataset: Any = None
+        self._eval_data: tuple[Tensor, Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -203,8 +223,37 @@ class SusceptibilityMonitor(Callback):
 
     # ------------------------------------------------------------------ overridable policy
     def compute_logits(self, pl_module: LightningModule, inputs: Tensor) -> Tensor:
-        """Logits of ``inputs``; default ``pl_module(inputs)``. Override when ``forward`` returns more."""
-        return pl_module(inputs)
+        """Logits of ``inputs`` for the probe; default :meth:`logits_from_output` of ``pl_module(inputs)``."""
+        output = pl_module(inputs)
+        logits = self.logits_from_output(output)
+        if logits is None:
+            raise TypeError(
+                f"SusceptibilityMonitor needs logits, but {type(pl_module).__name__}'s forward returned "
+                f"{type(output).__name__}: override SusceptibilityMonitor.logits_from_output (or compute_logits)"
+            )
+        return logits
+
+    def logits_from_output(self, output: Any) -> Tensor | None:
+        """The logits in an output of the LightningModule's ``forward``, ``None`` if there are none.
+
+        Default: the output itself when it is a tensor, its ``"logits"`` entry when it is a mapping, its first
+        element when it is a tuple or list. Used by the probe (through :meth:`compute_logits`) and by the
+        ``"train_forward"`` subset accuracy, which reads the training forward's output.
+
+        Example:
+            >>> import torch
+            >>> logits = torch.zeros(2, 3)
+            >>> monitor = SusceptibilityMonitor()
+            >>> monitor.logits_from_output({"logits": logits, "features": None}) is logits
+            True
+            >>> monitor.logits_from_output("text") is None
+            True
+        """
+        if isinstance(output, Mapping):
+            output = output.get("logits")
+        elif isinstance(output, (tuple, list)) and output:
+            output = output[0]
+        return output if isinstance(output, Tensor) else None
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -217,6 +266,9 @@ class SusceptibilityMonitor(Callback):
                 f"SusceptibilityMonitor does not support the {name} strategy (its probe steps the unsharded "
                 "module's optimizer); use strategy='ddp' or remove the monitor"
             )
+        if trainer.global_step == 0 and trainer.current_epoch == 0:
+            # a new run: its own random labels and history (a checkpoint being resumed is loaded after this hook)
+            self._reset_run_state()
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -415,9 +467,12 @@ class SusceptibilityMonitor(Callback):
     def _capture_train_logits(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         """Forward hook: keep the predictions of the first output of the training batch's size, then disarm."""
         armed = self._armed
-        if armed is not None and isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == armed[0]:
-            self._pending.append((output.detach(), armed[1], armed[2]))  # argmax once per fold, not per step
-            self._pending_numel += output.numel()
+        if armed is None:
+            return
+        logits = self.logits_from_output(output)
+        if logits is not None and logits.dim() == 2 and logits.shape[0] == armed[0]:
+            self._pending.append((logits.detach(), armed[1], armed[2]))  # argmax once per fold, not per step
+            self._pending_numel += logits.numel()
             self._armed = None
 
     @override
@@ -458,8 +513,9 @@ class SusceptibilityMonitor(Callback):
         clean_bad, clean_ok, noisy_bad, noisy_ok = trainer.strategy.reduce(counts.double(), reduce_op="sum").tolist()
         if clean_bad + clean_ok + noisy_bad + noisy_ok == 0:
             rank_zero_warn(
-                "SusceptibilityMonitor: no training forward output of the batch size was seen this epoch (does "
-                "training_step call the LightningModule itself?); subset accuracy disabled, use "
+                "SusceptibilityMonitor: no logits of the training batch's size were seen in the training forwards "
+                "this epoch (does training_step call the LightningModule itself, and does logits_from_output find "
+                "the logits in its output?); subset accuracy disabled: override logits_from_output or use "
                 "subset_accuracy='eval_pass'"
             )
             if self._hook is not None:
