@@ -104,8 +104,7 @@ class SusceptibilityMonitor(Callback):
     The probe calls the LightningModule's ``forward`` on a batch of inputs (inside the trainer's precision
     context) and takes the logits out of its output with :meth:`logits_from_output` (the output itself, a
     ``"logits"`` entry, or the first element of a tuple); override that, or :meth:`compute_logits`, for modules
-    whose forward returns something
-    else.
+    whose forward returns something else. A monitor reused for a new fit (not resumed) starts afresh.
 
     Args:
         batch_size: size of the randomly labelled batch of each measurement (128 in the paper).
