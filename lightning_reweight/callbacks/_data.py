@@ -14,3 +14,8 @@ def train_dataset(trainer: Trainer) -> Any | None:
     if dataset is None:
         dataset = getattr(trainer.train_dataloader, "dataset", None)
     return dataset
+
+
+def starts_new_run(trainer: Trainer) -> bool:
+    """Whether ``setup("fit")`` begins a new run: no step or epoch done yet (a resumed checkpoint loads after it)."""
+    return trainer.global_step == 0 and trainer.current_epoch == 0

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_reweight.callbacks._data import train_dataset
+from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.contract import WeightingContext
 from lightning_reweight.meta.base import MetaStrategy
 from lightning_reweight.meta.engine import HYPERGRADS, MetaProblem, RNGState, capture_rng
@@ -170,7 +170,7 @@ class MetaReweight(Callback):
                 f"a delayed {type(self.strategy).__name__} reuses one batch's gradient for its virtual step: it "
                 f"does not work with accumulate_grad_batches={trainer.accumulate_grad_batches} (use delayed=False)"
             )
-        if trainer.global_step == 0 and trainer.current_epoch == 0:
+        if starts_new_run(trainer):
             # a new run (a checkpoint being resumed is loaded after this hook and overwrites it)
             self._reset_run_state()
         if self._user_meta_loader is None:

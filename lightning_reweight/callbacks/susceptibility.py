@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from lightning_reweight._modes import eval_mode
-from lightning_reweight.callbacks._data import train_dataset
+from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.contract import split_batch
 from lightning_reweight.functional.susceptibility import preserved_rng, susceptibility_losses
 from lightning_reweight.loggers import define_epoch_axis, log_histograms
@@ -265,7 +265,7 @@ class SusceptibilityMonitor(Callback):
                 f"SusceptibilityMonitor does not support the {name} strategy (its probe steps the unsharded "
                 "module's optimizer); use strategy='ddp' or remove the monitor"
             )
-        if trainer.global_step == 0 and trainer.current_epoch == 0:
+        if starts_new_run(trainer):
             # a new run: its own random labels and history (a checkpoint being resumed is loaded after this hook)
             self._reset_run_state()
 
