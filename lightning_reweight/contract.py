@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from lightning_reweight.loggers import step_logs_written
+
 __all__ = [
     "ReweightingMixin",
     "SampleWeighting",
@@ -286,8 +288,7 @@ class ReweightingMixin:
         trainer = getattr(self, "_trainer", None)
         if trainer is None or not hasattr(self, "log_dict"):
             return
-        every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
-        if trainer.global_step % every:
+        if not step_logs_written(trainer):
             return
         stats = weight_statistics(weights)
         self.log_dict(  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["define_epoch_axis", "log_figure", "log_histograms", "rich_loggers"]
+__all__ = ["define_epoch_axis", "log_figure", "log_histograms", "rich_loggers", "step_logs_written"]
 
 
 def rich_loggers(trainer: Any) -> list[tuple[str, Any]]:
@@ -33,6 +33,38 @@ def rich_loggers(trainer: Any) -> list[tuple[str, Any]]:
         elif isinstance(logger, TensorBoardLogger):
             found.append(("tensorboard", logger))
     return found
+
+
+def step_logs_written(trainer: Any) -> bool:
+    """Whether Lightning writes this training step's ``on_step`` logs to the loggers.
+
+    Lightning keeps only the latest ``on_step`` value of a key and writes it when
+    ``(optimizer steps taken + 1) % log_every_n_steps == 0`` (or when training stops). Computing a statistic
+    only on those steps gives the loggers exactly what computing it every step would, at a fraction of the cost.
+
+    Args:
+        trainer: the running Trainer (or an object with ``log_every_n_steps`` and ``global_step``).
+
+    Returns:
+        ``True`` on the steps whose logs are written; ``False`` when ``log_every_n_steps`` is 0.
+
+    Example:
+        >>> class T:
+        ...     log_every_n_steps = 5
+        ...     global_step = 4
+        >>> step_logs_written(T())
+        True
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is not None:
+        try:
+            return bool(connector.should_update_logs or getattr(trainer, "fast_dev_run", False))
+        except (AttributeError, NotImplementedError):  # pragma: no cover - outside a Lightning loop
+            pass
+    every = int(getattr(trainer, "log_every_n_steps", 50) or 0)
+    if every <= 0:
+        return False
+    return (int(getattr(trainer, "global_step", 0)) + 1) % every == 0
 
 
 def _is_global_zero(trainer: Any) -> bool:

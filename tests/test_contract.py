@@ -160,3 +160,40 @@ def test_weight_statistics_are_logged_in_training(tmp_path):
     assert "weights/ess" in header and "weights/max" in header
     row = dict(zip(header, text.splitlines()[1].split(",")))
     assert float(row["weights/ess"]) == pytest.approx(8**2 / (4 * 20))  # (1+3+1+3)^2 / (B * (1+9+1+9))
+
+
+def test_logged_weight_statistics_are_those_of_the_step_they_are_written_at(tmp_path):
+    """Lightning writes on-step logs when ``(step + 1) % log_every_n_steps == 0``; each written ``weights/max``
+    must be the maximum weight of that very step (not of an earlier one), and none may be lost."""
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class StepWeights:
+        def sample_weights(self, losses, context):
+            step = context.module.trainer.global_step
+            return torch.tensor([1.0, 1.0 + step, 1.0, 2.0])
+
+    class Module(Tiny):
+        def training_step(self, batch, batch_idx):
+            return self.reweight(self.per_sample_loss(batch), batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    m = Module()
+    m.attach_weighting("steps", StepWeights())
+    ds = TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    every, n_steps = 3, 10
+    trainer = L.Trainer(
+        max_epochs=1, logger=CSVLogger(tmp_path), log_every_n_steps=every, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False,
+    )
+    trainer.fit(m, DataLoader(ds, batch_size=4))
+    lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    written = {int(r["step"]): float(r["weights/max"]) for r in rows if r.get("weights/max")}
+    expected_steps = [s for s in range(n_steps) if (s + 1) % every == 0]
+    assert sorted(written) == expected_steps
+    for step, value in written.items():
+        assert value == max(2.0, 1.0 + step)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from lightning_reweight.contract import WeightingContext, check_per_sample_losses
 from lightning_reweight.functional.dro import log_mean_exp
+from lightning_reweight.loggers import step_logs_written
 
 __all__ = ["AttentionalDROLoss"]
 
@@ -213,8 +214,7 @@ class AttentionalDROLoss(nn.Module):
         trainer = getattr(module, "_trainer", None)
         if trainer is None or not hasattr(module, "log") or self._last is None:
             return
-        every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
-        if trainer.global_step % every:
+        if not step_logs_written(trainer):
             return
         module.log_dict(
             {"absgd/dro_objective": self.last_objective, "absgd/log_u": self.log_u.clone()},
