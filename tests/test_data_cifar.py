@@ -109,3 +109,13 @@ def test_missing_torchvision_names_the_extra(cifar10_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)
     with pytest.raises(ImportError, match=r"lightning-reweight\[vision\]"):
         CIFAR10DataModule(data_dir=str(cifar10_dir[0]), verify_checksums=False).setup()
+
+
+def test_data_dir_with_tilde_is_expanded(cifar10_dir, monkeypatch):
+    """``data_dir="~/..."`` names the user's home, as for torchvision and every shell tool."""
+    root, _, labels, _ = cifar10_dir
+    monkeypatch.setenv("HOME", str(root.parent))
+    dm = _cifar10(f"~/{root.name}", augment=False, val_fraction=0.0, meta_per_class=0)
+    assert dm.data_dir == str(root)
+    assert len(dm.train_dataset) == 100
+    assert torch.equal(dm.clean_train_targets, labels[dm.train_indices])

@@ -88,7 +88,7 @@ class _CIFARDataModule(ReweightDataModule):
         for name, flag in flags:
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__} ({flag!r})")
-        self.data_dir = os.fspath(data_dir)
+        self.data_dir = os.path.expanduser(os.fspath(data_dir))
         self.download = download
         self.augment = augment
         self.verify_checksums = verify_checksums
