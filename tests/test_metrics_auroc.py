@@ -57,3 +57,24 @@ def test_states_concatenate_across_processes():
     merged.weights = [torch.cat([r.weights[0] for r in ranks])]
     merged.noisy = [torch.cat([r.noisy[0] for r in ranks])]
     assert float(merged.compute()) == pytest.approx(pairwise_auroc(weights, ~noisy), abs=1e-12)
+
+
+def test_float64_weights_keep_their_order():
+    """Weights that differ only beyond float32's precision are not ties (the pairwise definition in float64)."""
+    base = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    weights = base + torch.tensor([1e-12, 2e-12, 0.0, 3e-12], dtype=torch.float64)
+    noisy = torch.tensor([False, False, True, True])
+    metric = WeightNoiseAUROC()
+    metric.update(weights, noisy)
+    assert float(metric.compute()) == pytest.approx(pairwise_auroc(weights, ~noisy))
+    metric = WeightNoiseAUROC()
+    metric.update(weights[[0, 1, 2]], noisy[[0, 1, 2]])
+    assert float(metric.compute()) == 1.0  # float32 would tie all three: 0.5
+
+
+def test_nan_weight_gives_nan_and_empty_metric_gives_nan():
+    metric = WeightNoiseAUROC()
+    assert torch.isnan(metric.compute())  # nothing seen: nan, not an error
+    metric.update(torch.tensor([float("nan"), 0.2, 0.9, 0.1]), torch.tensor([True, True, False, False]))
+    assert torch.isnan(metric.compute())  # a nan weight is not the highest weight
+    assert torch.isnan(rank_auroc(torch.tensor([0.1, float("nan")]), torch.tensor([True, False])))

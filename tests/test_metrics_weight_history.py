@@ -93,3 +93,16 @@ def test_bad_input():
         history.update(torch.rand(3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         history.update(torch.rand(2), torch.tensor([1, 4]))
+
+
+def test_nan_weights_show_as_nan_not_as_a_rank():
+    """A nan weight (a diverged run) must not pass for the batch's highest weight."""
+    assert torch.isnan(batch_percentiles(torch.tensor([0.1, float("nan"), 0.3]))).all()
+    history = SampleWeightHistory(num_samples=4)
+    history.update(torch.tensor([0.5, float("nan")]), torch.tensor([0, 1]))
+    history.update(torch.tensor([0.2, 0.6]), torch.tensor([2, 3]))
+    out = history.compute()
+    assert torch.isnan(out["percentile"][:2]).all()
+    assert math.isnan(float(out["mean_weight"][1])) and math.isnan(float(out["positive_share"][1]))
+    assert float(out["mean_weight"][0]) == 0.5 and float(out["positive_share"][0]) == 1.0
+    assert out["percentile"][2:].tolist() == [0.25, 0.75]  # (rank - 1/2) / B in a clean batch

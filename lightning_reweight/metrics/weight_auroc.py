@@ -15,7 +15,7 @@ __all__ = ["WeightNoiseAUROC", "rank_auroc"]
 def rank_auroc(scores: Tensor, positive: Tensor) -> Tensor:
     """AUROC of ``scores`` for the binary labels ``positive`` (Mann-Whitney rank formula, ties count one half).
 
-    Returns ``nan`` when either class is empty.
+    Returns ``nan`` when either class is empty or any score is ``nan`` (a ranking with ``nan`` in it is undefined).
 
     Example:
         >>> import torch
@@ -31,7 +31,8 @@ def rank_auroc(scores: Tensor, positive: Tensor) -> Tensor:
     _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).double()
     ranks = (ends - (counts.double() - 1.0) / 2.0)[inverse]  # 1-based average ranks
-    return (ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    auroc = (ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return torch.where(s.isnan().any(), torch.full_like(auroc, float("nan")), auroc)  # no host sync
 
 
 class WeightNoiseAUROC(Metric):
@@ -39,6 +40,9 @@ class WeightNoiseAUROC(Metric):
 
     The probability that a clean sample gets a higher weight than a noisy one (1 = perfect separation,
     0.5 = chance, ties count one half).
+
+    Weights are kept in float64 (float32 would tie distinct float64 weights); a ``nan`` weight makes the result
+    ``nan``, as does a call to :meth:`compute` before any :meth:`update`.
 
     States are concatenated across processes (``dist_reduce_fx="cat"``), so the value under DDP equals the value
     on all samples gathered in one process.
@@ -64,9 +68,11 @@ class WeightNoiseAUROC(Metric):
         """Add a batch: ``weights`` (B,) and ``noisy`` (B,) booleans (True = the label is corrupted)."""
         if weights.shape != noisy.shape:
             raise ValueError(f"weights {tuple(weights.shape)} and noisy {tuple(noisy.shape)} must have one shape")
-        self.weights.append(weights.detach().reshape(-1).float())
+        self.weights.append(weights.detach().reshape(-1).double())
         self.noisy.append(noisy.detach().reshape(-1).bool())
 
     def compute(self) -> Tensor:
-        """The AUROC (``nan`` when only clean or only noisy samples were seen)."""
+        """The AUROC (``nan`` when only clean or only noisy samples, or none, were seen)."""
+        if not self.weights:  # nothing seen (here, or on any rank after a DDP sync)
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
         return rank_auroc(dim_zero_cat(self.weights), ~dim_zero_cat(self.noisy).bool())

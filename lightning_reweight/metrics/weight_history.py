@@ -26,6 +26,8 @@ _COLUMNS = ("visits", "percentile", "mean_weight", "positive_share")  # the per-
 def batch_percentiles(weights: Tensor) -> Tensor:
     """Each weight's mid-rank percentile within its batch, ``(rank - 1/2) / B`` in ``(0, 1)`` (float64).
 
+    A batch with a ``nan`` weight has no ranking: every percentile of it is ``nan``.
+
     Example:
         >>> import torch
         >>> batch_percentiles(torch.tensor([0.0, 0.5, 0.0, 2.0]))
@@ -35,7 +37,8 @@ def batch_percentiles(weights: Tensor) -> Tensor:
     ordered = w.sort().values
     below = torch.searchsorted(ordered, w, right=False)  # weights strictly below
     up_to = torch.searchsorted(ordered, w, right=True)  # weights below or tied, itself included
-    return (below + up_to).double() / (2 * max(w.numel(), 1))  # (below + tied / 2) / B
+    percentiles = (below + up_to).double() / (2 * max(w.numel(), 1))  # (below + tied / 2) / B
+    return torch.where(w.isnan().any(), torch.full_like(percentiles, float("nan")), percentiles)  # no host sync
 
 
 class SampleWeightHistory(Metric):
@@ -49,6 +52,9 @@ class SampleWeightHistory(Metric):
     - ``"positive_share"``: the share of its visits with a weight above zero (for methods that clip weights at
       zero, such as Learning to Reweight);
     - ``"visits"``: how many times it was weighted (0 for never).
+
+    A ``nan`` weight (a diverged run) is not ranked: it makes the sample's ``mean_weight`` and ``positive_share``
+    ``nan``, and the ``percentile`` of every sample in its batch, so that it shows instead of passing for a score.
 
     All states are per-sample sums (``dist_reduce_fx="sum"``), so under DDP the result equals that of one process
     seeing every rank's batches (each rank's percentiles are taken within its own batch, the batch its weights
@@ -92,7 +98,8 @@ class SampleWeightHistory(Metric):
                 f"[{int(idx.min())}, {int(idx.max())}]"
             )
         w = w.to(self.sums.device)
-        rows = torch.stack([torch.ones_like(w), batch_percentiles(w), w, (w > 0).double()], dim=1)
+        positive = torch.where(w.isnan(), w, (w > 0).double())  # a nan weight is neither positive nor not
+        rows = torch.stack([torch.ones_like(w), batch_percentiles(w), w, positive], dim=1)
         self.sums.index_add_(0, idx, rows)
 
     def metric_state_cpu(self) -> dict[str, Tensor]:
