@@ -143,7 +143,7 @@ def test_setup_idempotent_and_no_meta():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"noise_rate": 1.0}, "noise_rate"),
+        ({"noise_rate": 1.5}, "noise_rate"),
         ({"noise_rate": -0.2}, "noise_rate"),
         ({"noise_kind": "asym"}, "noise_kind"),
         ({"imbalance_ratio": 0.5}, "imbalance_ratio"),

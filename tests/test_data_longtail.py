@@ -68,3 +68,18 @@ def test_errors():
         long_tailed_counts(0, 3, 2.0)
     with pytest.raises(ValueError, match="num_classes"):
         long_tailed_counts(10, 0, 2.0)
+
+
+def test_emptied_classes_are_warned_about():
+    """rho > n_max empties tail classes: n_i = int(20 * (1/100) ** (i/4)) = [20, 6, 2, 0, 0]."""
+    y = torch.arange(5).repeat_interleave(20)
+    with pytest.warns(UserWarning, match=r"leaves 2 of 5 classes with no samples \(classes \[3, 4\]\)"):
+        kept = long_tailed_indices(y, 100.0)
+    assert class_counts(y[kept], 5) == [20, 6, 2, 0, 0]
+    with pytest.warns(UserWarning, match="classes with no samples"):
+        long_tailed_counts(4, 6, 10, profile="step")  # int(4 / 10) = 0 for classes 3..5
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        long_tailed_counts(100, 10, 100)  # the tail keeps int(1.0) = 1 sample: no warning

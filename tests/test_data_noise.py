@@ -87,7 +87,7 @@ def test_deterministic_per_seed_and_global_rng_untouched():
     assert not torch.equal(a[1], c[1])
 
 
-@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, float("nan")])
+@pytest.mark.parametrize("rate", [-0.1, 1.0001, 1.5, float("nan")])
 def test_bad_noise_rate(rate):
     with pytest.raises(ValueError, match="noise_rate"):
         inject_label_noise([0, 1, 2], rate)
@@ -113,3 +113,20 @@ def test_bad_kind():
         inject_label_noise([0, 1], 0.0, kind=[[1.0, 0.0, 0.0]])
     with pytest.raises(ValueError, match="kind"):
         inject_label_noise([0, 1], 0.0, kind=torch.eye(3), num_classes=2)
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "pairflip"])
+def test_noise_rate_one_and_scalar_tensor_rates(kind):
+    """noise_rate=1.0 corrupts every label; a 0-d tensor or numpy rate is the same rate as the float."""
+    np = pytest.importorskip("numpy")
+    y = torch.arange(5).repeat(8)
+    noisy, is_noisy = inject_label_noise(y, 1.0, kind=kind, seed=3)
+    assert bool(is_noisy.all()) and bool((noisy != y).all())
+    if kind == "pairflip":
+        assert torch.equal(noisy, (y + 1) % 5)
+    for rate in (torch.tensor(0.25), np.float32(0.25), np.array(0.25)):
+        got = inject_label_noise(y, rate, kind=kind, seed=3)
+        want = inject_label_noise(y, 0.25, kind=kind, seed=3)
+        assert torch.equal(got[0], want[0]) and int(got[1].sum()) == 10  # round(0.25 * 40)
+    with pytest.raises(TypeError, match="noise_rate"):
+        inject_label_noise(y, torch.tensor([0.2, 0.3]), kind=kind)

@@ -52,3 +52,14 @@ def test_stratified_split_errors():
         stratified_split([0, 1], [0.5, -0.1])
     with pytest.raises(ValueError, match="fractions"):
         stratified_split([0, 1], [])
+
+
+def test_stratified_split_takes_array_and_tensor_fractions():
+    """numpy or torch fractions give the parts the same fractions as a list give (the by-hand sizes above)."""
+    np = pytest.importorskip("numpy")
+    y = torch.tensor([0] * 40 + [1] * 20 + [2] * 15)
+    want = stratified_split(y, [0.5, 0.25, 0.25], seed=0)
+    for fractions in (np.array([0.5, 0.25, 0.25]), torch.tensor([0.5, 0.25, 0.25]), (np.float64(0.5), 0.25, 0.25)):
+        got = stratified_split(y, fractions, seed=0)
+        assert len(got) == 3 and all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.bincount(y[want[0]]).tolist() == [20, 10, 8]

@@ -13,6 +13,13 @@ import torch
 from torch import Tensor
 
 
+def _unwrap_scalar(value: object) -> object:
+    """A 0-d tensor or numpy array as its Python scalar (other values unchanged)."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()  # type: ignore[attr-defined]
+    return value
+
+
 def check_int(name: str, value: object, minimum: int | None = None) -> int:
     """Return ``value`` as an ``int``, raising when it is not an integer ``>= minimum``.
 
@@ -20,6 +27,7 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
         >>> check_int("batch_size", 4, minimum=1)
         4
     """
+    value = _unwrap_scalar(value)
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if minimum is not None and value < minimum:
@@ -37,10 +45,15 @@ def check_real(
 ) -> float:
     """Return ``value`` as a finite ``float`` in ``[low, high)`` (or ``[low, high]``).
 
+    Python and numpy numbers and 0-d tensors or arrays are accepted (booleans are not).
+
     Example:
         >>> check_real("noise_rate", 0.2, low=0.0, high=1.0)
         0.2
+        >>> check_real("noise_rate", torch.tensor(0.25), low=0.0, high=1.0)
+        0.25
     """
+    value = _unwrap_scalar(value)
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
     value = float(value)

@@ -51,7 +51,7 @@ class ReweightDataModule(L.LightningDataModule):
     transform.
 
     Args:
-        noise_rate: fraction of training labels to corrupt, in ``[0, 1)``.
+        noise_rate: fraction of training labels to corrupt, in ``[0, 1]``.
         noise_kind: ``"symmetric"``, ``"symmetric_all"`` or ``"pairflip"`` (see
             :func:`~lightning_reweight.data.inject_label_noise`; for a transition matrix, call that function).
         imbalance_ratio: head-to-tail ratio of the training part (``>= 1``; 1 keeps all samples).
@@ -101,7 +101,7 @@ class ReweightDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.noise_rate = check_real("noise_rate", noise_rate, low=0.0, high=1.0)
+        self.noise_rate = check_real("noise_rate", noise_rate, low=0.0, high=1.0, high_inclusive=True)
         self.noise_kind = check_choice("noise_kind", noise_kind, NOISE_KINDS)
         self.imbalance_ratio = check_real("imbalance_ratio", imbalance_ratio, low=1.0)
         self.imbalance_profile = check_choice("imbalance_profile", imbalance_profile, IMBALANCE_PROFILES)

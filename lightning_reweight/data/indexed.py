@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_reweight.data._checks import as_labels
+
 __all__ = ["IndexedDataset", "RelabeledSubset", "TensorClassificationDataset"]
 
 
@@ -51,7 +53,8 @@ class TensorClassificationDataset(Dataset):
 
     Args:
         inputs: tensor of shape ``(N, ...)``.
-        targets: labels of shape ``(N,)``; stored as ``int64``.
+        targets: non-negative integer class labels of shape ``(N,)`` (integer-valued floats accepted); stored as
+            ``int64``.
         transform: optional callable applied to each input on access.
 
     Example:
@@ -66,15 +69,13 @@ class TensorClassificationDataset(Dataset):
     ) -> None:
         if not isinstance(inputs, Tensor) or inputs.dim() == 0:
             raise TypeError("inputs must be a Tensor of shape (N, ...)")
-        targets = torch.as_tensor(targets)
-        if targets.dim() != 1:
-            raise ValueError(f"targets must be one-dimensional, got shape {tuple(targets.shape)}")
+        targets = as_labels(targets)  # 1-D, integer-valued, non-negative (float labels 1.0 pass, 1.7 does not)
         if targets.shape[0] != inputs.shape[0]:
             raise ValueError(f"targets has {targets.shape[0]} labels but inputs has {inputs.shape[0]} rows")
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
         self.inputs = inputs
-        self.targets = targets.long()
+        self.targets = targets
         self.transform = transform
 
     def __len__(self) -> int:
@@ -97,7 +98,8 @@ class RelabeledSubset(Dataset):
     Args:
         dataset: the wrapped map-style dataset yielding ``(x, y)``.
         indices: indices into ``dataset``.
-        targets: labels of the subset (same length as ``indices``), or ``None`` to keep the original ones.
+        targets: integer labels of the subset (same length as ``indices``; integer-valued floats accepted), or
+            ``None`` to keep the original ones.
         transform: optional callable applied to each input.
 
     Example:
@@ -117,7 +119,7 @@ class RelabeledSubset(Dataset):
         self.dataset = dataset
         self.indices = torch.as_tensor(indices, dtype=torch.long).flatten()
         if targets is not None:
-            targets = torch.as_tensor(targets).long().flatten()
+            targets = as_labels(targets)
             if targets.shape[0] != self.indices.shape[0]:
                 raise ValueError(f"targets has {targets.shape[0]} labels but indices has "
                                  f"{self.indices.shape[0]} entries")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -60,7 +61,7 @@ def long_tailed_counts(
         profile: ``"exp"`` or ``"step"``.
 
     Returns:
-        The ``C`` per-class counts.
+        The ``C`` per-class counts. A ``UserWarning`` names the classes left empty when ``n_max / rho < 1``.
 
     Example:
         >>> long_tailed_counts(5000, 10, 100)
@@ -75,8 +76,19 @@ def long_tailed_counts(
     if num_classes == 1:
         return [n_max]
     if profile == "exp":
-        return [int(n_max * (1.0 / rho) ** (i / (num_classes - 1))) for i in range(num_classes)]
-    return [n_max if i < num_classes // 2 else int(n_max / rho) for i in range(num_classes)]
+        counts = [int(n_max * (1.0 / rho) ** (i / (num_classes - 1))) for i in range(num_classes)]
+    else:
+        counts = [n_max if i < num_classes // 2 else int(n_max / rho) for i in range(num_classes)]
+    empty = [i for i, n in enumerate(counts) if n == 0]
+    if empty:
+        warnings.warn(
+            f"imbalance_ratio={rho} with n_max={n_max} leaves {len(empty)} of {num_classes} classes with no "
+            f"samples (classes {empty[:10]}{'...' if len(empty) > 10 else ''}); the tail needs "
+            f"n_max >= imbalance_ratio to keep one sample per class",
+            UserWarning,
+            stacklevel=2,
+        )
+    return counts
 
 
 def long_tailed_indices(

@@ -42,7 +42,8 @@ def inject_label_noise(
 
     Args:
         targets: clean labels, a 1-D integer tensor or sequence of ints.
-        noise_rate: fraction of samples to corrupt, in ``[0, 1)`` (named kinds only).
+        noise_rate: fraction of samples to corrupt, in ``[0, 1]`` (named kinds only; a number or a 0-d
+            tensor/array).
         kind: ``"symmetric"``, ``"symmetric_all"``, ``"pairflip"`` or a ``C x C`` transition matrix.
         num_classes: number of classes ``C``; defaults to ``max(targets) + 1`` (or the matrix size).
         seed: seed of the local random generator.
@@ -52,7 +53,7 @@ def inject_label_noise(
         exactly where the noisy label differs from the clean one.
 
     Raises:
-        ValueError: ``noise_rate`` outside ``[0, 1)``, labels outside ``[0, C)`` (``targets``), an unknown
+        ValueError: ``noise_rate`` outside ``[0, 1]``, labels outside ``[0, C)`` (``targets``), an unknown
             ``kind``, or a transition matrix of the wrong shape or whose rows are not distributions.
 
     Example:
@@ -68,7 +69,7 @@ def inject_label_noise(
                 f"kind must be one of {', '.join(repr(k) for k in NOISE_KINDS)} or a C x C transition "
                 f"matrix; got {kind!r}"
             )
-        rate = check_real("noise_rate", noise_rate, low=0.0, high=1.0)
+        rate = check_real("noise_rate", noise_rate, low=0.0, high=1.0, high_inclusive=True)
         labels = as_labels(targets, num_classes)
         n_classes = infer_num_classes(labels, num_classes)
         return _corrupt_named(labels, rate, kind, n_classes, seed)

@@ -68,7 +68,7 @@ def stratified_split(
 
     Args:
         targets: labels, a 1-D integer tensor or sequence of ints.
-        fractions: non-negative fractions summing to at most 1.
+        fractions: non-negative fractions summing to at most 1 (a sequence, or a 1-D tensor or numpy array).
         seed: seed of the local random generator.
 
     Returns:
@@ -82,6 +82,8 @@ def stratified_split(
         >>> len(val), len(rest)
         (3, 27)
     """
+    if getattr(fractions, "ndim", None) == 1 and hasattr(fractions, "tolist"):  # a 1-D tensor or numpy array
+        fractions = fractions.tolist()  # type: ignore[union-attr]
     if isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or len(fractions) == 0:
         raise ValueError(f"fractions must be a non-empty sequence of floats, got {fractions!r}")
     fracs = [check_real(f"fractions[{k}]", f, low=0.0, high=1.0, high_inclusive=True) for k, f in
