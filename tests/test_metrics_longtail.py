@@ -99,3 +99,15 @@ def test_ddp_gloo_two_processes(tmp_path):
         assert res["many"] == pytest.approx((ref[0] + ref[1]) / 2, rel=1e-6)
         assert res["few"] == pytest.approx(ref[4], rel=1e-6)
         assert res["balanced"] == pytest.approx(sum(ref[:5]) / 5, rel=1e-6)
+
+
+def test_label_columns_are_refused_not_read_as_scores():
+    """Predicted labels of shape (B, 1) would argmax to class 0 everywhere: an error, not a wrong accuracy."""
+    target = torch.tensor([0, 1, 2, 1])
+    metric = BalancedAccuracy(num_classes=3)
+    with pytest.raises(ValueError, match=r"scores of shape \(B, num_classes=3\)"):
+        metric.update(target.view(-1, 1), target)
+    with pytest.raises(ValueError, match=r"target must be labels of shape \(B,\)"):
+        metric.update(target, target.view(-1, 1))
+    metric.update(target, target)  # labels (B,) still work: balanced accuracy 1
+    assert float(metric.compute()) == 1.0

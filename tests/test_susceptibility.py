@@ -823,6 +823,11 @@ def test_select_models_validates():
     with pytest.raises(ValueError, match="empty"):
         select_models([], [])
     assert select_models([0.5, 0.7], [0.2, 0.1]).names == ("0", "1")
+    # a nan would make both thresholds nan and put every model in low_acc_high_zeta silently
+    with pytest.raises(ValueError, match=r"susceptibility is not finite for model\(s\) \['b'\]"):
+        select_models([0.9, 0.95, 0.5], [0.1, float("nan"), 0.2], names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="train_accuracy is not finite"):
+        select_models([float("inf"), 0.95], [0.1, 0.2])
 
 
 def test_plot_model_selection(tmp_path):

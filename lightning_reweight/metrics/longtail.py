@@ -36,7 +36,14 @@ class _ClassCounts(Metric):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Count a batch: ``preds`` are labels ``(B,)`` or scores ``(B, C)`` (argmax taken); ``target`` ``(B,)``."""
+        if target.dim() != 1:
+            raise ValueError(f"target must be labels of shape (B,), got {tuple(target.shape)}")
         if preds.dim() == 2:
+            if preds.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"2-D preds are scores of shape (B, num_classes={self.num_classes}), got {tuple(preds.shape)}; "
+                    "pass predicted labels as shape (B,)"
+                )
             preds = preds.argmax(dim=1)
         if preds.shape != target.shape:
             raise ValueError(f"preds and target must match, got {tuple(preds.shape)} and {tuple(target.shape)}")

@@ -7,6 +7,7 @@ the training set without being able to fit random labels quickly, so they fit th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ def select_models(
         A :class:`ModelSelection`.
 
     Raises:
-        ValueError: when the sequences are empty or their lengths differ.
+        ValueError: when the sequences are empty, their lengths differ, or a value is not finite.
 
     Example:
         >>> sel = select_models([0.9, 0.95, 0.5, 0.6], [0.1, 0.8, 0.2, 0.9], names=["a", "b", "c", "d"])
@@ -102,6 +103,13 @@ def select_models(
         raise ValueError(f"names has {len(labels)} entries but there are {len(acc)} models")
     if len(set(labels)) != len(labels):
         raise ValueError("names must be unique")
+    for what, values in (("train_accuracy", acc), ("susceptibility", zeta)):
+        bad = [labels[i] for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(
+                f"{what} is not finite for model(s) {bad} (a diverged run?); the mean thresholds would be nan "
+                "and every model misplaced: leave those models out"
+            )
     acc_t = sum(acc) / len(acc)
     zeta_t = sum(zeta) / len(zeta)
     quadrants = []
