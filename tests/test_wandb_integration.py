@@ -7,6 +7,8 @@ import time
 import lightning as L
 import pytest
 import torch
+from logging_data import NoisyBlobs as _DM
+from logging_data import ParityWeights as _Weights
 
 from lightning_reweight.callbacks import SusceptibilityMonitor
 from lightning_reweight.classifier import ReweightClassifier
@@ -66,25 +68,6 @@ def _wait_for_history(root, key, count, timeout=60.0):
         if sum(key in r for r in rows) >= count or time.monotonic() > deadline:
             return rows
         time.sleep(0.5)
-
-
-class _DM(L.LightningDataModule):
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        n = 64
-        self.num_classes = 3
-        y = torch.randint(3, (n,), generator=g)
-        self.noise_mask = torch.arange(n) % 2 == 0
-        self.train_dataset = torch.utils.data.TensorDataset(torch.randn(n, 5, generator=g), y, torch.arange(n))
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(self.train_dataset, batch_size=16, shuffle=True)
-
-
-class _Weights:
-    def sample_weights(self, losses, context):
-        return 1.0 + (context.indices % 2).float()
 
 
 def test_offline_run_contains_memorization_keys(tmp_path, monkeypatch):
