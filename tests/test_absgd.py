@@ -151,6 +151,32 @@ def test_state_dict_round_trip():
     assert torch.allclose(a.sample_weights(nxt), b.sample_weights(nxt))
 
 
+def test_state_dict_round_trip_keeps_u_for_a_lam_float32_cannot_hold():
+    """u_lam is a float32 buffer: after a load it reads 0.30000001, and u must still continue, not restart."""
+    batches = [torch.tensor([1.0, 3.0, 0.2]), torch.tensor([0.5, 2.5, 0.1]), torch.tensor([2.0, 0.1, 0.4])]
+    a = AttentionalDROLoss(lam=0.3, gamma=0.5)
+    for losses in batches[:2]:
+        a.sample_weights(losses)
+    b = AttentionalDROLoss(lam=0.3, gamma=0.5)
+    b.load_state_dict(a.state_dict())
+    m = float(torch.exp(batches[2] / 0.3).mean())  # u <- (1 - gamma) u + gamma m: the recurrence, continued
+    expected_u = 0.5 * float(a.u) + 0.5 * m
+    b.sample_weights(batches[2])
+    assert float(b.u) == pytest.approx(expected_u, rel=1e-5)
+    assert float(b.u) != pytest.approx(m, rel=1e-3)  # a restart would set u to this batch's m
+
+
+def test_buffers_stay_float32_under_bf16_true():
+    """precision="bf16-true" casts the module: u must not be rounded to bf16 (step 0.25 at log u ~ 50)."""
+    a = AttentionalDROLoss(lam=0.3, gamma=0.5)
+    a.sample_weights(torch.tensor([15.0, 14.9, 15.1]))
+    log_u = a.log_u.clone()
+    b = a.to(torch.bfloat16)
+    assert b.log_u.dtype == torch.float32 and torch.equal(b.log_u, log_u)
+    assert b.u_lam.dtype == torch.float32
+    assert b.initialised.dtype == torch.bool
+
+
 def test_classifier_route_updates_u_once_per_step():
     torch.manual_seed(4)
     lam, gamma = 1.0, 0.5
@@ -196,7 +222,8 @@ def _fit(max_epochs, root, ckpt_path=None, model=None):
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=root, log_every_n_steps=1,
-                        callbacks=[DROSchedule(start_epoch=1, lam=0.5, lam_schedule={3: 0.8})])
+                        # 0.3 is not a float32 value: u must still be found to belong to it after the resume
+                        callbacks=[DROSchedule(start_epoch=1, lam=0.3, lam_schedule={3: 0.8})])
     trainer.fit(model, _loader(), ckpt_path=ckpt_path)
     return model, trainer
 

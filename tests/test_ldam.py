@@ -96,6 +96,35 @@ def test_bf16_logits_finite_and_fp32():
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_module_keeps_fp32_constants(dtype):
+    """precision="bf16-true"/"16-true" cast the module: margins and weights stay the fp32 values of the formula."""
+    from lightning_reweight.losses import LogitAdjustedLoss
+
+    counts = [100, 10, 1]
+    weight = torch.tensor([0.1581, 0.2811, 2.5607])
+    ldam = LDAMLoss(counts, weight=weight, reduction="none").to(dtype)
+    assert ldam.margins.dtype == ldam.weight.dtype == torch.float32
+    assert torch.equal(ldam.margins, ldam_margins(counts, 0.5)) and torch.equal(ldam.weight, weight)
+    logits, target = torch.randn(4, 3).to(dtype), torch.tensor([0, 1, 2, 2])
+    reference = LDAMLoss(counts, weight=weight, reduction="none")(logits.float(), target)
+    torch.testing.assert_close(ldam(logits, target), reference, rtol=0, atol=0)
+    la = LogitAdjustedLoss(counts, reduction="none").to(dtype)
+    assert la.offsets.dtype == torch.float32
+    torch.testing.assert_close(la(logits, target), LogitAdjustedLoss(counts, reduction="none")(logits.float(), target))
+
+
+def test_bf16_true_training_runs():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))
+    model = ReweightClassifier(MLP(64, 3, hidden=(16,)), 3, criterion=LDAMLoss([20, 8, 4], reduction="none"))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", precision="bf16-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    assert model.criterion.margins.dtype == torch.float32
+    assert next(model.backbone.parameters()).dtype == torch.bfloat16
+
+
 def test_bf16_mixed_training_loss_finite():
     torch.manual_seed(0)
     x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 4, (64,))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from typing import Any
 
 import torch
@@ -11,11 +13,18 @@ from torch import Tensor, nn
 from lightning_reweight.contract import WeightingContext, check_per_sample_losses
 from lightning_reweight.functional.dro import log_mean_exp
 from lightning_reweight.loggers import step_logs_written
+from lightning_reweight.losses._fp32 import Float32Buffers
 
 __all__ = ["AttentionalDROLoss"]
 
 
-class AttentionalDROLoss(nn.Module):
+@functools.lru_cache(maxsize=64)
+def _as_float32(value: float) -> float:
+    """``value`` rounded to float32, as a Python float (what a float32 buffer holding it reads back as)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+class AttentionalDROLoss(Float32Buffers):
     r"""Attentional-biased loss of ABSGD: ``sum_i p_i l_i`` with ``p_i = exp(l_i / lam) / (u * B)`` (detached).
 
     ``u`` is a moving average of the batch statistic ``mean(exp(l / lam))``::
@@ -141,7 +150,8 @@ class AttentionalDROLoss(nn.Module):
                 m = z.amax()
                 lse = (z - m).exp_().sum().log_().add_(m)  # logsumexp, in fewer kernels than torch.logsumexp
             # the batch statistic log mean exp(l / lam) is lse - log n
-            fresh = self._u_lam != lam
+            lam32 = _as_float32(lam)  # u_lam is a float32 buffer: compare the value it can hold
+            fresh = self._u_lam != lam32
             if fresh or self.gamma == 1.0:
                 log_u = lse + c_fresh
                 if update:
@@ -154,7 +164,7 @@ class AttentionalDROLoss(nn.Module):
                 if fresh:
                     self.initialised.fill_(True)
                     self.u_lam.fill_(lam)
-                    self._u_lam = lam
+                    self._u_lam = lam32
                 self._last = (lse, math.log(n), lam)
             return z - log_u
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_reweight.functional.longtail import ldam_margins
+from lightning_reweight.losses._fp32 import Float32Buffers
 
 __all__ = ["LDAMLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-class LDAMLoss(nn.Module):
+class LDAMLoss(Float32Buffers):
     """Cross-entropy on ``s * (z - Delta_y e_y)``: a per-class margin subtracted from the target logit only.
 
     ``Delta_j = K / n_j^(1/4)`` with ``K`` such that the rarest class has margin ``max_m``

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_reweight.functional.longtail import logit_adjustment_offsets
+from lightning_reweight.losses._fp32 import Float32Buffers
 
 __all__ = ["LogitAdjustedLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-class LogitAdjustedLoss(nn.Module):
+class LogitAdjustedLoss(Float32Buffers):
     """Cross-entropy on ``z + tau * log(pi)``, with ``pi`` the training class prior.
 
     Adding the log prior during training only (predict with the raw logits ``z``) makes the loss consistent
