@@ -18,10 +18,12 @@ class DeferredWeightedSampler(Sampler[int]):
     build the same list (Lightning's ``DistributedSamplerWrapper`` then gives each rank its share) and a resumed
     run draws what the uninterrupted run drew.
 
-    The epoch is read when the indices are drawn: from ``epoch_source()`` when given (e.g. the trainer's
-    ``current_epoch``), else from the value passed to :meth:`set_epoch`. Lightning creates the first epoch's
-    loader iterator (and prefetches a batch) before ``on_train_epoch_start``, and ``set_epoch`` after it, so a
-    callback should pass ``epoch_source``; reading the trainer's epoch is right at both points.
+    The epoch is read when the indices are drawn: from ``epoch_source()`` when given, else from the value passed to
+    :meth:`set_epoch`. Lightning creates the first epoch's loader iterator (a loader with workers draws indices
+    right then) before it calls ``set_epoch``, and on a resume before it updates ``current_epoch``, so a callback
+    should pass an ``epoch_source`` reading Lightning's count of processed epochs
+    (``trainer.fit_loop.epoch_progress.current.processed``), which is right at every point; ``DeferredResampling``
+    does.
 
     Args:
         num_samples: the dataset size (indices drawn per epoch).

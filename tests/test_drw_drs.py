@@ -273,3 +273,104 @@ def test_sampler_draws_anew_each_epoch_and_repeats_within_one():
         assert list(sampler) == orders[epoch]
     assert sorted(orders[0]) == list(range(50))  # before start_epoch: a permutation
     assert orders[0] != orders[1] and orders[2] != orders[3]
+
+
+# ------------------------------------------------------------------------------ resume, reuse, misuse (review)
+class EpochIndices(L.Callback):
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.setdefault(trainer.current_epoch, []).extend(batch[2].tolist())
+
+
+def test_drs_resume_with_workers_at_the_switch_draws_what_the_straight_run_drew(tmp_path):
+    """A checkpoint from the end of the epoch before start_epoch, resumed with a worker process: the loader draws
+    its first indices before Lightning updates current_epoch; the resumed epochs must equal the straight run's."""
+    counts = [300, 60, 12]
+    straight = EpochIndices()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer_for(tmp_path, 3, [DeferredResampling(1, seed=3), ckpt, straight]).fit(
+        ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule(counts, 31))
+    resumed = EpochIndices()
+    trainer = trainer_for(tmp_path, 3, [DeferredResampling(1), resumed], enable_checkpointing=False)
+    trainer.fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule(counts, 31, num_workers=1),
+                ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+    assert sorted(resumed.seen) == [1, 2]
+    targets = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    assert int(torch.bincount(targets[torch.tensor(resumed.seen[1])], minlength=3)[2]) > 60  # balanced already
+    for epoch in (1, 2):
+        assert resumed.seen[epoch] == straight.seen[epoch]
+
+
+def test_drs_refuses_a_loader_that_ignores_its_sampler_and_restores_after_a_failure(tmp_path):
+    class IgnoresSampler(TinyDataModule):
+        def train_dataloader(self):
+            return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True)
+
+    dm = IgnoresSampler()
+    with pytest.raises(RuntimeError, match="does not use it"):
+        trainer_for(tmp_path, 1, [DeferredResampling(0)]).fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), dm)
+    assert dm.train_sampler is None  # put back although the fit failed
+
+    class Boom(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            raise RuntimeError("crash")
+
+    dm = TinyDataModule()
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer_for(tmp_path, 2, [DeferredResampling(0), Boom()]).fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3),
+                                                                     dm)
+    assert dm.train_sampler is None
+    trainer_for(tmp_path, 1, [DeferredResampling(0)], enable_checkpointing=False).fit(
+        ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), dm)  # and a new DRS can install its own
+
+
+def test_reused_drw_reads_the_new_datamodules_counts(tmp_path):
+    drw = DeferredReweighting(start_epoch=0, beta=BETA)
+    trainer_for(tmp_path, 1, [drw], enable_checkpointing=False).fit(model_for(), datamodule=TinyDataModule())
+    assert drw.class_weights().tolist() == pytest.approx(cb_weights(COUNTS, BETA))
+    other = [10, 20, 30]
+    trainer_for(tmp_path, 1, [drw], enable_checkpointing=False).fit(model_for(), datamodule=TinyDataModule(other))
+    assert drw.class_weights().tolist() == pytest.approx(cb_weights(other, BETA))
+    given = DeferredReweighting(start_epoch=0, beta=BETA, cls_num_list=COUNTS)  # given counts are kept
+    trainer_for(tmp_path, 1, [given], enable_checkpointing=False).fit(model_for(), datamodule=TinyDataModule(other))
+    assert given.class_weights().tolist() == pytest.approx(cb_weights(COUNTS, BETA))
+
+
+@pytest.mark.parametrize("mode", ["weighting", "criterion"])
+def test_drw_mid_epoch_resume_keeps_the_weights(tmp_path, mode):
+    """Lightning calls no on_train_epoch_start for the epoch a mid-epoch checkpoint resumes into."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=6, filename="{step}")
+    trainer_for(tmp_path, 3, [DeferredReweighting(1, BETA, mode, COUNTS), ckpt]).fit(model_for(), TinyDataModule())
+    probe = Probe()
+    trainer = trainer_for(tmp_path, 3, [DeferredReweighting(1, BETA, mode, COUNTS), probe],
+                          enable_checkpointing=False)
+    trainer.fit(model_for(), TinyDataModule(), ckpt_path=tmp_path / "ckpt" / "step=6.ckpt")  # epoch 1, batch 2 of 4
+    assert [r["epoch"] for r in probe.rows][:3] == [1, 1, 2]
+    check_rows(probe.rows, 1, mode)
+
+
+def test_drw_weighting_without_reweight_call_is_an_error(tmp_path):
+    class Plain(ReweightClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            return torch.nn.functional.cross_entropy(self(x), y)  # never calls self.reweight
+
+    model = Plain(MLP(64, 3, hidden=(8,)), 3)
+    with pytest.raises(RuntimeError, match="never called self.reweight"):
+        trainer_for(tmp_path, 2, [DeferredReweighting(0, BETA, cls_num_list=COUNTS)],
+                    enable_checkpointing=False).fit(model, TinyDataModule())
+
+
+def test_class_weighting_validates_and_zero_weight_batch_gives_zeros():
+    for bad in ([-1.0, 2.0], [0.0, 0.0], [[1.0, 2.0]], [float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="class_weights"):
+            ClassWeighting(torch.tensor(bad))
+    src = ClassWeighting(torch.tensor([0.0, 3.0]))
+    targets = torch.tensor([0, 0])
+    assert torch.equal(src.sample_weights(torch.ones(2), WeightingContext(None, targets=targets)), torch.zeros(2))
+    w = src.sample_weights(torch.ones(3), WeightingContext(None, targets=torch.tensor([0, 1, 1])))
+    assert w.tolist() == pytest.approx([0.0, 1.5, 1.5])  # c_y * B / sum(c_y) = 3 * 3 / 6
+    with pytest.raises(ValueError, match="one shape"):
+        src.sample_weights(torch.ones(3), WeightingContext(None, targets=torch.tensor([0, 1])))

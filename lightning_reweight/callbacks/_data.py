@@ -19,3 +19,32 @@ def train_dataset(trainer: Trainer) -> Any | None:
 def starts_new_run(trainer: Trainer) -> bool:
     """Whether ``setup("fit")`` begins a new run: no step or epoch done yet (a resumed checkpoint loads after it)."""
     return trainer.global_step == 0 and trainer.current_epoch == 0
+
+
+def fit_epoch(trainer: Trainer) -> int:
+    """The epoch whose batches the training loader draws next (or draws now).
+
+    Lightning's count of processed epochs: it equals ``trainer.current_epoch`` inside an epoch, but is already
+    the new epoch while a run resumed from an end-of-epoch checkpoint builds its first loader iterator (a loader
+    with workers draws its first indices then, before the loop updates ``current_epoch``).
+    """
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None), "current", None)
+    processed = getattr(progress, "processed", None)
+    return int(processed) if processed is not None else int(trainer.current_epoch)
+
+
+def loader_uses_sampler(loader: Any, sampler: Any) -> bool:
+    """Whether ``sampler`` drives ``loader`` (directly, in its batch sampler, or inside a distributed wrapper)."""
+    seen: set[int] = set()
+    frontier = [loader]
+    for _ in range(5):  # loader -> batch_sampler -> DistributedSamplerWrapper -> its dataset -> the sampler
+        found = []
+        for obj in frontier:
+            if obj is sampler:
+                return True
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            found += [getattr(obj, name, None) for name in ("sampler", "batch_sampler", "_sampler", "dataset")]
+        frontier = [o for o in found if o is not None]
+    return False

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from lightning_reweight.callbacks._data import fit_epoch, loader_uses_sampler
 from lightning_reweight.functional.longtail import class_balanced_sample_weights
 from lightning_reweight.samplers import DeferredWeightedSampler
 
@@ -26,8 +27,11 @@ class DeferredResampling(Callback):
     Unlike the reference implementation, the sampling really reaches the data loader: in ``setup`` the callback
     installs a :class:`~lightning_reweight.samplers.DeferredWeightedSampler` as the datamodule's
     ``train_sampler`` (which its ``train_dataloader()`` must use). The sampler reads the trainer's epoch whenever
-    it draws an epoch's indices, so the switch happens exactly at ``start_epoch`` (also right after a resume, when
-    Lightning builds the loader iterator before any epoch hook runs). Under DDP Lightning wraps it in a
+    it draws an epoch's indices (Lightning's count of processed epochs), so the switch happens
+    exactly at ``start_epoch``, also right after a resume, when Lightning builds the loader iterator (and a loader
+    with workers draws its first indices) before the loop updates ``current_epoch``. ``on_train_start`` checks that
+    the training loader really uses the sampler; the datamodule's own sampler is put back after the fit, also
+    after one that failed. Under DDP Lightning wraps it in a
     ``DistributedSamplerWrapper`` that re-reads it every epoch; all ranks draw the same list (the seed is broadcast
     from rank 0) and each takes its share.
 
@@ -56,6 +60,7 @@ class DeferredResampling(Callback):
         self._sampler: DeferredWeightedSampler | None = None
         self._previous_sampler: Any = None
         self._datamodule: Any = None
+        self._trainer: Trainer | None = None
 
     @property
     def sampler(self) -> DeferredWeightedSampler | None:
@@ -65,7 +70,10 @@ class DeferredResampling(Callback):
     @property
     def active(self) -> bool:
         """Whether the current epoch samples class-balanced."""
-        return self._sampler is not None and self._sampler.is_weighted()
+        if self._sampler is None:
+            return False
+        epoch = self._trainer.current_epoch if self._trainer is not None else None
+        return self._sampler.is_weighted(epoch)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -95,13 +103,31 @@ class DeferredResampling(Callback):
         self._sampler = DeferredWeightedSampler(
             targets.numel(), weights, self.start_epoch, seed=seed, epoch_source=_TrainerEpoch(trainer)
         )
-        self._previous_sampler, self._datamodule = current, dm
+        self._previous_sampler, self._datamodule, self._trainer = current, dm, trainer
         dm.train_sampler = self._sampler
 
     @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self._datamodule is not None and self._datamodule.train_sampler is self._sampler:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._sampler is not None and not loader_uses_sampler(trainer.train_dataloader, self._sampler):
+            raise RuntimeError(
+                f"DeferredResampling installed its sampler as {type(self._datamodule).__name__}.train_sampler, but "
+                "the training DataLoader does not use it (class-balanced sampling would silently never happen): "
+                "train_dataloader() must pass self.train_sampler to its DataLoader, as ReweightDataModule does"
+            )
+
+    def _restore_sampler(self) -> None:
+        if self._datamodule is not None and self._datamodule.train_sampler is self._sampler:
             self._datamodule.train_sampler = self._previous_sampler
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._restore_sampler()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # teardown does not run after an exception: leave the datamodule as it was given
+        self._restore_sampler()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -117,10 +143,10 @@ class DeferredResampling(Callback):
 
 
 class _TrainerEpoch:
-    """Callable returning the trainer's current epoch (a class rather than a lambda, so it pickles)."""
+    """Callable returning the epoch the trainer's loader draws for (a class rather than a lambda, so it pickles)."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
 
     def __call__(self) -> int:
-        return int(self.trainer.current_epoch)
+        return fit_epoch(self.trainer)

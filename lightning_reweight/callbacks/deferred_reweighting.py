@@ -10,7 +10,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_reweight.contract import WeightingContext
+from lightning_reweight.callbacks._data import starts_new_run
+from lightning_reweight.contract import WeightingContext, mean_scale
 from lightning_reweight.functional.longtail import check_class_counts, class_balanced_weights
 
 __all__ = ["ClassWeighting", "DeferredReweighting"]
@@ -24,8 +25,14 @@ class ClassWeighting:
     With these mean-scale weights, ``mean(w * l) = sum(c_y l) / sum(c_y)``, exactly what
     ``cross_entropy(..., weight=c)`` computes per batch.
 
+    A batch made only of zero-weight classes gets all-zero weights (a zero loss) where PyTorch's weighted mean
+    would give ``nan``.
+
     Args:
-        class_weights: one positive weight per class, shape ``(C,)``.
+        class_weights: one non-negative weight per class, shape ``(C,)``, with a positive sum.
+
+    Raises:
+        ValueError: for weights that are not 1-D, finite and non-negative with a positive sum.
 
     Example:
         >>> import torch
@@ -35,8 +42,14 @@ class ClassWeighting:
         tensor([0.5000, 1.5000])
     """
 
-    def __init__(self, class_weights: Tensor) -> None:
-        self.class_weights = torch.as_tensor(class_weights, dtype=torch.float32).detach()
+    def __init__(self, class_weights: Tensor | Sequence[float]) -> None:
+        weights = torch.as_tensor(class_weights, dtype=torch.float32).detach()
+        if weights.dim() != 1 or weights.numel() == 0:
+            raise ValueError(f"class_weights must have shape (C,), got {tuple(weights.shape)}")
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+            raise ValueError(f"class_weights must be finite and non-negative with a positive sum, got {weights}")
+        self.class_weights = weights
+        self.calls = 0  # batches weighted (DeferredReweighting checks that training_step used it)
 
     def sample_weights(self, losses: Tensor, context: WeightingContext) -> Tensor:
         """Mean-scale weights of the batch's targets."""
@@ -46,8 +59,11 @@ class ClassWeighting:
                     "class weighting needs the batch's targets: return self.reweight(losses, batch) from training_step"
                 )
             raise ValueError("class weighting needs the batch's targets: batches must be (inputs, targets[, indices])")
-        c = self.class_weights.to(losses.device)[context.targets.long()]
-        return c * (c.numel() / c.sum())
+        targets = context.targets.long()
+        if targets.shape != losses.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} and losses {tuple(losses.shape)} must have one shape")
+        self.calls += 1
+        return mean_scale(self.class_weights.to(losses.device)[targets])
 
 
 class DeferredReweighting(Callback):
@@ -66,8 +82,11 @@ class DeferredReweighting(Callback):
       ``reduction="none"`` criterion the per-sample losses are ``c_y l``; the batch mean is then
       ``sum(c_y l) / B``, not the weighted mean.
 
-    The state is a function of the epoch (applied in ``on_train_epoch_start``), so a run resumed from a checkpoint
-    taken on either side of ``start_epoch`` continues exactly as the uninterrupted run.
+    The state is a function of the epoch (applied in ``on_train_start`` and ``on_train_epoch_start``), so a run
+    resumed from a checkpoint taken on either side of ``start_epoch``, at an epoch's end or in its middle, continues
+    with the weights of the uninterrupted run. Counts read from the datamodule are read again for every ``fit``
+    (a reused callback follows the new dataset). In ``mode="weighting"``, an epoch whose ``training_step`` never
+    called ``self.reweight`` is an error (the weights would silently not apply).
 
     Args:
         start_epoch: first epoch (0-based) with class-balanced weights (160 of 200 on CIFAR in the paper).
@@ -97,8 +116,11 @@ class DeferredReweighting(Callback):
         self.start_epoch = int(start_epoch)
         self.beta = float(beta)
         self.mode = mode
+        self._counts_given = cls_num_list is not None
         self._counts: list[int] | None = None if cls_num_list is None else self._validated(cls_num_list)
         self._active = False
+        self._source: ClassWeighting | None = None
+        self._epoch_batches = 0
 
     @staticmethod
     def _validated(cls_num_list: Sequence[int] | Tensor) -> list[int]:
@@ -120,7 +142,7 @@ class DeferredReweighting(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self._counts is None:
+        if not self._counts_given:  # read for every fit: a reused callback must not keep an old dataset's counts
             counts = getattr(trainer.datamodule, "train_class_counts", None)
             if counts is None:
                 raise ValueError(
@@ -128,6 +150,8 @@ class DeferredReweighting(Callback):
                     "with a `train_class_counts` attribute"
                 )
             self._counts = self._validated(counts)
+        if starts_new_run(trainer):
+            self._epoch_batches = 0
         if self.mode == "weighting":
             if not hasattr(pl_module, "attach_weighting"):
                 raise TypeError(
@@ -153,18 +177,45 @@ class DeferredReweighting(Callback):
             raise ValueError(f"criterion weight has {weight.numel()} classes but cls_num_list has {len(self._counts)}")
         return weight
 
-    @override
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _apply_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._active = trainer.current_epoch >= self.start_epoch
+        self._epoch_batches = 0
         if self.mode == "weighting":
             if self._active:
-                pl_module.attach_weighting(self._name, ClassWeighting(self.class_weights()))  # type: ignore[operator]
+                self._source = ClassWeighting(self.class_weights())
+                pl_module.attach_weighting(self._name, self._source)  # type: ignore[operator]
             else:
+                self._source = None
                 pl_module.detach_weighting(self._name)  # type: ignore[operator]
         else:
             buffer = self._weight_buffer(pl_module)
             with torch.no_grad():
                 buffer.copy_(self.class_weights() if self._active else torch.ones(buffer.numel()))
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a run resumed mid-epoch gets no on_train_epoch_start for that epoch: apply its state here too
+        self._apply_epoch(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._apply_epoch(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._epoch_batches += 1
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._source is not None and self._epoch_batches > 0 and self._source.calls == 0:
+            raise RuntimeError(
+                f"DeferredReweighting(mode='weighting') was active for {self._epoch_batches} training batches but "
+                f"{type(pl_module).__name__}.training_step never called self.reweight(losses, batch), so the class "
+                "weights were not applied: return self.reweight(per_sample_losses, batch) from training_step, or "
+                "use mode='criterion'"
+            )
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
