@@ -15,6 +15,7 @@ from lightning_reweight.contract import (
     check_per_sample_losses,
     split_batch,
 )
+from lightning_reweight.metrics.longtail import BalancedAccuracy
 
 __all__ = ["ReweightClassifier", "build_optimizer"]
 
@@ -63,7 +64,8 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
     loss) is split: ``base_loss`` gives the per-sample losses and the criterion is attached as a weighting.
 
     Logs ``train/loss``, ``val/acc``, ``val/balanced_acc``, ``test/acc`` and ``test/balanced_acc``
-    (balanced accuracy = mean per-class recall).
+    (balanced accuracy = mean per-class recall over the classes present in the evaluated targets,
+    :class:`~lightning_reweight.metrics.BalancedAccuracy`).
 
     Args:
         backbone: the network mapping inputs to logits.
@@ -129,9 +131,9 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
                 "construct it with reduction='none'"
             )
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_bacc = MulticlassAccuracy(num_classes, average="macro")
+        self.val_bacc = BalancedAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_bacc = MulticlassAccuracy(num_classes, average="macro")
+        self.test_bacc = BalancedAccuracy(num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the backbone."""
@@ -150,7 +152,7 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
             self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=losses.shape[0])
         return loss
 
-    def _eval_step(self, batch: Any, acc: MulticlassAccuracy, bacc: MulticlassAccuracy, stage: str) -> None:
+    def _eval_step(self, batch: Any, acc: MulticlassAccuracy, bacc: BalancedAccuracy, stage: str) -> None:
         x, y, _ = split_batch(batch)
         preds = self(x).argmax(dim=1)
         acc.update(preds, y)

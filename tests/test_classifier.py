@@ -107,3 +107,20 @@ def test_scheduler_steps_once_per_epoch_along_its_formula(scheduler):
     for epoch, lr in enumerate(expected):
         (got,) = seen[epoch]  # one lr per epoch
         assert got == pytest.approx(lr)
+
+
+def test_balanced_accuracy_leaves_out_classes_missing_from_the_targets():
+    """Class 2 never appears in the test targets but is predicted: it is not a 0-recall class (per-class counting)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Fixed(nn.Module):  # predicts x[:, 0] as the class
+        def forward(self, x):
+            return F.one_hot(x[:, 0].long(), 3).float()
+
+    x = torch.tensor([[0.0], [0.0], [1.0], [2.0], [1.0]])
+    y = torch.tensor([0, 1, 1, 1, 1])  # class 0: 1/1 right; class 1: 2/4 right; class 2: absent
+    model = ReweightClassifier(Fixed(), 3)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    (res,) = trainer.test(model, DataLoader(TensorDataset(x, y), batch_size=2), verbose=False)
+    assert res["test/acc"] == pytest.approx(3 / 5)
+    assert res["test/balanced_acc"] == pytest.approx((1 / 1 + 2 / 4) / 2)  # not (1 + 0.5 + 0) / 3

@@ -111,3 +111,10 @@ def test_label_columns_are_refused_not_read_as_scores():
         metric.update(target, target.view(-1, 1))
     metric.update(target, target)  # labels (B,) still work: balanced accuracy 1
     assert float(metric.compute()) == 1.0
+
+
+def test_float_label_vectors_are_refused_not_truncated():
+    """Probabilities of shape (B,) would be cast to 0; they are an error."""
+    metric = BalancedAccuracy(num_classes=2)
+    with pytest.raises(ValueError, match="integer class labels"):
+        metric.update(torch.tensor([0.9, 0.2, 0.8]), torch.tensor([1, 0, 1]))

@@ -45,6 +45,11 @@ class _ClassCounts(Metric):
                     "pass predicted labels as shape (B,)"
                 )
             preds = preds.argmax(dim=1)
+        elif preds.is_floating_point():
+            raise ValueError(
+                "1-D preds must be integer class labels, got floating point (probabilities?); pass labels, or scores "
+                f"of shape (B, num_classes={self.num_classes})"
+            )
         if preds.shape != target.shape:
             raise ValueError(f"preds and target must match, got {tuple(preds.shape)} and {tuple(target.shape)}")
         target = target.long()
