@@ -224,3 +224,40 @@ def test_fits_with_lightning_trainer():
                         enable_model_summary=False, accelerator="cpu")
     trainer.fit(Tiny(), datamodule=dm)
     assert dm.hparams["noise_rate"] == 0.2 and dm.hparams["test_fraction"] == 0.2
+
+
+def test_resumed_run_shuffles_as_the_uninterrupted_run(tmp_path):
+    """The shuffle generator's state is in the checkpoint: epochs after a resume see the uninterrupted run's order
+    (not the first epoch's again), and the final weights are bit-identical."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_reweight import ReweightClassifier
+    from lightning_reweight.models import MLP
+
+    class Indices(L.Callback):
+        def __init__(self):
+            self.seen = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.setdefault(trainer.current_epoch, []).extend(batch[2].tolist())
+
+    def run(epochs, callbacks, ckpt_path=None):
+        L.seed_everything(0, verbose=False)
+        model = ReweightClassifier(MLP(64, 10, hidden=(16,)), 10, lr=0.05)
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", deterministic=True, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            callbacks=callbacks, limit_val_batches=0)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=128, meta_per_class=0), ckpt_path=ckpt_path)
+        return model
+
+    straight = Indices()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    straight_model = run(3, [straight, ckpt])
+    assert straight.seen[1] != straight.seen[0]
+    resumed = Indices()
+    resumed_model = run(3, [resumed], ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+    assert sorted(resumed.seen) == [1, 2]
+    assert resumed.seen[1] == straight.seen[1] and resumed.seen[2] == straight.seen[2]
+    for a, b in zip(resumed_model.parameters(), straight_model.parameters()):
+        assert torch.equal(a, b)

@@ -116,6 +116,8 @@ class ReweightDataModule(L.LightningDataModule):
         #: Optional sampler replacing the shuffled order of :meth:`train_dataloader`.
         self.train_sampler: Sampler | None = None
         self._is_set_up = False
+        self._shuffle_generator: torch.Generator | None = None  # the latest training loader's
+        self._pending_shuffle_state: Tensor | None = None  # from a checkpoint, for the next training loader
 
     # ------------------------------------------------------------------ to implement in subclasses
     def load_train_pool(self) -> tuple[Dataset, Tensor]:
@@ -206,11 +208,30 @@ class ReweightDataModule(L.LightningDataModule):
         sampler = self.train_sampler
         if sampler is None:
             shuffle_generator = generator(self._seed(_SHUFFLE_STREAM))
+            if self._pending_shuffle_state is not None:  # resuming: continue the checkpointed order
+                shuffle_generator.set_state(self._pending_shuffle_state)
+                self._pending_shuffle_state = None
+            self._shuffle_generator = shuffle_generator
             return self._loader(self.train_dataset, self.batch_size, shuffle=True, generator=shuffle_generator)
         if isinstance(sampler, BatchSampler):
             return DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
                               persistent_workers=self.num_workers > 0)
         return self._loader(self.train_dataset, self.batch_size, sampler=sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training shuffle's generator state (Lightning stores it in every checkpoint).
+
+        A run resumed from an end-of-epoch checkpoint then shuffles its next epochs as the uninterrupted run
+        does, instead of replaying the first epoch's order.
+        """
+        if self._shuffle_generator is None:
+            return {}
+        return {"shuffle_generator_state": self._shuffle_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the shuffle state of :meth:`state_dict` for the next :meth:`train_dataloader`."""
+        state = state_dict.get("shuffle_generator_state")
+        self._pending_shuffle_state = None if state is None else torch.as_tensor(state, dtype=torch.uint8).clone()
 
     def meta_dataloader(self) -> DataLoader:
         """Clean, balanced meta batches ``(x, y)`` (shuffled, ``meta_batch_size``, last batch kept)."""
