@@ -406,6 +406,36 @@ def test_resume_continues_identically(tmp_path, delayed):
         torch.testing.assert_close(resumed_scores[key], straight_scores[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["l2rw", "mwn"])
+def test_resume_with_the_datamodules_meta_loader_is_exact(tmp_path, strategy):
+    """ReweightDataModule's meta loader shuffles with its own generator (not the global RNG MetaReweight seeds):
+    its state is checkpointed, so the resumed run draws the uninterrupted run's meta batches."""
+    from lightning_reweight.data import DigitsDataModule
+
+    def run(epochs, ckpt_path=None, save=None):
+        L.seed_everything(0, verbose=False)
+        dm = DigitsDataModule(noise_rate=0.4, batch_size=128, meta_per_class=5, meta_batch_size=20)
+        model = ReweightClassifier(MLP(64, 10, hidden=(16,)), num_classes=10, lr=0.05, momentum=0.9)
+        meta = L2RW() if strategy == "l2rw" else MetaWeightNet(hidden=8)
+        callback = MetaReweight(meta, hypergrad="finite_diff")
+        t = trainer(epochs, [callback], deterministic=True, limit_val_batches=0)
+        t.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        if save is not None:
+            t.save_checkpoint(save)
+        return model, callback
+
+    straight_model, straight = run(3)
+    run(1, save=tmp_path / "one.ckpt")
+    state = torch.load(tmp_path / "one.ckpt", weights_only=True)
+    (meta_state,) = [v for k, v in state["callbacks"].items() if k.startswith("MetaReweight")]
+    assert meta_state["meta_pos"] not in (0, 3)  # the checkpoint falls inside a meta epoch (3 batches each)
+    resumed_model, resumed = run(3, ckpt_path=tmp_path / "one.ckpt")
+    assert resumed._meta_steps == straight._meta_steps and resumed._meta_epoch == straight._meta_epoch
+    assert torch.equal(flat(resumed_model), flat(straight_model))
+    if strategy == "mwn":
+        assert torch.equal(flat(resumed.strategy), flat(straight.strategy))
+
+
 @pytest.mark.ddp
 def test_ddp_two_processes_identical_meta_net(tmp_path):
     script = Path(__file__).with_name("_ddp_meta_script.py")

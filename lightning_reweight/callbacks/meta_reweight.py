@@ -60,7 +60,10 @@ class MetaReweight(Callback):
         warmup_epochs: epochs of uniform weights before the first meta step.
         virtual_lr: virtual-step size; default the optimizer's current lr.
         fd_eps: relative finite-difference step.
-        meta_seed: seeds the meta loader's shuffling.
+        meta_seed: seeds the shuffling of a meta loader that uses the global RNG (``shuffle=True`` without a
+            ``generator``). A loader with its own ``generator`` (``ReweightDataModule.meta_dataloader()``) shuffles
+            with it; its state at the start of the current meta epoch is checkpointed, so a resumed run draws the
+            uninterrupted run's meta batches either way (under DDP, ranks above 0 reseed it per rank).
         track_noise_auroc: when the datamodule has a ``noise_mask`` and batches carry indices, accumulate the
             AUROC of the weights against it per epoch (logged as ``meta/weight_auroc``).
         track_sample_history: when batches carry dataset indices, keep every sample's weight history over the
@@ -137,6 +140,10 @@ class MetaReweight(Callback):
         self._meta_iter: Iterator[Any] | None = None
         self._meta_epoch = 0
         self._meta_pos = 0
+        # a meta loader with its own shuffle generator (ReweightDataModule's): its state when the current meta
+        # epoch began, checkpointed, and whether the next meta epoch start must restore it (after a load)
+        self._meta_gen_state: Tensor | None = None
+        self._restore_meta_gen = False
         self._meta_steps = 0
         self._rng: RNGState | None = None
         self._pending: tuple[MetaProblem, float] | None = None
@@ -182,6 +189,7 @@ class MetaReweight(Callback):
                 )
             self._meta_loader = dm.meta_dataloader()
             self._meta_iter = None
+            self._restore_meta_gen = self._meta_gen_state is not None  # a continued fit: the new loader resumes
         if self.track_noise_auroc or self.track_sample_history:
             mask = getattr(getattr(trainer, "datamodule", None), "noise_mask", None)
             self._noise_mask = None if mask is None else torch.as_tensor(mask).bool().cpu()
@@ -364,6 +372,14 @@ class MetaReweight(Callback):
 
     def _start_meta_epoch(self, trainer: L.Trainer, skip: int) -> Iterator[Any]:
         torch.manual_seed(self.meta_seed + 7919 * self._meta_epoch + 104729 * trainer.global_rank)
+        gen = getattr(self._meta_loader, "generator", None)
+        if isinstance(gen, torch.Generator):  # the loader shuffles with its own generator, not the global RNG
+            if self._restore_meta_gen and self._meta_gen_state is not None:
+                gen.set_state(self._meta_gen_state)  # resuming: the checkpointed meta epoch's order
+            elif self._meta_gen_state is None and trainer.global_rank:
+                gen.manual_seed(gen.initial_seed() + 104729 * trainer.global_rank)  # other meta batches per rank
+            self._meta_gen_state = gen.get_state()
+        self._restore_meta_gen = False
         it = iter(self._meta_loader)  # type: ignore[arg-type]
         for _ in range(skip):
             next(it)
@@ -422,6 +438,7 @@ class MetaReweight(Callback):
             "meta_steps": self._meta_steps,
             "meta_epoch": self._meta_epoch,
             "meta_pos": self._meta_pos,
+            "meta_generator_state": self._meta_gen_state,
             "auroc_history": list(self.auroc_history),
             "sample_auroc_history": list(self.sample_auroc_history),
             "sample_history": None if self._history is None else self._history.metric_state_cpu(),
@@ -434,6 +451,9 @@ class MetaReweight(Callback):
         self._meta_steps = int(state_dict["meta_steps"])
         self._meta_epoch = int(state_dict["meta_epoch"])
         self._meta_pos = int(state_dict["meta_pos"])
+        gen_state = state_dict.get("meta_generator_state")
+        self._meta_gen_state = None if gen_state is None else torch.as_tensor(gen_state, dtype=torch.uint8).clone()
+        self._restore_meta_gen = gen_state is not None
         self.auroc_history = list(state_dict.get("auroc_history", []))
         self.sample_auroc_history = list(state_dict.get("sample_auroc_history", []))
         history = state_dict.get("sample_history")
