@@ -261,3 +261,25 @@ def test_resumed_run_shuffles_as_the_uninterrupted_run(tmp_path):
     assert resumed.seen[1] == straight.seen[1] and resumed.seen[2] == straight.seen[2]
     for a, b in zip(resumed_model.parameters(), straight_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_reloaded_training_loader_goes_on_with_the_order():
+    """reload_dataloaders_every_n_epochs=1 asks for a new loader every epoch: each must not restart the shuffle."""
+    import lightning as L
+
+    from lightning_reweight import ReweightClassifier
+    from lightning_reweight.models import MLP
+
+    firsts = {}
+
+    class First(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            firsts.setdefault(trainer.current_epoch, batch[2][:8].tolist())
+
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        reload_dataloaders_every_n_epochs=1, callbacks=[First()])
+    dm = DigitsDataModule(batch_size=128, meta_per_class=0)
+    trainer.fit(ReweightClassifier(MLP(64, 10, hidden=(8,)), 10), datamodule=dm)
+    assert firsts[0] != firsts[1] and firsts[1] != firsts[2] and firsts[0] != firsts[2]

@@ -647,3 +647,25 @@ def test_histograms_and_figures_written_on_rank_zero_only():
         assert log_histograms(fake, values) == int(rank_zero)
         assert log_weight_function(fake, MetaWeightNet(hidden=4)) == rank_zero
     assert calls == ["w", "meta/weight_function"]
+
+
+def test_a_failed_fit_leaves_no_weighting_or_hook_on_the_module():
+    """teardown does not run after an exception: the callbacks must still detach what they attached, or a later
+    plain fit of the same module would be silently reweighted."""
+    from lightning_reweight.callbacks import DeferredReweighting, SusceptibilityMonitor
+
+    train, meta = loaders()
+    model = module()
+    hooks_before = len(model._forward_hooks)
+
+    class Crash(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            assert {"MetaReweight", "DeferredReweighting"} <= set(pl_module.weightings)
+            raise RuntimeError("crash")
+
+    callbacks = [MetaReweight(L2RW(), meta_dataloader=meta), DeferredReweighting(0, cls_num_list=[60, 60, 60, 60]),
+                 SusceptibilityMonitor(batch_size=16, num_classes=4), Crash()]
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer(2, callbacks).fit(model, train)
+    assert dict(model.weightings) == {}
+    assert len(model._forward_hooks) == hooks_before

@@ -587,6 +587,9 @@ def test_resume_restores_history_and_labels(tmp_path):
     )
     # the selection rule's input straight from a checkpoint file
     assert susceptibility_from_checkpoint(path) == pytest.approx(sum(d for _, d in monitor.history) / 2)
+    # a subclass (the docs invite overriding logits_from_output) is stored under its own class name
+    renamed = {"callbacks": {k.replace("SusceptibilityMonitor", "MyMonitor"): v for k, v in ckpt["callbacks"].items()}}
+    assert susceptibility_from_checkpoint(renamed) == pytest.approx(sum(d for _, d in monitor.history) / 2)
 
 
 def test_resume_mid_epoch_does_not_probe_that_epoch_twice(tmp_path):
@@ -602,6 +605,22 @@ def test_resume_mid_epoch_does_not_probe_that_epoch_twice(tmp_path):
     _trainer(tmp_path, [resumed], epochs=3).fit(_module(), datamodule=_NoisyDM(), ckpt_path=path)
     assert [e for e, _ in resumed.history] == [0, 1, 2]
     assert resumed.history[:2] == monitor.history
+
+
+def test_resume_from_an_epochs_last_batch_measures_the_next_epoch(tmp_path):
+    """A step checkpoint at an epoch's last batch (6 steps per epoch, saved after step 6): Lightning resumes into
+    epoch 1 without on_train_epoch_start; epoch 1 must still be measured, with the uninterrupted run's drop."""
+    ckpt_dir = tmp_path / "last_batch"
+    straight = SusceptibilityMonitor(batch_size=32, seed=5)
+    L.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    _trainer(tmp_path, [straight, ckpt], epochs=3, enable_checkpointing=True).fit(_module(), datamodule=_NoisyDM())
+    (path,) = ckpt_dir.glob("step=6*.ckpt")
+    resumed = SusceptibilityMonitor(batch_size=32, seed=5)
+    _trainer(tmp_path, [resumed], epochs=3).fit(_module(), datamodule=_NoisyDM(), ckpt_path=path)
+    assert [e for e, _ in resumed.history] == [0, 1, 2]
+    assert resumed.history[:1] == straight.history[:1]
+    assert any(r.get("epoch") == 1 and "memorization/train_acc_noisy" in r for r in resumed.logged_history)
 
 
 def test_state_key_follows_the_prefix():

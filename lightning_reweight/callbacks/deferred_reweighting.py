@@ -218,6 +218,11 @@ class DeferredReweighting(Callback):
             )
 
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # teardown does not run after an exception: leave the module as it was given
+        self.teardown(trainer, pl_module, "fit")
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.mode == "weighting" and hasattr(pl_module, "detach_weighting"):
             pl_module.detach_weighting(self._name)

@@ -197,6 +197,11 @@ class MetaReweight(Callback):
         pl_module.attach_weighting(type(self).__name__, self)
 
     @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # teardown does not run after an exception: leave the module as it was given
+        self.teardown(trainer, pl_module, "fit")
+
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and hasattr(pl_module, "detach_weighting"):
             pl_module.detach_weighting(type(self).__name__)

@@ -186,6 +186,7 @@ class SusceptibilityMonitor(Callback):
         self._pool_indices: Tensor | None = None
         self._dataset: Any = None
         self._eval_data: tuple[Tensor, Tensor, Tensor] | None = None
+        self._begun_epoch: int | None = None  # the epoch on_train_epoch_start last ran for
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -295,11 +296,17 @@ class SusceptibilityMonitor(Callback):
             self._hook = pl_module.register_forward_hook(self._capture_train_logits)
 
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # teardown does not run after an exception: leave the module as it was given
+        self.teardown(trainer, pl_module, "fit")
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         self._counting = False
+        self._begun_epoch = None
         self._armed = None
         self._pending.clear()
         self._pending_numel = 0
@@ -366,6 +373,7 @@ class SusceptibilityMonitor(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begun_epoch = trainer.current_epoch
         self._weights.clear()
         self._weight_indices.clear()
         epoch = trainer.current_epoch
@@ -476,6 +484,11 @@ class SusceptibilityMonitor(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._begun_epoch != trainer.current_epoch:
+            # Lightning runs no on_train_epoch_start for the epoch a run resumes into from a mid-epoch or an
+            # epoch's-last-batch checkpoint: begin it here, before its first batch trains (measured epochs are
+            # not measured twice)
+            self.on_train_epoch_start(trainer, pl_module)
         if not self._counting:
             return
         try:
@@ -601,5 +614,6 @@ class SusceptibilityMonitor(Callback):
         self._pool_indices = None if indices is None else torch.as_tensor(indices).clone()
         self._pool = None
         self._epochs = [int(e) for e in state_dict.get("epochs", [])]
+        self._begun_epoch = None
         self._drops = [float(d) for d in state_dict.get("drops", [])]
         self._logged = [dict(d) for d in state_dict.get("logged", [])]

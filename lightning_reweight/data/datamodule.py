@@ -207,10 +207,15 @@ class ReweightDataModule(L.LightningDataModule):
         self._require_setup()
         sampler = self.train_sampler
         if sampler is None:
-            shuffle_generator = generator(self._seed(_SHUFFLE_STREAM))
+            trainer = getattr(self, "trainer", None)
             if self._pending_shuffle_state is not None:  # resuming: continue the checkpointed order
+                shuffle_generator = generator(self._seed(_SHUFFLE_STREAM))
                 shuffle_generator.set_state(self._pending_shuffle_state)
                 self._pending_shuffle_state = None
+            elif self._shuffle_generator is not None and trainer is not None and trainer.current_epoch > 0:
+                shuffle_generator = self._shuffle_generator  # reloaded during a run: the order goes on
+            else:
+                shuffle_generator = generator(self._seed(_SHUFFLE_STREAM))  # a new run
             self._shuffle_generator = shuffle_generator
             return self._loader(self.train_dataset, self.batch_size, shuffle=True, generator=shuffle_generator)
         if isinstance(sampler, BatchSampler):

@@ -156,7 +156,8 @@ def susceptibility_from_checkpoint(checkpoint: str | Path | dict[str, Any], pref
 
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     for key, state in checkpoint.get("callbacks", {}).items():
-        if key.startswith("SusceptibilityMonitor") and f"'prefix': '{prefix}'" in key and state.get("drops"):
+        # the monitor's state key is "<class name>{'prefix': '...'}": a subclass has its own class name
+        if f"{{'prefix': '{prefix}'}}" in key and isinstance(state, dict) and state.get("drops"):
             drops = [float(d) for d in state["drops"]]
             return sum(drops) / len(drops)
     raise KeyError(f"no SusceptibilityMonitor state with prefix {prefix!r} and measurements in this checkpoint")
