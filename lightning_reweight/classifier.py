@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -134,6 +135,33 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         self.val_bacc = BalancedAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_bacc = BalancedAccuracy(num_classes)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Match the checkpoint's criterion state to this module's criterion (the backbone is loaded strictly).
+
+        The criterion is not a hyperparameter: a checkpoint trained with ABSGD or LDAM holds its buffers
+        (``criterion.log_u``, ``criterion.margins``, ...), which a module built for inference with the default
+        criterion does not have, and the reverse. Criterion entries this module lacks are dropped, and the ones
+        the checkpoint lacks keep this module's values, with a warning naming them.
+        """
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            return
+        prefixes = ("criterion.", "_per_sample_criterion.")  # the criterion, or its base loss when it is split
+        own = {k for k in self.state_dict() if k.startswith(prefixes)}
+        saved = {k for k in state if k.startswith(prefixes)}
+        dropped, kept = sorted(saved - own), sorted(own - saved)
+        if not dropped and not kept:
+            return
+        for key in dropped:
+            del state[key]
+        current = self.state_dict()
+        for key in kept:
+            state[key] = current[key]
+        rank_zero_warn(
+            f"ReweightClassifier: the checkpoint's criterion differs from this module's "
+            f"({type(self.criterion).__name__}); ignored checkpoint entries {dropped}, kept this module's {kept}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the backbone."""

@@ -124,3 +124,32 @@ def test_balanced_accuracy_leaves_out_classes_missing_from_the_targets():
     (res,) = trainer.test(model, DataLoader(TensorDataset(x, y), batch_size=2), verbose=False)
     assert res["test/acc"] == pytest.approx(3 / 5)
     assert res["test/balanced_acc"] == pytest.approx((1 / 1 + 2 / 4) / 2)  # not (1 + 0.5 + 0) / 3
+
+
+def test_checkpoint_of_a_stateful_criterion_loads_for_inference(tmp_path):
+    """An ABSGD checkpoint (criterion buffers log_u, u_lam, ...) into a module built with the default criterion,
+    and an LDAM module from a plain checkpoint: the backbone loads exactly, the criterion mismatch is a warning."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_reweight.losses import AttentionalDROLoss, LDAMLoss
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))
+    model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=0.3))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    path = tmp_path / "absgd.ckpt"
+    trainer.save_checkpoint(path)
+    assert any(k.startswith("criterion.") for k in torch.load(path, weights_only=True)["state_dict"])
+    with pytest.warns(UserWarning, match=r"criterion\.log_u"):
+        plain = ReweightClassifier.load_from_checkpoint(path, backbone=MLP(64, 3, hidden=(8,)))
+    for a, b in zip(plain.backbone.parameters(), model.backbone.parameters()):
+        assert torch.equal(a, b)
+    with pytest.warns(UserWarning, match=r"criterion\.margins"):
+        ldam = ReweightClassifier.load_from_checkpoint(
+            path, backbone=MLP(64, 3, hidden=(8,)), criterion=LDAMLoss([20, 8, 4], reduction="none"))
+    assert torch.equal(ldam.criterion.margins, LDAMLoss([20, 8, 4]).margins)  # its own, from the counts
+    same = ReweightClassifier.load_from_checkpoint(path, backbone=MLP(64, 3, hidden=(8,)),
+                                                   criterion=AttentionalDROLoss(lam=0.3))
+    assert torch.equal(same.criterion.log_u, model.criterion.log_u)  # a matching criterion loads its state
