@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from resumable_data import MaskedData
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
@@ -669,3 +670,24 @@ def test_a_failed_fit_leaves_no_weighting_or_hook_on_the_module():
         trainer(2, callbacks).fit(model, train)
     assert dict(model.weightings) == {}
     assert len(model._forward_hooks) == hooks_before
+
+
+def test_mid_epoch_resume_keeps_the_epochs_weight_records(tmp_path):
+    """A mid-epoch checkpoint carries the epoch's weights seen so far: with a loader that resumes its position, the
+    resumed epoch's meta/weight_auroc equals the uninterrupted run's (before: only the batches after the resume)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, callbacks=()):
+        model = module()
+        callback = MetaReweight(L2RW(), hypergrad="forward")
+        L.Trainer(max_epochs=3, accelerator="cpu", devices=1, callbacks=[callback, *callbacks], logger=False,
+                  enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
+                  deterministic=True).fit(model, datamodule=MaskedData(), ckpt_path=ckpt_path)
+        return model, callback
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1, filename="{step}")
+    straight_model, straight = run(callbacks=[ckpt])
+    resumed_model, resumed = run(ckpt_path=tmp_path / "step=8.ckpt")  # epoch 1 (6 batches), after its 2nd batch
+    assert torch.equal(flat(resumed_model), flat(straight_model))
+    assert len(straight.auroc_history) == 3 and 0.5 < straight.auroc_history[1] < 1.0
+    assert resumed.auroc_history == straight.auroc_history

@@ -623,6 +623,49 @@ def test_resume_from_an_epochs_last_batch_measures_the_next_epoch(tmp_path):
     assert any(r.get("epoch") == 1 and "memorization/train_acc_noisy" in r for r in resumed.logged_history)
 
 
+class _StepWeights:
+    """Weights that change with the step (so that a lost or doubled batch shows in the epoch's weight means)."""
+
+    def sample_weights(self, losses, context):
+        step = context.module.trainer.global_step
+        return 1.0 + 0.1 * step + (context.indices % 3).float()
+
+
+def test_mid_epoch_resume_keeps_the_epochs_subset_accuracy_and_weight_means(tmp_path):
+    """A mid-epoch checkpoint carries the epoch's training-forward counts and weights; with a loader that resumes
+    its position, the resumed epoch logs the uninterrupted run's noisy/clean accuracy and weight means."""
+    from resumable_data import MaskedData
+
+    def run(ckpt_path=None, callbacks=()):
+        L.seed_everything(0, verbose=False)
+        model = ReweightClassifier(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+        model.attach_weighting("steps", _StepWeights())
+        monitor = SusceptibilityMonitor(batch_size=32, seed=5)
+        _trainer(tmp_path, [monitor, *callbacks], epochs=3, enable_checkpointing=bool(callbacks)).fit(
+            model, datamodule=MaskedData(), ckpt_path=ckpt_path)
+        return monitor
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "mid", every_n_train_steps=8, save_top_k=-1, filename="{step}")
+    straight = run(callbacks=[ckpt])
+    resumed = run(ckpt_path=tmp_path / "mid" / "step=8.ckpt")  # epoch 1 (6 batches), after its 2nd batch
+
+    def epoch_values(monitor, epoch):
+        merged = {}
+        for record in monitor.logged_history:
+            if record.get("epoch") == epoch:
+                merged.update(record)
+        return merged
+
+    keys = ("memorization/train_acc_noisy", "memorization/train_acc_clean", "memorization/weight_mean_noisy",
+            "memorization/weight_mean_clean")
+    for epoch in (1, 2):
+        want, got = epoch_values(straight, epoch), epoch_values(resumed, epoch)
+        assert all(k in want for k in keys)
+        for key in keys:
+            assert got.get(key) == pytest.approx(want[key], rel=1e-6), (epoch, key)
+    assert resumed.history == straight.history
+
+
 def test_state_key_follows_the_prefix():
     # Lightning's convention for keyed callback states: the class name and the repr of the keying arguments
     monitor = SusceptibilityMonitor()

@@ -155,6 +155,7 @@ class MetaReweight(Callback):
         self.sample_auroc_history: list[float] = []
         self._epoch_batches = 0  # training batches seen in the current epoch ...
         self._reweight_calls = 0  # ... and sample_weights calls among them
+        self._pending_epoch_records: dict[str, Any] | None = None  # a mid-epoch checkpoint's, until its epoch runs
 
     # ------------------------------------------------------------------ setup
     @override
@@ -224,6 +225,8 @@ class MetaReweight(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._pending_epoch_records is not None:
+            self._restore_epoch_records(trainer, pl_module)
         self._rng = capture_rng(pl_module.device)
         self._early = None
         self._epoch_batches += 1
@@ -435,9 +438,33 @@ class MetaReweight(Callback):
         }
 
     # ------------------------------------------------------------------ checkpoint
+    def _epoch_records(self) -> dict[str, Any] | None:
+        """The current epoch's unfinished records (a mid-epoch checkpoint): weights seen for the AUROC, counters."""
+        if self._trainer is None or not (self._epoch_batches or self._auroc.weights):
+            return None
+        cat = (lambda ts: torch.cat([t.detach().cpu() for t in ts]) if ts else None)  # noqa: E731
+        return {
+            "epoch": int(self._trainer.current_epoch),
+            "batches": self._epoch_batches,
+            "calls": self._reweight_calls,
+            "weights": cat(self._auroc.weights),
+            "noisy": cat(self._auroc.noisy),
+        }
+
+    def _restore_epoch_records(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        records, self._pending_epoch_records = self._pending_epoch_records, None
+        if records is None or int(records["epoch"]) != trainer.current_epoch:
+            return  # a checkpoint from an epoch's last batch: Lightning closes that epoch without its end hook
+        self._epoch_batches = int(records["batches"])
+        self._reweight_calls = int(records["calls"])
+        if records.get("weights") is not None:
+            self._auroc.reset()
+            self._auroc.update(records["weights"].to(pl_module.device), records["noisy"].to(pl_module.device))
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "epoch_records": self._epoch_records(),
             "strategy": {k: v.detach().cpu() for k, v in self.strategy.state_dict().items()},
             "strategy_extra": self.strategy.extra_state(),
             "meta_steps": self._meta_steps,
@@ -456,6 +483,7 @@ class MetaReweight(Callback):
         self._meta_steps = int(state_dict["meta_steps"])
         self._meta_epoch = int(state_dict["meta_epoch"])
         self._meta_pos = int(state_dict["meta_pos"])
+        self._pending_epoch_records = state_dict.get("epoch_records")
         gen_state = state_dict.get("meta_generator_state")
         self._meta_gen_state = None if gen_state is None else torch.as_tensor(gen_state, dtype=torch.uint8).clone()
         self._restore_meta_gen = gen_state is not None

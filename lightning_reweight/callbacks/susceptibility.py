@@ -187,6 +187,7 @@ class SusceptibilityMonitor(Callback):
         self._dataset: Any = None
         self._eval_data: tuple[Tensor, Tensor, Tensor] | None = None
         self._begun_epoch: int | None = None  # the epoch on_train_epoch_start last ran for
+        self._pending_epoch_records: dict[str, Any] | None = None  # a mid-epoch checkpoint's, until its epoch runs
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -489,6 +490,7 @@ class SusceptibilityMonitor(Callback):
             # epoch's-last-batch checkpoint: begin it here, before its first batch trains (measured epochs are
             # not measured twice)
             self.on_train_epoch_start(trainer, pl_module)
+            self._restore_epoch_records(trainer, pl_module)
         if not self._counting:
             return
         try:
@@ -587,9 +589,36 @@ class SusceptibilityMonitor(Callback):
         )
 
     # ------------------------------------------------------------------ checkpointing
+    def _epoch_records(self) -> dict[str, Any] | None:
+        """The running epoch's unfinished records (a mid-epoch checkpoint): subset counts, weights seen."""
+        if self._begun_epoch is None:
+            return None
+        if self._counting:
+            self._fold()
+        return {
+            "epoch": self._begun_epoch,
+            "train_counts": None if self._train_counts is None else self._train_counts.detach().cpu().clone(),
+            "weights": torch.cat([w.detach().cpu() for w in self._weights]) if self._weights else None,
+            "indices": torch.cat([i.detach().cpu() for i in self._weight_indices]) if self._weights else None,
+        }
+
+    def _restore_epoch_records(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        records, self._pending_epoch_records = self._pending_epoch_records, None
+        if records is None or int(records["epoch"]) != trainer.current_epoch:
+            return  # none, or a checkpoint from an epoch's last batch (Lightning closes it without its end hook)
+        if records.get("train_counts") is not None and self._hook is not None:
+            self._counting = True
+            self._train_counts = torch.as_tensor(records["train_counts"]).to(pl_module.device)
+            self._pending.clear()
+            self._pending_numel = 0
+        if records.get("weights") is not None:
+            self._weights[:] = [torch.as_tensor(records["weights"]).to(pl_module.device)]
+            self._weight_indices[:] = [torch.as_tensor(records["indices"]).to(pl_module.device)]
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "epoch_records": self._epoch_records(),
             "seed": self.seed,
             "num_classes": self.num_classes,
             "batch_size": self.batch_size,
@@ -615,5 +644,6 @@ class SusceptibilityMonitor(Callback):
         self._pool = None
         self._epochs = [int(e) for e in state_dict.get("epochs", [])]
         self._begun_epoch = None
+        self._pending_epoch_records = state_dict.get("epoch_records")
         self._drops = [float(d) for d in state_dict.get("drops", [])]
         self._logged = [dict(d) for d in state_dict.get("logged", [])]
