@@ -691,3 +691,34 @@ def test_mid_epoch_resume_keeps_the_epochs_weight_records(tmp_path):
     assert torch.equal(flat(resumed_model), flat(straight_model))
     assert len(straight.auroc_history) == 3 and 0.5 < straight.auroc_history[1] < 1.0
     assert resumed.auroc_history == straight.auroc_history
+
+
+def test_virtual_step_follows_the_optimizers_parameter_groups():
+    """Backbone features at lr 0.01, classifier at 0.5, one layer left out of the optimizer: the meta problems the
+    callback builds scale each parameter's virtual step by its group's lr over the first group's."""
+    train, meta = loaders()
+    seen = []
+
+    class TwoGroups(ReweightClassifier):
+        def configure_optimizers(self):
+            features = list(self.backbone.features.parameters())
+            head = list(self.backbone.classifier.parameters())
+            return torch.optim.SGD([{"params": features[2:], "lr": 0.01}, {"params": head, "lr": 0.5}], lr=0.01)
+
+    class Spy(L2RW):
+        def meta_weights(self, problem, lr):
+            seen.append((problem.lr_scale, lr))
+            return super().meta_weights(problem, lr)
+
+    torch.manual_seed(0)
+    model = TwoGroups(MLP(64, 4, hidden=(16, 16)), num_classes=4)
+    trainer(1, [MetaReweight(Spy(), meta_dataloader=meta)], limit_train_batches=2).fit(model, train)
+    features = list(model.backbone.features.parameters())
+    expected = [0.0 if any(p is q for q in features[:2]) else 50.0 if n.startswith("backbone.classifier") else 1.0
+                for n, p in model.named_parameters()]
+    assert len(seen) == 2 and seen[0][0] == expected and seen[0][1] == 0.01
+    assert expected.count(0.0) == 2 and expected.count(50.0) == 2 and expected.count(1.0) == 2
+
+    seen.clear()
+    trainer(1, [MetaReweight(Spy(), meta_dataloader=meta)], limit_train_batches=1).fit(module(), train)
+    assert seen[0][0] is None  # one group holding every parameter: the plain virtual step

@@ -170,8 +170,9 @@ def test_prepared_finite_difference_does_not_reuse_autocast_losses():
     torch.testing.assert_close(early.alignment(), ref, rtol=1e-5, atol=1e-6)
 
 
-def textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr):
-    """Meta-Weight-Net's meta gradient written out: virtual step, meta loss, backward to phi."""
+def textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr, scale=None):
+    """Meta-Weight-Net's meta gradient written out: virtual step (each parameter's lr ``lr * scale``), meta loss,
+    backward to phi."""
     m = copy.deepcopy(model)
     names = [n for n, _ in m.named_parameters()]
     params = list(m.parameters())
@@ -179,7 +180,8 @@ def textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr):
     losses = F.cross_entropy(m(x), y, reduction="none")
     v = mwn.weight_net(losses.detach())
     grads = torch.autograd.grad((v * losses).sum() / len(y), params, create_graph=True)
-    virtual = {n: p - lr * g for n, p, g in zip(names, params, grads)}
+    scale = [1.0] * len(params) if scale is None else scale
+    virtual = {n: p - lr * r * g for n, p, g, r in zip(names, params, grads, scale)}
     meta = F.cross_entropy(functional_call(m, {**virtual, **bufs}, (mx,)), my)
     return torch.autograd.grad(meta, list(mwn.weight_net.parameters()))
 
@@ -270,3 +272,139 @@ def test_mwnet_first_order_variant_is_the_small_step_limit_of_the_textbook_gradi
     assert F.cosine_similarity(routes["finite_diff"], limit, dim=0) > 0.995
     lookahead = flat(textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr))
     assert rel(routes["forward"], lookahead) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ edge cases (review)
+def test_l2rw_normalisation_is_scale_invariant_and_keeps_float64():
+    from lightning_reweight.meta.l2rw import l2rw_from_alignment
+
+    # a subnormal total (1e-39 is below float32's smallest normal number) still normalises: max(u, 0) / sum
+    w = l2rw_from_alignment(torch.tensor([1e-39, 1e-39, -1.0]))
+    assert w.tolist() == pytest.approx([0.5, 0.5, 0.0])
+    u = torch.tensor([3e-50, 1e-50, -2e-50], dtype=torch.float64)  # zero in float32, not in float64
+    w = l2rw_from_alignment(u)
+    assert w.dtype == torch.float64 and w.tolist() == pytest.approx([0.75, 0.25, 0.0])
+    assert l2rw_from_alignment(torch.tensor([-1.0, 0.0])).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("hypergrad", ["forward", "second_order"])
+def test_float64_model_keeps_float64_precision(hypergrad):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x, y, mx, my = data()
+    x, mx = x.double(), mx.double()
+    got = problem(model, hypergrad, x, y, mx, my).alignment()
+    ref = reference_alignment(model, x, y, mx, my)  # float64 per-sample gradients
+    assert got.dtype == torch.float64
+    assert rel(got, ref) < 1e-12  # float32 arithmetic would stop at ~1e-7
+
+
+def test_l2rw_weights_refuses_reduced_losses_and_inference_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    x, y, mx, my = data()
+    with pytest.raises(ValueError, match="per-sample losses of shape"):
+        l2rw_weights(model, x, y, mx, my, loss_fn=F.cross_entropy)  # reduction="mean": a scalar
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        l2rw_weights(model, x, y, mx, my)
+
+
+class _NoForwardAD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def test_forward_route_names_the_alternatives_for_layers_without_forward_ad():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 3)
+
+        def forward(self, x):
+            return _NoForwardAD.apply(self.fc(x.flatten(1)))
+
+    model = Net()
+    x, y, mx, my = data()
+    with pytest.raises(NotImplementedError, match='use hypergrad="finite_diff"'):
+        l2rw_weights(model, x, y, mx, my, hypergrad="forward")
+    w = l2rw_weights(model, x, y, mx, my, hypergrad="finite_diff")
+    assert float(w.sum()) == pytest.approx(1.0)
+
+
+def test_finite_diff_on_a_barely_touched_embedding_table():
+    """An embedding table of 50k rows, 8 of them in the batch: the full parameter norm makes the default step far
+    too large (a warning says so); fd_scale="moved" scales it by the moved entries and matches the exact route."""
+    import warnings
+
+    import lightning_reweight.meta.engine as engine
+
+    torch.manual_seed(0)
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50_000, 16)
+            self.head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def forward(self, tokens):
+            return self.head(self.emb(tokens).mean(1))
+
+    model = Bag()
+    g = torch.Generator().manual_seed(2)
+    x, mx = torch.randint(0, 50_000, (8, 4), generator=g), torch.randint(0, 50_000, (6, 4), generator=g)
+    y, my = torch.randint(0, 3, (8,), generator=g), torch.randint(0, 3, (6,), generator=g)
+    exact = problem(model, "forward", x, y, mx, my).alignment()
+    engine._SPARSE_CHECKED = False
+    with pytest.warns(UserWarning, match='fd_scale="moved"'):
+        coarse = problem(model, "finite_diff", x, y, mx, my).alignment()
+    moved = problem(model, "finite_diff", x, y, mx, my, fd_scale="moved").alignment()
+    cos = lambda a, b: float(F.cosine_similarity(a.double(), b.double(), dim=0))  # noqa: E731
+    assert cos(moved, exact) > 0.9999 and rel(moved, exact) < 0.02
+    assert rel(coarse, exact) > 5 * rel(moved, exact)  # what the warning is about
+    with warnings.catch_warnings():  # a dense model moves every parameter: no warning
+        warnings.simplefilter("error")
+        engine._SPARSE_CHECKED = False
+        problem(small_cnn(), "finite_diff", *data()).alignment()
+    with pytest.raises(ValueError, match="fd_scale"):
+        problem(model, "finite_diff", x, y, mx, my, fd_scale="some")
+
+
+def test_per_parameter_learning_rates_reach_the_virtual_step_and_the_alignment():
+    """Two parameter groups (lr ratio 20 for the head, 0 for a frozen-by-optimizer layer): L2RW's u_i is
+    sum_k r_k <grad_k l_i, grad_k L_meta> and MW-Net's virtual step moves each parameter with its own lr."""
+    model = small_cnn()
+    x, y, mx, my = data(16, 12)
+    n = len(list(model.parameters()))
+    scale = [0.0 if k == 0 else (20.0 if k >= n - 2 else 1.0) for k in range(n)]
+    # L2RW: the per-sample gradient loop, each parameter's term scaled
+    m = copy.deepcopy(model)
+    params = list(m.parameters())
+    g_meta = torch.autograd.grad(F.cross_entropy(m(mx), my), params)
+    losses = F.cross_entropy(m(x), y, reduction="none")
+    ref = torch.stack([
+        sum(r * (a.double() * b.double()).sum()
+            for a, b, r in zip(torch.autograd.grad(losses[i], params, retain_graph=True), g_meta, scale))
+        for i in range(len(y))
+    ])
+    plain = reference_alignment(model, x, y, mx, my)
+    assert rel(plain, ref) > 0.1  # the scaling matters for this check
+    for hypergrad in ("forward", "second_order"):
+        assert rel(problem(model, hypergrad, x, y, mx, my, lr_scale=scale).alignment(), ref) < 1e-5
+    fd = problem(model, "finite_diff", x, y, mx, my, lr_scale=scale).alignment()
+    assert F.cosine_similarity(fd.double(), ref, dim=0) > 0.999
+    # MW-Net
+    torch.manual_seed(3)
+    mwn = MetaWeightNet(hidden=16)
+    lr = 0.05
+    textbook = flat(textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr, scale))
+    assert rel(flat(textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr)), textbook) > 0.05
+    for hypergrad in ("forward", "second_order"):
+        got = flat(mwn.meta_gradient(problem(model, hypergrad, x, y, mx, my, lr_scale=scale), lr))
+        assert rel(got, textbook) < 1e-5
+    with pytest.raises(ValueError, match="lr_scale"):
+        problem(model, "forward", x, y, mx, my, lr_scale=[1.0])

@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.contract import WeightingContext
 from lightning_reweight.meta.base import MetaStrategy
-from lightning_reweight.meta.engine import HYPERGRADS, MetaProblem, RNGState, capture_rng
+from lightning_reweight.meta.engine import FD_SCALES, HYPERGRADS, MetaProblem, RNGState, capture_rng
 from lightning_reweight.metrics.weight_auroc import WeightNoiseAUROC, rank_auroc
 from lightning_reweight.metrics.weight_history import SampleWeightHistory
 
@@ -58,8 +58,13 @@ class MetaReweight(Callback):
         hypergrad: ``"finite_diff"`` (one extra forward), ``"forward"`` (exact JVP) or ``"second_order"``.
         meta_interval: run a meta step every this many optimizer steps (1 for L2RW, which has no state).
         warmup_epochs: epochs of uniform weights before the first meta step.
-        virtual_lr: virtual-step size; default the optimizer's current lr.
+        virtual_lr: virtual-step size; default the optimizer's current lr (of its first parameter group). With
+            several parameter groups each parameter's virtual step is scaled by its group's lr relative to the
+            first group's, as the real step is; parameters the optimizer does not train are not moved.
         fd_eps: relative finite-difference step.
+        fd_scale: ``"all"`` (default) or ``"moved"``: which parameters' norm scales the finite-difference step
+            (``"moved"`` for models with large tables a batch barely touches, such as embeddings; a warning
+            says when).
         meta_seed: seeds the shuffling of a meta loader that uses the global RNG (``shuffle=True`` without a
             ``generator``). A loader with its own ``generator`` (``ReweightDataModule.meta_dataloader()``) shuffles
             with it; its state at the start of the current meta epoch is checkpointed, so a resumed run draws the
@@ -91,6 +96,7 @@ class MetaReweight(Callback):
         warmup_epochs: int = 0,
         virtual_lr: float | None = None,
         fd_eps: float = 1e-3,
+        fd_scale: str = "all",
         meta_seed: int = 0,
         track_noise_auroc: bool = True,
         track_sample_history: bool = True,
@@ -124,6 +130,10 @@ class MetaReweight(Callback):
         self.warmup_epochs = warmup_epochs
         self.virtual_lr = virtual_lr
         self.fd_eps = fd_eps
+        if fd_scale not in FD_SCALES:
+            raise ValueError(f"fd_scale must be one of {FD_SCALES}, got {fd_scale!r}")
+        self.fd_scale = fd_scale
+        self._lr_scale_cache: tuple[Any, list[float] | None] | None = None
         self.meta_seed = meta_seed
         self.track_noise_auroc = track_noise_auroc
         self.track_sample_history = track_sample_history
@@ -291,6 +301,8 @@ class MetaReweight(Callback):
             losses=losses,
             rng_state=self._rng,
             fd_eps=self.fd_eps,
+            fd_scale=self.fd_scale,
+            lr_scale=self._lr_scale(trainer, module),
             reduce=self._all_reduce if trainer.world_size > 1 else None,
             reuse_graph=trainer.world_size == 1 and not self.strategy.delayed,
         )
@@ -352,6 +364,24 @@ class MetaReweight(Callback):
         if self.virtual_lr is not None:
             return self.virtual_lr
         return float(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def _lr_scale(self, trainer: L.Trainer, module: Any) -> list[float] | None:
+        """Each trainable parameter's lr relative to the first parameter group's (0: not trained by the optimizer).
+
+        ``None`` when they are all 1, as with a single group holding every trainable parameter.
+        """
+        groups = trainer.optimizers[0].param_groups
+        key = (id(trainer.optimizers[0]), tuple(float(g["lr"]) for g in groups))
+        if self._lr_scale_cache is not None and self._lr_scale_cache[0] == key:
+            return self._lr_scale_cache[1]
+        base = float(groups[0]["lr"])
+        lr_of = {id(p): float(g["lr"]) for g in groups for p in g["params"]}
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        scale: list[float] | None = [lr_of.get(id(p), 0.0) / base if base > 0 else 1.0 for p in trainable]
+        if scale is not None and all(r == 1.0 for r in scale):
+            scale = None
+        self._lr_scale_cache = (key, scale)
+        return scale
 
     def _all_reduce(self, tensors: list[Tensor]) -> list[Tensor]:
         trainer = self._trainer

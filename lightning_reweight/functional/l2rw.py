@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -24,6 +25,7 @@ def l2rw_weights(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     lr: float = 1.0,
     fd_eps: float = 1e-3,
+    fd_scale: str = "all",
 ) -> Tensor:
     """The L2RW weights of one training batch against one clean meta batch.
 
@@ -43,6 +45,12 @@ def l2rw_weights(
         loss_fn: per-sample loss ``(logits, targets) -> (B,)``; default cross-entropy. The meta loss is its mean.
         lr: virtual-step size (only used by ``"second_order"``; it scales ``u`` and cancels in ``w``).
         fd_eps: relative finite-difference step (``"finite_diff"``).
+        fd_scale: ``"all"`` or ``"moved"``: the parameters whose norm scales the finite-difference step (see
+            :class:`~lightning_reweight.meta.MetaProblem`).
+
+    Raises:
+        ValueError: when ``loss_fn`` does not return one loss per sample.
+        RuntimeError: inside ``torch.inference_mode()`` (the weights need gradients).
 
     Returns:
         Non-negative weights ``(B,)`` summing to one, or all zero when no sample's gradient aligns with the meta
@@ -60,16 +68,24 @@ def l2rw_weights(
     """
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("l2rw_weights differentiates the model: call it outside torch.inference_mode()")
     criterion = loss_fn if loss_fn is not None else (lambda z, t: F.cross_entropy(z, t, reduction="none"))
 
     def train_loss(batch: tuple[Tensor, Tensor]) -> Tensor:
-        return criterion(model(batch[0]), batch[1])
+        losses = criterion(model(batch[0]), batch[1])
+        if losses.shape != batch[1].shape[:1]:
+            raise ValueError(
+                f"loss_fn must return per-sample losses of shape ({batch[1].shape[0]},), got {tuple(losses.shape)} "
+                "(use reduction='none', e.g. lambda z, y: F.cross_entropy(z, y, reduction='none'))"
+            )
+        return losses
 
     def meta_loss(batch: tuple[Tensor, Tensor]) -> Tensor:
         return criterion(model(batch[0]), batch[1]).mean()
 
     problem = MetaProblem(model, train_loss, meta_loss, (inputs, targets), (meta_inputs, meta_targets),
-                          hypergrad=hypergrad, fd_eps=fd_eps)
+                          hypergrad=hypergrad, fd_eps=fd_eps, fd_scale=fd_scale)
     if hypergrad == "second_order":
         u = problem.alignment_at_lr(lr)
     else:

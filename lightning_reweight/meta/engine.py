@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,31 @@ class _Call(nn.Module):
         return self._fn(batch)
 
 
+FD_SCALES: tuple[str, ...] = ("all", "moved")
+_SPARSE_CHECKED = False
+
+
+def _check_moved_share(theta: Sequence[Tensor], direction: Sequence[Tensor]) -> None:
+    """Once per process: warn when the finite-difference direction moves a small part of the parameters."""
+    global _SPARSE_CHECKED
+    _SPARSE_CHECKED = True
+    full = _norm(theta)
+    moved = _norm([t * (d != 0) for t, d in zip(theta, direction)])
+    if full > 1.0 and moved < 0.25 * full:
+        warnings.warn(
+            f'hypergrad="finite_diff": the direction moves parameters of norm {moved:.3g}, but the step is scaled by '
+            f"the norm of all trainable parameters ({full:.3g}; e.g. an embedding table the batch barely touches), "
+            f'so it is too large for a first-order difference: pass fd_scale="moved", or use hypergrad="forward"',
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 if it is float64 (a float64 model keeps its precision)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _norm(a: Sequence[Tensor]) -> float:
     return math.sqrt(float(sum(float((x.double() ** 2).sum()) for x in a)))
 
@@ -92,6 +118,12 @@ class MetaProblem:
         rng_state: RNG state saved just before the training forward (see :func:`capture_rng`); defaults to
             the state when the problem is created.
         fd_eps: relative finite-difference step: ``|h d| = fd_eps * max(|theta|, 1)``.
+        fd_scale: which ``|theta|`` sets the step: ``"all"`` (every trainable parameter; the default) or
+            ``"moved"`` (only the entries the direction moves, ``d != 0``): for models where a batch touches a small
+            part of the parameters (embedding tables), whose full norm would make the step far too large.
+        lr_scale: each trainable parameter's learning rate relative to the virtual step's ``lr`` (an optimizer
+            with several parameter groups, or parameters it does not train: 0); ``None``: all 1. The virtual step is
+            ``theta - lr * lr_scale * grad`` and the alignments use ``lr_scale * grad L_meta`` (``-dL_meta/d eps``).
         reduce: averages a list of tensors across processes (DDP); identity by default.
         reuse_graph: let the virtual step backpropagate through ``losses``' graph (single process only).
 
@@ -115,6 +147,8 @@ class MetaProblem:
     losses: Tensor | None = None
     rng_state: RNGState | None = None
     fd_eps: float = 1e-3
+    fd_scale: str = "all"
+    lr_scale: Sequence[float] | None = None
     reduce: Callable[[list[Tensor]], list[Tensor]] | None = None
     reuse_graph: bool = False
     _names: list[str] = field(init=False, repr=False)
@@ -127,11 +161,21 @@ class MetaProblem:
             raise ValueError(f"hypergrad must be one of {HYPERGRADS}, got {self.hypergrad!r}")
         if self.fd_eps <= 0:
             raise ValueError(f"fd_eps must be positive, got {self.fd_eps}")
+        if self.fd_scale not in FD_SCALES:
+            raise ValueError(f"fd_scale must be one of {FD_SCALES}, got {self.fd_scale!r}")
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the module has no trainable parameters")
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
+        if self.lr_scale is not None:
+            scale = [float(r) for r in self.lr_scale]
+            if len(scale) != len(self._params) or any(r < 0 for r in scale):
+                raise ValueError(
+                    f"lr_scale needs one non-negative factor per trainable parameter ({len(self._params)}), got "
+                    f"{len(scale)}"
+                )
+            self.lr_scale = None if all(r == 1.0 for r in scale) else scale
         if self.rng_state is None:
             self.rng_state = capture_rng(self._params[0].device)
         # losses computed under autocast (bf16/fp16 matmuls, even if the loss itself is fp32) cannot stand in
@@ -141,6 +185,12 @@ class MetaProblem:
         self._meta_call = _Call(self.module, self.meta_loss)
 
     # ----------------------------------------------------------------- plumbing
+    def _scaled(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """``lr_scale * tensors``, parameter by parameter (unchanged without ``lr_scale``)."""
+        if self.lr_scale is None:
+            return list(tensors)
+        return [t if r == 1.0 else t * r for t, r in zip(tensors, self.lr_scale)]
+
     @property
     def params(self) -> list[Tensor]:
         """The trainable parameters ``theta`` (the module's own tensors; never modified)."""
@@ -174,13 +224,13 @@ class MetaProblem:
         """Per-sample training losses at ``params`` (fp32, cloned buffers, the training forward's RNG)."""
         self._replay()
         with self._fp32():
-            return functional_call(self._train_call, self._state(params), (self.train_batch,)).float()
+            return _at_least_fp32(functional_call(self._train_call, self._state(params), (self.train_batch,)))
 
     def meta_loss_at(self, params: Sequence[Tensor]) -> Tensor:
         """The meta loss at ``params`` (fp32, cloned buffers, random draws replayed from ``rng_state`` too)."""
         self._replay()
         with self._fp32():
-            return functional_call(self._meta_call, self._state(params), (self.meta_batch,)).float()
+            return _at_least_fp32(functional_call(self._meta_call, self._state(params), (self.meta_batch,)))
 
     def all_reduce(self, tensors: list[Tensor]) -> list[Tensor]:
         """Average ``tensors`` across processes with ``reduce`` (identity in a single process)."""
@@ -205,7 +255,7 @@ class MetaProblem:
         here.
         """
         if self.hypergrad == "finite_diff":
-            self._early = self._fd_shift(self.meta_gradient(reduce=True))
+            self._early = self._fd_shift(self._scaled(self.meta_gradient(reduce=True)))
         else:
             self._early = self.alignment()
         self._prepared = True
@@ -237,7 +287,7 @@ class MetaProblem:
 
     def virtual_params(self, weights: Tensor, lr: float) -> list[Tensor]:
         """``theta' = theta - lr * grad_theta sum_i weights_i l_i(theta)`` (plain SGD, detached)."""
-        w = weights.detach().float()
+        w = _at_least_fp32(weights.detach())
         if self.reuse_graph and self.losses is not None and self.losses.requires_grad:
             grads = torch.autograd.grad((w * self.losses.float()).sum(), self._params, retain_graph=True,
                                         allow_unused=True)
@@ -245,7 +295,8 @@ class MetaProblem:
             with self._forked(), torch.enable_grad():
                 p = [t.detach().requires_grad_(True) for t in self._params]
                 grads = torch.autograd.grad((w * self.train_losses_at(p)).sum(), p, allow_unused=True)
-        return [t.detach() - lr * (0 if g is None else g.detach()) for t, g in zip(self._params, grads)]
+        steps = self._scaled([torch.zeros_like(t) if g is None else g.detach() for t, g in zip(self._params, grads)])
+        return [t.detach() - lr * g for t, g in zip(self._params, steps)]
 
     # ----------------------------------------------------------------- alignment
     def directional(self, direction: Sequence[Tensor]) -> Tensor:
@@ -259,8 +310,15 @@ class MetaProblem:
             if self.hypergrad == "forward":
                 with fwAD.dual_level():
                     dual = [fwAD.make_dual(t, d.to(t.dtype)) for t, d in zip(theta, direction)]
-                    primal, tangent = fwAD.unpack_dual(self.train_losses_at(dual))
-                return torch.zeros_like(primal) if tangent is None else tangent.float()
+                    try:
+                        primal, tangent = fwAD.unpack_dual(self.train_losses_at(dual))
+                    except NotImplementedError as err:  # a layer without forward-mode AD in this PyTorch
+                        raise NotImplementedError(
+                            f'hypergrad="forward" needs forward-mode AD through the whole model, which PyTorch does '
+                            f'not have for one of its layers ({err}); use hypergrad="finite_diff" (any model) or '
+                            f'"second_order"'
+                        ) from err
+                return torch.zeros_like(primal) if tangent is None else _at_least_fp32(tangent)
             if self.hypergrad == "finite_diff":
                 return self._fd_finish(self._fd_shift(direction))
             with torch.enable_grad():
@@ -278,7 +336,10 @@ class MetaProblem:
         if d_norm == 0.0:
             return None
         theta = [p.detach() for p in self._params]
-        h = self.fd_eps * max(_norm(theta), 1.0) / d_norm
+        moved = _norm([t * (d != 0) for t, d in zip(theta, direction)]) if self.fd_scale == "moved" else None
+        if moved is None and not _SPARSE_CHECKED:
+            _check_moved_share(theta, direction)
+        h = self.fd_eps * max(_norm(theta) if moved is None else moved, 1.0) / d_norm
         with self._forked(), torch.no_grad():
             return self.train_losses_at([t + h * d.to(t.dtype) for t, d in zip(theta, direction)]), h
 
@@ -315,7 +376,7 @@ class MetaProblem:
             return self._fd_finish(self._early) if self.hypergrad == "finite_diff" else self._early
         if self.hypergrad == "second_order":
             return self.alignment_at_lr(1.0)
-        return self.directional(self.meta_gradient(reduce=True))
+        return self.directional(self._scaled(self.meta_gradient(reduce=True)))
 
     def lookahead_alignment(self, weights: Tensor, lr: float, step_gradient: Sequence[Tensor | None] | None = None
                             ) -> Tensor:
@@ -329,9 +390,10 @@ class MetaProblem:
         if step_gradient is None:
             virtual = self.virtual_params(weights, lr)
         else:
-            virtual = [t.detach() - lr * (0 if g is None else g.detach().to(t.dtype))
-                       for t, g in zip(self._params, step_gradient)]
-        return self.directional(self.meta_gradient(virtual))
+            steps = self._scaled([torch.zeros_like(t) if g is None else g.detach().to(t.dtype)
+                                  for t, g in zip(self._params, step_gradient)])
+            virtual = [t.detach() - lr * g for t, g in zip(self._params, steps)]
+        return self.directional(self._scaled(self.meta_gradient(virtual)))
 
     def virtual_step_gradient(
         self, weights_of: Callable[[Tensor], Tensor], wrt: Callable[[], Sequence[Tensor]], lr: float
@@ -349,9 +411,10 @@ class MetaProblem:
         with self._forked(), torch.enable_grad():
             p = [t.detach().clone().requires_grad_(True) for t in self._params]
             losses = self.train_losses_at(p)
-            w = weights_of(losses.detach()).float()
+            w = _at_least_fp32(weights_of(losses.detach()))
             grads = torch.autograd.grad((w * losses).sum(), p, create_graph=True, allow_unused=True)
-            virtual = [t - lr * (torch.zeros_like(t) if g is None else g) for t, g in zip(p, grads)]
+            steps = self._scaled([torch.zeros_like(t) if g is None else g for t, g in zip(p, grads)])
+            virtual = [t - lr * g for t, g in zip(p, steps)]
             meta = self.meta_loss_at(virtual)
             targets = list(wrt())
             out = torch.autograd.grad(meta, targets, allow_unused=True)

@@ -15,15 +15,19 @@ __all__ = ["L2RW", "l2rw_from_alignment"]
 def l2rw_from_alignment(alignment: Tensor) -> Tensor:
     """``w_i = max(u_i, 0) / sum_j max(u_j, 0)``; all zero when no sample aligns (no division by zero).
 
+    Computed in the alignment's dtype (at least float32), so that tiny or float64 alignments still sum to one.
+
     Example:
         >>> l2rw_from_alignment(torch.tensor([3.0, -1.0, 1.0]))
         tensor([0.7500, 0.0000, 0.2500])
         >>> l2rw_from_alignment(torch.tensor([-1.0, 0.0]))
         tensor([0., 0.])
     """
-    w = alignment.float().clamp_min(0.0)
+    u = alignment.detach()
+    w = u.to(torch.promote_types(u.dtype, torch.float32)).clamp_min(0.0)  # float64 alignments stay float64
     total = w.sum()
-    return torch.where(total > 0, w / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(w))
+    # divide by the total itself, however small (a subnormal total still normalises); 1 where it is 0
+    return torch.where(total > 0, w / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(w))
 
 
 class L2RW(MetaStrategy):
