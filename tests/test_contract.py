@@ -136,18 +136,21 @@ def test_mean_scale_and_statistics():
     assert stats["std"].item() == pytest.approx(3.0**0.5)
 
 
+class Trainable(Tiny):
+    """Tiny with a training step through the contract and an optimizer."""
+
+    def training_step(self, batch, batch_idx):
+        return self.reweight(self.per_sample_loss(batch), batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 def test_weight_statistics_are_logged_in_training(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader, TensorDataset
 
-    class Module(Tiny):
-        def training_step(self, batch, batch_idx):
-            return self.reweight(self.per_sample_loss(batch), batch)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    m = Module()
+    m = Trainable()
     m.attach_weighting("fixed", FixedWeights(torch.tensor([1.0, 3.0, 1.0, 3.0])))
     ds = TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,)))
     trainer = L.Trainer(
@@ -173,14 +176,7 @@ def test_logged_weight_statistics_are_those_of_the_step_they_are_written_at(tmp_
             step = context.module.trainer.global_step
             return torch.tensor([1.0, 1.0 + step, 1.0, 2.0])
 
-    class Module(Tiny):
-        def training_step(self, batch, batch_idx):
-            return self.reweight(self.per_sample_loss(batch), batch)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    m = Module()
+    m = Trainable()
     m.attach_weighting("steps", StepWeights())
     ds = TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
     every, n_steps = 3, 10
