@@ -41,6 +41,10 @@ def _benchmark_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override the number of epochs (default: the recipe's, 60)")
     p.add_argument("--output", default="results/benchmark.json", help="where to write the JSON records")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep the records already in --output (written after every run) and run only the missing ones",
+    )
     return p
 
 
@@ -60,12 +64,37 @@ def benchmark(argv: Sequence[str]) -> int:
     if methods is None:
         excluded = set(preset.get("exclude_methods", []))
         methods = [m for m in METHODS if m not in excluded]
-    result = run_benchmark(methods, scenarios, seeds, epochs=epochs, progress=not args.no_progress)
+    done = _resumable_records(args.output, epochs) if args.resume else []
+
+    def save(partial: dict) -> None:  # after every run: an interrupted benchmark keeps what it measured
+        partial["meta"]["preset"] = args.preset
+        write_json(partial, args.output)
+
+    result = run_benchmark(methods, scenarios, seeds, epochs=epochs, progress=not args.no_progress, done=done,
+                           on_record=save)
     result["meta"]["preset"] = args.preset
     print(format_table(summarise(result["records"])))
     path = write_json(result, args.output)
-    print(f"\nwrote {len(result['records'])} records to {path}")
+    kept = f" ({len(done)} kept from the interrupted run)" if done else ""
+    print(f"\nwrote {len(result['records'])} records to {path}{kept}")
     return 0
+
+
+def _resumable_records(output: str, epochs: int | None) -> list[dict]:
+    """The records of an earlier (interrupted) run in ``output``, checked to have been run with the same epochs."""
+    import json
+    from pathlib import Path
+
+    path = Path(output)
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    if previous.get("meta", {}).get("epochs_override") != epochs:
+        raise SystemExit(
+            f"--resume: {output} was written with epochs={previous.get('meta', {}).get('epochs_override')}, this "
+            f"run uses epochs={epochs}; use another --output or the same settings"
+        )
+    return list(previous.get("records", []))
 
 
 def lightning_cli(argv: Sequence[str]) -> int:

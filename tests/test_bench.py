@@ -168,3 +168,48 @@ def test_test_curve_matches_snapshots_and_trainer_test_and_leaves_training_uncha
     best = curve.best()
     assert best["best_test_acc"] == max(curve.acc) == curve.acc[best["best_epoch"]]
     assert best["best_test_balanced_acc"] == max(curve.balanced_acc)
+
+
+class _FakeRuns:
+    """Stands in for run_one (the orchestration is under test): step time = 10 ms per call, accuracy from the key;
+    raises KeyboardInterrupt at call number ``crash_at``."""
+
+    def __init__(self, crash_at=None):
+        self.calls, self.crash_at = [], crash_at
+
+    def __call__(self, method, scenario, seed, *, epochs=None):
+        self.calls.append((method, scenario, seed))
+        if self.crash_at is not None and len(self.calls) == self.crash_at:
+            raise KeyboardInterrupt
+        return {"method": method, "scenario": scenario, "seed": seed, "test_acc": 50.0 + seed,
+                "test_balanced_acc": 50.0, "step_time_ms": 10.0 * len(self.calls)}
+
+
+def test_interrupted_benchmark_keeps_its_records_and_resumes(tmp_path, monkeypatch):
+    import lightning_reweight.bench.runner as runner
+
+    out = tmp_path / "bench.json"
+    argv = ["benchmark", "--methods", "absgd", "ldam", "--scenarios", "digits-lt10", "digits-lt50",
+            "--seeds", "0", "1", "--epochs", "1", "--output", str(out), "--no-progress"]
+    jobs = [(m, s, seed) for s in ("digits-lt10", "digits-lt50") for seed in (0, 1) for m in ("ce", "absgd", "ldam")]
+    first = _FakeRuns(crash_at=6)  # dies during the 6th run: digits-lt10 seed 1, ldam
+    monkeypatch.setattr(runner, "run_one", first)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["complete"] is False
+    assert [(r["method"], r["scenario"], r["seed"]) for r in saved["records"]] == jobs[:5]
+
+    second = _FakeRuns()
+    monkeypatch.setattr(runner, "run_one", second)
+    assert main([*argv, "--resume"]) == 0
+    # the missing jobs, plus the baseline of the one scenario/seed that still had jobs to run
+    assert second.calls == [jobs[3], jobs[5], *jobs[6:]]
+    result = json.loads(out.read_text())
+    assert result["meta"]["complete"] is True and "resumed" in result["meta"]
+    assert [(r["method"], r["scenario"], r["seed"]) for r in result["records"]] == jobs
+    by_key = {(r["method"], r["scenario"], r["seed"]): r for r in result["records"]}
+    assert by_key[jobs[1]]["step_time_ratio"] == pytest.approx(20.0 / 10.0)  # kept: measured in the first process
+    assert by_key[jobs[5]]["step_time_ratio"] == pytest.approx(20.0 / 10.0)  # new: against the re-run baseline
+    with pytest.raises(SystemExit, match="epochs"):
+        main([*argv[:-5], "--epochs", "2", "--output", str(out), "--no-progress", "--resume"])

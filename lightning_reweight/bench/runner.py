@@ -7,7 +7,7 @@ import logging
 import platform
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -153,11 +153,24 @@ def run_benchmark(
     *,
     epochs: int | None = None,
     progress: bool = True,
+    done: Sequence[dict[str, Any]] = (),
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every applicable (method, scenario, seed) and return records with step-time ratios.
 
     The baseline (cross-entropy) runs first on every scenario and seed, in the same process, so each
     record's ``step_time_ratio`` is its median step time over the baseline's on the same scenario and seed.
+
+    Args:
+        methods: method keys (default: all registered); the baseline is added.
+        scenarios: scenario keys (default: all).
+        seeds: seeds.
+        epochs: override the recipe's epochs.
+        progress: show a progress bar.
+        done: records of an interrupted run with the same settings (``--resume``): their jobs are not run again.
+            A scenario and seed with jobs still to run gets its baseline run again, so that the new records'
+            ratios are still measured in one process (the fresh baseline record replaces the old one).
+        on_record: called with the result so far (``{"meta", "records"}``) after every run, e.g. to save it.
 
     Returns:
         ``{"meta": {...}, "records": [...]}``.
@@ -174,11 +187,17 @@ def run_benchmark(
         methods.remove(BASELINE)
     methods.insert(0, BASELINE)
     jobs = [(m, s, seed) for s in scenarios for seed in seeds for m in methods if applicable(m, SCENARIOS[s])]
-    records: list[dict[str, Any]] = []
+    finished = {(r["method"], r["scenario"], r["seed"]): dict(r) for r in done}
+    pending = [job for job in jobs if job not in finished]
+    rerun_baselines = {(s, seed) for m, s, seed in pending if m != BASELINE}
+    pending = [job for job in jobs if job not in finished or (job[0] == BASELINE and job[1:] in rerun_baselines)]
+    wanted, rerun = set(jobs), set(pending)
+    records: list[dict[str, Any]] = [r for key, r in finished.items() if key in wanted and key not in rerun]
     baseline_ms: dict[tuple[str, int], float | None] = {}
     from tqdm.auto import tqdm
 
-    bar = tqdm(jobs, desc="benchmark", unit="run", disable=not progress)
+    meta = _meta(scenarios, seeds, epochs, resumed=bool(done))
+    bar = tqdm(pending, desc="benchmark", unit="run", disable=not progress)
     for m, s, seed in bar:
         bar.set_postfix_str(f"{m} | {s} | seed {seed}")
         rec = run_one(m, s, seed, epochs=epochs)
@@ -187,6 +206,14 @@ def run_benchmark(
         base = baseline_ms.get((s, seed))
         rec["step_time_ratio"] = rec["step_time_ms"] / base if base and rec["step_time_ms"] else None
         records.append(rec)
+        if on_record is not None:
+            on_record({"meta": {**meta, "complete": False}, "records": list(records)})
+    order = {job: k for k, job in enumerate(jobs)}
+    records.sort(key=lambda r: order.get((r["method"], r["scenario"], r["seed"]), len(order)))
+    return {"meta": {**meta, "complete": True}, "records": records}
+
+
+def _meta(scenarios: Sequence[str], seeds: Sequence[int], epochs: int | None, resumed: bool) -> dict[str, Any]:
     meta = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -197,4 +224,6 @@ def run_benchmark(
         "scenarios": {s: {**asdict(SCENARIOS[s]), "tags": sorted(SCENARIOS[s].tags)} for s in scenarios},
         "epochs_override": epochs,
     }
-    return {"meta": meta, "records": records}
+    if resumed:
+        meta["resumed"] = "records of an interrupted run were kept; each ratio is still measured in one process"
+    return meta
