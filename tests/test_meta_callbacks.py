@@ -722,3 +722,25 @@ def test_virtual_step_follows_the_optimizers_parameter_groups():
     seen.clear()
     trainer(1, [MetaReweight(Spy(), meta_dataloader=meta)], limit_train_batches=1).fit(module(), train)
     assert seen[0][0] is None  # one group holding every parameter: the plain virtual step
+
+
+def test_ranks_draw_different_meta_batches_from_a_loader_with_its_own_generator():
+    """Under DDP each rank builds the datamodule's meta loader with the same seeded generator; ranks above 0
+    reseed it (initial seed + 104729 * rank), so that the ranks' meta batches differ, and rank 0 keeps its order."""
+    import types
+
+    def loader():
+        return DataLoader(TensorDataset(torch.arange(60.0)), batch_size=10, shuffle=True,
+                          generator=torch.Generator().manual_seed(7))
+
+    def first_batches(rank):
+        callback = MetaReweight(L2RW(), meta_dataloader=loader())
+        callback._meta_loader = callback._user_meta_loader
+        fake = types.SimpleNamespace(global_rank=rank)
+        return [callback._next_meta_batch(fake)[0].tolist() for _ in range(3)]
+
+    rank0, rank1 = first_batches(0), first_batches(1)
+    assert rank0 == [b[0].tolist() for b in loader()][:3]  # rank 0: the loader's own order
+    g = torch.Generator().manual_seed(7 + 104729)
+    expected = DataLoader(TensorDataset(torch.arange(60.0)), batch_size=10, shuffle=True, generator=g)
+    assert rank1 == [b[0].tolist() for b in expected][:3] and rank1 != rank0
