@@ -196,6 +196,11 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         """Accuracy and balanced accuracy."""
         self._eval_step(batch, self.test_acc, self.test_bacc, "test")
 
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Logits of a batch ``(inputs, ...)`` or of bare inputs (``trainer.predict``, CLI ``predict``)."""
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(inputs)
+
     def configure_optimizers(self) -> Any:
         """The optimizer (and scheduler) chosen in ``__init__``."""
         hp = self.hparams

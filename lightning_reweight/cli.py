@@ -75,7 +75,7 @@ def benchmark(argv: Sequence[str]) -> int:
     result["meta"]["preset"] = args.preset
     print(format_table(summarise(result["records"])))
     path = write_json(result, args.output)
-    kept = f" ({len(done)} kept from the interrupted run)" if done else ""
+    kept = f" ({len(done)} read from the earlier run in that file)" if done else ""
     print(f"\nwrote {len(result['records'])} records to {path}{kept}")
     return 0
 

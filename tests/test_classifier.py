@@ -153,3 +153,18 @@ def test_checkpoint_of_a_stateful_criterion_loads_for_inference(tmp_path):
     same = ReweightClassifier.load_from_checkpoint(path, backbone=MLP(64, 3, hidden=(8,)),
                                                    criterion=AttentionalDROLoss(lam=0.3))
     assert torch.equal(same.criterion.log_u, model.criterion.log_u)  # a matching criterion loads its state
+
+
+def test_predict_returns_the_test_sets_logits_in_order():
+    """``trainer.predict`` (and ``lightning-reweight predict``) on a datamodule: the test set's logits, in order."""
+    from lightning_reweight.data import DigitsDataModule
+
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(64, 10, hidden=(8,)), 10)
+    dm = DigitsDataModule(meta_per_class=0, eval_batch_size=100)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    logits = torch.cat(trainer.predict(model, datamodule=dm))
+    x = torch.stack([dm.test_dataset[i][0] for i in range(len(dm.test_dataset))])
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), atol=1e-6)
+    assert model.predict_step(x[:3], 0).shape == (3, 10)  # a bare input tensor works too

@@ -744,3 +744,35 @@ def test_ranks_draw_different_meta_batches_from_a_loader_with_its_own_generator(
     g = torch.Generator().manual_seed(7 + 104729)
     expected = DataLoader(TensorDataset(torch.arange(60.0)), batch_size=10, shuffle=True, generator=g)
     assert rank1 == [b[0].tolist() for b in expected][:3] and rank1 != rank0
+
+
+def test_missing_matplotlib_skips_the_figure_with_a_warning(monkeypatch):
+    """An epoch-end figure must not end the run: without matplotlib the weighting function is skipped."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    class FakeTensorBoard(TensorBoardLogger):
+        def __init__(self) -> None:
+            pass
+
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    fake = types.SimpleNamespace(loggers=[FakeTensorBoard()], current_epoch=0, global_step=7, is_global_zero=True)
+    with pytest.warns(UserWarning, match=r"needs matplotlib.*training goes on"):
+        assert log_weight_function(fake, MetaWeightNet(hidden=8)) is False
+
+
+def test_clean_data_logs_no_undefined_auroc():
+    """noise_rate 0: the mask is all False; an AUROC against one class is undefined, so none is logged (was nan)."""
+    from lightning_reweight.data import DigitsDataModule
+
+    dm = DigitsDataModule(noise_rate=0.0, batch_size=128, meta_per_class=5, meta_batch_size=20)
+    callback = MetaReweight(L2RW())
+    t = trainer(1, [callback], limit_train_batches=3, limit_val_batches=0)
+    t.fit(module_for_digits(), datamodule=dm)
+    assert callback.auroc_history == [] and callback.sample_auroc_history == []
+    assert "meta/weight_auroc" not in t.callback_metrics and "meta/sample_auroc" not in t.callback_metrics
+
+
+def module_for_digits():
+    torch.manual_seed(0)
+    return ReweightClassifier(MLP(64, 10, hidden=(16,)), num_classes=10, lr=0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_reweight.loggers import log_figure, rich_loggers
 
@@ -15,9 +16,8 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
     """Plot ``V(l)`` for ``l`` in ``[0, max_loss]`` and send it to every W&B / TensorBoard logger.
 
     Does nothing (returns ``False``) when no logger takes images; matplotlib is imported only when one does.
-
-    Raises:
-        ImportError: when a logger takes images and matplotlib is missing.
+    Without matplotlib it warns once and returns ``False``: a missing plotting package must not end a training
+    run at an epoch's end.
     """
     if not rich_loggers(trainer):
         return False
@@ -26,10 +26,12 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'plotting the weighting function needs matplotlib: pip install "lightning-reweight[plot]"'
-        ) from err
+    except ImportError:
+        rank_zero_warn(
+            'the weighting-function figure (meta/weight_function) needs matplotlib: pip install '
+            '"lightning-reweight[plot]"; training goes on without it'
+        )
+        return False
     device = next(strategy.parameters()).device
     top = max_loss if max_loss is not None else 3.0 * float(torch.log(torch.tensor(10.0)))
     grid = torch.linspace(0.0, top, points, device=device)

@@ -70,7 +70,8 @@ class MetaReweight(Callback):
             with it; its state at the start of the current meta epoch is checkpointed, so a resumed run draws the
             uninterrupted run's meta batches either way (under DDP, ranks above 0 reseed it per rank).
         track_noise_auroc: when the datamodule has a ``noise_mask`` and batches carry indices, accumulate the
-            AUROC of the weights against it per epoch (logged as ``meta/weight_auroc``).
+            AUROC of the weights against it per epoch (logged as ``meta/weight_auroc``; not on clean data, where
+            the mask has no noisy sample and the AUROC is undefined).
         track_sample_history: when batches carry dataset indices, keep every sample's weight history over the
             meta steps after warm-up (:class:`~lightning_reweight.metrics.SampleWeightHistory`; four float64
             numbers per training sample, saved in checkpoints): :meth:`sample_scores` ranks suspected noisy
@@ -203,7 +204,9 @@ class MetaReweight(Callback):
             self._restore_meta_gen = self._meta_gen_state is not None  # a continued fit: the new loader resumes
         if self.track_noise_auroc or self.track_sample_history:
             mask = getattr(getattr(trainer, "datamodule", None), "noise_mask", None)
-            self._noise_mask = None if mask is None else torch.as_tensor(mask).bool().cpu()
+            mask = None if mask is None else torch.as_tensor(mask).bool().cpu()
+            # clean data (or all noisy): an AUROC against one class is undefined; log none rather than nan
+            self._noise_mask = None if mask is None or not mask.any() or bool(mask.all()) else mask
         self._trainer = trainer
         pl_module.attach_weighting(type(self).__name__, self)
 

@@ -257,3 +257,7 @@ class ReweightDataModule(L.LightningDataModule):
         """Test batches ``(x, y)`` (``eval_batch_size``)."""
         self._require_setup()
         return self._loader(self.test_dataset, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test batches, in order, for ``trainer.predict`` (the model reads the inputs)."""
+        return self.test_dataloader()
