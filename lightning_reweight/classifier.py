@@ -136,6 +136,23 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_bacc = BalancedAccuracy(num_classes)
 
+    def setup(self, stage: str) -> None:
+        """Warn when a count-based criterion (LDAM, logit adjustment) does not match the data's class counts.
+
+        Counts typed by hand in a config silently drift from the datamodule's ``train_class_counts``.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_counts = getattr(datamodule, "train_class_counts", None)
+        for loss in (self.criterion, getattr(self.criterion, "base_loss", None)):
+            counts = getattr(loss, "cls_num_list", None)
+            if stage == "fit" and counts is not None and data_counts is not None:
+                if [int(n) for n in counts] != [int(n) for n in data_counts]:
+                    rank_zero_warn(
+                        f"{type(loss).__name__} was built for class counts {list(counts)}, but the datamodule's "
+                        f"train_class_counts are {[int(n) for n in data_counts]}: its margins/offsets do not match "
+                        "the training data (pass the datamodule's counts after dm.setup('fit'))"
+                    )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Match the checkpoint's criterion state to this module's criterion (the backbone is loaded strictly).
 

@@ -168,3 +168,28 @@ def test_predict_returns_the_test_sets_logits_in_order():
     with torch.no_grad():
         assert torch.allclose(logits, model(x), atol=1e-6)
     assert model.predict_step(x[:3], 0).shape == (3, 10)  # a bare input tensor works too
+
+
+def test_count_based_criterion_is_checked_against_the_datamodules_counts():
+    """LDAM built for hand-typed counts that are not the data's: a warning naming both (and none when they match)."""
+    import warnings
+
+    from lightning_reweight.data import DigitsDataModule
+    from lightning_reweight.losses import LDAMLoss, LogitAdjustedLoss
+
+    dm = DigitsDataModule(imbalance_ratio=10.0, meta_per_class=0)
+    dm.setup("fit")
+    counts = dm.train_class_counts
+
+    def fit(criterion):
+        model = ReweightClassifier(MLP(64, 10, hidden=(8,)), 10, criterion=criterion)
+        L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False, accelerator="cpu").fit(model, datamodule=dm)
+
+    wrong = [100, 80, 60, 50, 40, 30, 25, 20, 15, 10]
+    with pytest.warns(UserWarning, match=r"built for class counts \[100, 80"):
+        fit(LDAMLoss(wrong, reduction="none"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*built for class counts.*")
+        fit(LDAMLoss(counts, reduction="none"))
+        fit(LogitAdjustedLoss(counts, reduction="none"))

@@ -64,6 +64,8 @@ class LDAMLoss(Float32Buffers):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         margins = ldam_margins(cls_num_list, max_m)
+        #: the class counts the margins were built from (``ReweightClassifier`` checks them against the data's)
+        self.cls_num_list: tuple[int, ...] = tuple(int(n) for n in torch.as_tensor(cls_num_list).tolist())
         if weight is None:
             w = torch.ones_like(margins)
         else:

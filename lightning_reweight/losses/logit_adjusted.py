@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -43,6 +44,8 @@ class LogitAdjustedLoss(Float32Buffers):
         self.tau = float(tau)
         self.reduction = reduction
         self.register_buffer("offsets", logit_adjustment_offsets(cls_num_list, tau))
+        #: the class counts the offsets were built from (``ReweightClassifier`` checks them against the data's)
+        self.cls_num_list: tuple[int, ...] = tuple(int(n) for n in torch.as_tensor(cls_num_list).tolist())
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """The adjusted cross-entropy of ``logits`` (shape ``(B, C)``) against ``target`` (shape ``(B,)``)."""
