@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -98,12 +98,12 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         backbone: nn.Module,
         num_classes: int = 10,
         criterion: nn.Module | None = None,
-        optimizer: str = "sgd",
+        optimizer: Literal["sgd", "adam", "adamw"] = "sgd",
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         nesterov: bool = False,
-        scheduler: str = "none",
+        scheduler: Literal["none", "cosine", "multistep", "warmup_multistep"] = "none",
         milestones: tuple[int, ...] = (),
         gamma: float = 0.1,
         warmup_epochs: int = 5,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -104,7 +104,7 @@ class DeferredReweighting(Callback):
         self,
         start_epoch: int,
         beta: float = 0.9999,
-        mode: str = "weighting",
+        mode: Literal["weighting", "criterion"] = "weighting",
         cls_num_list: Sequence[int] | None = None,
     ) -> None:
         if start_epoch < 0:

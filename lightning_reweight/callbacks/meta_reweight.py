@@ -17,7 +17,15 @@ from typing_extensions import override
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.contract import WeightingContext
 from lightning_reweight.meta.base import MetaStrategy
-from lightning_reweight.meta.engine import FD_SCALES, HYPERGRADS, MetaProblem, RNGState, capture_rng
+from lightning_reweight.meta.engine import (
+    FD_SCALES,
+    HYPERGRADS,
+    FdScale,
+    Hypergrad,
+    MetaProblem,
+    RNGState,
+    capture_rng,
+)
 from lightning_reweight.metrics.weight_auroc import WeightNoiseAUROC, rank_auroc
 from lightning_reweight.metrics.weight_history import SampleWeightHistory
 
@@ -92,12 +100,12 @@ class MetaReweight(Callback):
         self,
         strategy: MetaStrategy,
         meta_dataloader: Any = None,
-        hypergrad: str = "finite_diff",
+        hypergrad: Hypergrad = "finite_diff",
         meta_interval: int = 1,
         warmup_epochs: int = 0,
         virtual_lr: float | None = None,
         fd_eps: float = 1e-3,
-        fd_scale: str = "all",
+        fd_scale: FdScale = "all",
         meta_seed: int = 0,
         track_noise_auroc: bool = True,
         track_sample_history: bool = True,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -134,7 +134,7 @@ class SusceptibilityMonitor(Callback):
         unlabelled_loader: DataLoader | None = None,
         seed: int = 0,
         num_classes: int | None = None,
-        subset_accuracy: str = "train_forward",
+        subset_accuracy: Literal["train_forward", "eval_pass", "off"] = "train_forward",
         log_weight_histograms: bool = True,
         eval_batch_size: int = 512,
         pool_size: int = 2048,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -89,9 +89,9 @@ class ReweightDataModule(L.LightningDataModule):
     def __init__(
         self,
         noise_rate: float = 0.0,
-        noise_kind: str = "symmetric",
+        noise_kind: Literal["symmetric", "symmetric_all", "pairflip"] = "symmetric",
         imbalance_ratio: float = 1.0,
-        imbalance_profile: str = "exp",
+        imbalance_profile: Literal["exp", "step"] = "exp",
         meta_per_class: int = 10,
         val_fraction: float = 0.1,
         batch_size: int = 100,

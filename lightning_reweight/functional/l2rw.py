@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_reweight.meta.engine import MetaProblem
+from lightning_reweight.meta.engine import FdScale, Hypergrad, MetaProblem
 from lightning_reweight.meta.l2rw import l2rw_from_alignment
 
 __all__ = ["l2rw_weights"]
@@ -21,11 +21,11 @@ def l2rw_weights(
     meta_inputs: Tensor,
     meta_targets: Tensor,
     *,
-    hypergrad: str = "forward",
+    hypergrad: Hypergrad = "forward",
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     lr: float = 1.0,
     fd_eps: float = 1e-3,
-    fd_scale: str = "all",
+    fd_scale: FdScale = "all",
 ) -> Tensor:
     """The L2RW weights of one training batch against one clean meta batch.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -56,7 +57,7 @@ class LDAMLoss(Float32Buffers):
         max_m: float = 0.5,
         s: float = 30.0,
         weight: Sequence[float] | Tensor | None = None,
-        reduction: str = "mean",
+        reduction: Literal["mean", "sum", "none"] = "mean",
     ) -> None:
         super().__init__()
         if s <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -37,7 +38,9 @@ class LogitAdjustedLoss(Float32Buffers):
 
     offsets: Tensor
 
-    def __init__(self, cls_num_list: Sequence[int], tau: float = 1.0, reduction: str = "mean") -> None:
+    def __init__(
+        self, cls_num_list: Sequence[int], tau: float = 1.0, reduction: Literal["mean", "sum", "none"] = "mean"
+    ) -> None:
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")

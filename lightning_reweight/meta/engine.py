@@ -29,7 +29,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -39,6 +39,10 @@ from torch.func import functional_call
 __all__ = ["HYPERGRADS", "MetaProblem", "RNGState", "capture_rng"]
 
 HYPERGRADS = ("second_order", "forward", "finite_diff")
+#: the hypergradient routes (a type for signatures and config parsers)
+Hypergrad = Literal["finite_diff", "forward", "second_order"]
+#: which parameters' norm scales the finite-difference step
+FdScale = Literal["all", "moved"]
 
 #: ``(cpu_state, cuda_state_or_None, cuda_device_index_or_None)``
 RNGState = tuple[Tensor, "Tensor | None", "int | None"]
@@ -143,11 +147,11 @@ class MetaProblem:
     meta_loss: Callable[[Any], Tensor]
     train_batch: Any
     meta_batch: Any
-    hypergrad: str = "forward"
+    hypergrad: Hypergrad = "forward"
     losses: Tensor | None = None
     rng_state: RNGState | None = None
     fd_eps: float = 1e-3
-    fd_scale: str = "all"
+    fd_scale: FdScale = "all"
     lr_scale: Sequence[float] | None = None
     reduce: Callable[[list[Tensor]], list[Tensor]] | None = None
     reuse_graph: bool = False

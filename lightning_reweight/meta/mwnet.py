@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -99,7 +99,7 @@ class MetaWeightNet(MetaStrategy):
         self,
         hidden: int = 100,
         meta_lr: float = 1e-3,
-        meta_optimizer: str = "adam",
+        meta_optimizer: Literal["adam", "sgd"] = "adam",
         meta_weight_decay: float = 1e-4,
         meta_momentum: float = 0.9,
         nesterov: bool = True,
