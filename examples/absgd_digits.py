@@ -43,14 +43,17 @@ def train(dm: DigitsDataModule, lam: float | None, start_epoch: int, epochs: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--noise", type=float, default=0.6, help="symmetric label-noise rate")
-    p.add_argument("--imbalance", type=float, default=1.0, help="long-tail imbalance ratio (1: balanced)")
+    p.add_argument("--noise", type=float, default=0.6, help="symmetric label-noise rate (balanced data only)")
+    p.add_argument("--imbalance", type=float, default=1.0,
+                   help="long-tail imbalance ratio (1: balanced; above 1 the labels are clean and --noise is ignored)")
     p.add_argument("--lam", type=float, default=-1.0, help="DRO temperature (< 0: label noise, > 0: imbalance)")
     p.add_argument("--start-epoch", type=int, default=6, help="ERM epochs before ABSGD starts")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     noise = args.noise if args.imbalance == 1.0 else 0.0
+    if noise != args.noise:
+        print(f"--imbalance {args.imbalance}: long-tailed scenario with clean labels (--noise {args.noise} ignored)")
     dm = DigitsDataModule(noise_rate=noise, imbalance_ratio=args.imbalance, seed=args.seed)
     dm.setup("fit")
     for name, lam in (("cross-entropy", None), (f"ABSGD lam={args.lam}", args.lam)):

@@ -70,7 +70,9 @@ def main() -> None:
         ax2.plot(epochs, [r["memorization/train_acc_noisy"] for r in history], label="train acc (noisy subset)")
         ax2.plot(epochs, [r["memorization/train_acc_clean"] for r in history], label="train acc (clean subset)")
         ax2.set_ylim(0, 1)
-        fig.legend(loc="upper left", fontsize=8)
+        ax2.set_ylabel("train accuracy")
+        fig.legend(loc="lower right", bbox_to_anchor=(0.88, 0.2), fontsize=8)
+        fig.tight_layout()
         log_figure(trainer, "memorization/curves", fig)
     except ImportError:
         print('matplotlib is missing (pip install "lightning-reweight[plot]"): no figure logged')
