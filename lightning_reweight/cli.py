@@ -10,9 +10,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from importlib import resources
+from typing import Any
 
 __all__ = ["main"]
 
@@ -100,17 +102,34 @@ def _resumable_records(output: str, epochs: int | None) -> list[dict]:
 def lightning_cli(argv: Sequence[str]) -> int:
     """LightningCLI over :class:`ReweightClassifier` and any :class:`ReweightDataModule` (digits by default)."""
     try:
-        from lightning.pytorch.cli import LightningCLI
+        from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise SystemExit(f'{err}: install the CLI extra: pip install "lightning-reweight[cli]"') from err
     from lightning_reweight.classifier import ReweightClassifier
     from lightning_reweight.data import ReweightDataModule
+
+    class SaveAndLogConfig(SaveConfigCallback):
+        """Also put the whole parsed config into every W&B run's config, under ``cli``.
+
+        The model's own hyperparameters leave the criterion out; with the config (criterion, callbacks, data) runs
+        can be told apart and filtered in W&B.
+        """
+
+        def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+            if loggers:
+                config = json.loads(self.parser.dump(self.config, format="json", skip_none=False))
+                for logger in loggers:
+                    logger.log_hyperparams({"cli": config})
 
     default = resources.files("lightning_reweight") / "configs" / "digits.yaml"
     LightningCLI(
         ReweightClassifier,
         ReweightDataModule,
         subclass_mode_data=True,
+        save_config_callback=SaveAndLogConfig,
         # the command line itself is read by LightningCLI (handing it over as args makes it warn about both)
         args=None if list(argv) == sys.argv[1:] else list(argv),
         parser_kwargs={cmd: {"default_config_files": [str(default)]} for cmd in _LIGHTNING_SUBCOMMANDS},

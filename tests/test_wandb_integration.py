@@ -107,3 +107,58 @@ def test_offline_run_contains_memorization_keys(tmp_path, monkeypatch):
     hists = [r for r in rows if r.get("memorization/weights_clean/_type") == "histogram"]
     assert len(hists) == 3
     assert sum(hists[0]["memorization/weights_clean/values"]) == 32  # one epoch sees every clean sample once
+
+
+def read_offline_config(run_file):
+    """The config updates of an offline W&B run (same record log as the history)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    block, pos, pending, config = 32768, 7, b"", {}
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:
+            pos += left - 7 - length
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "config":
+                for item in record.config.update:
+                    config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return config
+
+
+def test_cli_run_records_criterion_and_callbacks_in_the_wandb_config(tmp_path, monkeypatch):
+    """The model's hyperparameters leave the criterion out: the CLI puts the whole parsed config into the run."""
+    from lightning_reweight.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    argv = ["fit", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
+            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+            "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.offline=true",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--model.criterion=lightning_reweight.losses.AttentionalDROLoss", "--model.criterion.init_args.lam=-1.0",
+            "--trainer.callbacks+=lightning_reweight.callbacks.DROSchedule"]
+    try:
+        assert main(argv) == 0
+    finally:
+        wandb.finish()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 60
+    while "cli" not in (config := read_offline_config(run_file)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    cli = config["cli"]["value"] if "value" in config["cli"] else config["cli"]
+    assert cli["model"]["criterion"]["class_path"] == "lightning_reweight.losses.AttentionalDROLoss"
+    assert cli["model"]["criterion"]["init_args"]["lam"] == -1.0
+    assert any(cb["class_path"] == "lightning_reweight.callbacks.DROSchedule" for cb in cli["trainer"]["callbacks"])
