@@ -17,8 +17,8 @@ from lightning_reweight.models import MLP
 wandb = pytest.importorskip("wandb")
 
 
-def read_offline_history(run_file):
-    """Parse the history rows of an offline W&B run.
+def offline_records(run_file):
+    """Yield the records of an offline W&B run.
 
     The .wandb file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then 32 KiB blocks of
     records, each with a 7-byte header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last) and a
@@ -28,7 +28,7 @@ def read_offline_history(run_file):
 
     data = run_file.read_bytes()
     assert data[:4] == b":W&B"
-    block, pos, pending, rows = 32768, 7, b"", []
+    block, pos, pending = 32768, 7, b""
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:
@@ -40,18 +40,20 @@ def read_offline_history(run_file):
         if kind == 0:
             pos += left - 7 - length
             continue
-        if kind in (1, 2):
-            pending = chunk
-        else:
-            pending += chunk
+        pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "history":
-                rows.append(
-                    {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
-                )
-    return rows
+            yield record
+
+
+def _items(items):
+    return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
+
+
+def read_offline_history(run_file):
+    """The history rows of an offline W&B run."""
+    return [_items(r.history.item) for r in offline_records(run_file) if r.WhichOneof("record_type") == "history"]
 
 
 def _wait_for_history(root, key, count, timeout=60.0):
@@ -111,28 +113,10 @@ def test_offline_run_contains_memorization_keys(tmp_path, monkeypatch):
 
 def read_offline_config(run_file):
     """The config updates of an offline W&B run (same record log as the history)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = run_file.read_bytes()
-    block, pos, pending, config = 32768, 7, b"", {}
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 0:
-            pos += left - 7 - length
-            continue
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "config":
-                for item in record.config.update:
-                    config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    config = {}
+    for record in offline_records(run_file):
+        if record.WhichOneof("record_type") == "config":
+            config.update(_items(record.config.update))
     return config
 
 

@@ -388,9 +388,8 @@ class MetaReweight(Callback):
         base = float(groups[0]["lr"])
         lr_of = {id(p): float(g["lr"]) for g in groups for p in g["params"]}
         trainable = [p for p in module.parameters() if p.requires_grad]
-        scale: list[float] | None = [lr_of.get(id(p), 0.0) / base if base > 0 else 1.0 for p in trainable]
-        if scale is not None and all(r == 1.0 for r in scale):
-            scale = None
+        ratios = [lr_of.get(id(p), 0.0) / base if base > 0 else 1.0 for p in trainable]
+        scale = None if all(r == 1.0 for r in ratios) else ratios
         self._lr_scale_cache = (key, scale)
         return scale
 
