@@ -16,6 +16,7 @@ from lightning_reweight.contract import (
     check_per_sample_losses,
     split_batch,
 )
+from lightning_reweight.losses._counts import ClassCountLoss
 from lightning_reweight.metrics.longtail import BalancedAccuracy
 
 __all__ = ["ReweightClassifier", "build_optimizer"]
@@ -137,20 +138,29 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         self.test_bacc = BalancedAccuracy(num_classes)
 
     def setup(self, stage: str) -> None:
-        """Warn when a count-based criterion (LDAM, logit adjustment) does not match the data's class counts.
+        """Give a count-based criterion (LDAM, logit adjustment) the datamodule's class counts, or check them.
 
-        Counts typed by hand in a config silently drift from the datamodule's ``train_class_counts``.
+        A criterion built with ``cls_num_list=None`` (a config file cannot name the data's counts) gets
+        ``trainer.datamodule.train_class_counts``: at every ``fit`` (the training data defines them), and at the
+        other stages when it has neither counts nor values loaded from a checkpoint. Counts given explicitly are
+        kept, with a warning when they differ from the datamodule's (counts typed by hand drift from the data).
         """
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         data_counts = getattr(datamodule, "train_class_counts", None)
         for loss in (self.criterion, getattr(self.criterion, "base_loss", None)):
+            if isinstance(loss, ClassCountLoss) and loss.counts_from_data:
+                if data_counts is not None and (stage == "fit" or not loss.has_class_counts):
+                    loss.set_class_counts(data_counts)
+                    loss.to(self.device)
+                continue
             counts = getattr(loss, "cls_num_list", None)
             if stage == "fit" and counts is not None and data_counts is not None:
                 if [int(n) for n in counts] != [int(n) for n in data_counts]:
                     rank_zero_warn(
                         f"{type(loss).__name__} was built for class counts {list(counts)}, but the datamodule's "
                         f"train_class_counts are {[int(n) for n in data_counts]}: its margins/offsets do not match "
-                        "the training data (pass the datamodule's counts after dm.setup('fit'))"
+                        "the training data (pass the datamodule's counts after dm.setup('fit'), or "
+                        "cls_num_list=None to have them filled in from the datamodule)"
                     )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -164,6 +174,9 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
             return
+        for name, module in self.named_modules():
+            if isinstance(module, ClassCountLoss):  # a criterion still waiting for its counts takes the saved ones
+                module.materialize_from(state, f"{name}.")
         prefixes = ("criterion.", "_per_sample_criterion.")  # the criterion, or its base loss when it is split
         own = {k for k in self.state_dict() if k.startswith(prefixes)}
         saved = {k for k in state if k.startswith(prefixes)}

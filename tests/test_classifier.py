@@ -193,3 +193,45 @@ def test_count_based_criterion_is_checked_against_the_datamodules_counts():
         warnings.filterwarnings("error", message=".*built for class counts.*")
         fit(LDAMLoss(counts, reduction="none"))
         fit(LogitAdjustedLoss(counts, reduction="none"))
+
+
+def test_count_based_criterion_without_counts_takes_the_datamodules(tmp_path):
+    """``LDAMLoss()`` / ``LogitAdjustedLoss()`` (as a config file writes them) get the datamodule's training counts
+    at fit; a checkpoint then loads into a criterion still without counts, and testing keeps the loaded values."""
+    import warnings
+
+    from lightning_reweight.data import DigitsDataModule
+    from lightning_reweight.losses import LDAMLoss, LogitAdjustedLoss
+
+    dm = DigitsDataModule(imbalance_ratio=10.0, meta_per_class=0)
+    dm.setup("fit")
+    counts = dm.train_class_counts
+    assert len(set(counts)) > 1
+    trainer_kw = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    for criterion in (LDAMLoss(max_m=0.5, reduction="none"), LogitAdjustedLoss(tau=1.0, reduction="none")):
+        torch.manual_seed(0)
+        model = ReweightClassifier(MLP(64, 10, hidden=(8,)), 10, criterion=criterion)
+        trainer = L.Trainer(default_root_dir=tmp_path, **trainer_kw)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*built for class counts.*")
+            trainer.fit(model, datamodule=dm)
+        assert criterion.cls_num_list == tuple(counts)
+        if isinstance(criterion, LDAMLoss):  # Delta_j = 0.5 * (n_min / n_j)^(1/4)
+            expected = torch.tensor([0.5 * (min(counts) / n) ** 0.25 for n in counts])
+            assert torch.allclose(criterion.margins, expected, atol=1e-6)
+        else:  # log of the class prior
+            expected = torch.log(torch.tensor(counts, dtype=torch.float64) / sum(counts)).float()
+            assert torch.allclose(criterion.offsets, expected, atol=1e-6)
+        path = tmp_path / f"{type(criterion).__name__}.ckpt"
+        trainer.save_checkpoint(path)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*criterion differs.*")
+            loaded = ReweightClassifier.load_from_checkpoint(
+                path, backbone=MLP(64, 10, hidden=(8,)), criterion=type(criterion)(reduction="none"))
+        for name, buf in criterion.named_buffers():
+            assert torch.equal(dict(loaded.criterion.named_buffers())[name], buf)
+        balanced = DigitsDataModule(meta_per_class=0)  # other counts: testing must not replace the loaded values
+        L.Trainer(**trainer_kw).test(loaded, datamodule=balanced, verbose=False)
+        for name, buf in criterion.named_buffers():
+            assert torch.equal(dict(loaded.criterion.named_buffers())[name], buf)

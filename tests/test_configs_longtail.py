@@ -27,13 +27,13 @@ def tiny_cifar10(tmp_path_factory):
     return root
 
 
-def instantiate(name, data_dir):
+def instantiate(name, data_dir, *extra):
     config = resources.files("lightning_reweight") / "configs" / name
     return cli_module.LightningCLI(
         ReweightClassifier, ReweightDataModule, subclass_mode_data=True, run=False,
         args=["--config", str(config), "--data.init_args.data_dir", str(data_dir),
               "--data.init_args.verify_checksums", "false", "--data.init_args.num_workers", "0",
-              "--trainer.accelerator", "cpu", "--trainer.logger", "false"],
+              "--trainer.accelerator", "cpu", "--trainer.logger", "false", *extra],
     )
 
 
@@ -41,8 +41,8 @@ def test_ldam_drw_config_reproduces_the_paper_recipe(tiny_cifar10):
     cli = instantiate("cifar10_lt_ldam_drw.yaml", tiny_cifar10)
     model, trainer, dm = cli.model, cli.trainer, cli.datamodule
     assert type(dm).__name__ == "CIFAR10DataModule" and dm.imbalance_ratio == 100.0 and dm.batch_size == 128
-    assert isinstance(model.criterion, LDAMLoss) and model.criterion.s == 30.0
-    assert torch.allclose(model.criterion.margins[[0, -1]], torch.tensor([0.5 * (50 / 5000) ** 0.25, 0.5]))
+    assert isinstance(model.criterion, LDAMLoss) and model.criterion.s == 30.0 and model.criterion.max_m == 0.5
+    assert model.criterion.cls_num_list is None  # the training data's counts, given at fit (next test)
     assert isinstance(model.backbone.linear, NormalizedLinear)
     assert sum(p.numel() for p in model.backbone.parameters()) == pytest.approx(0.46e6, rel=0.02)
     (drw,) = [cb for cb in trainer.callbacks if isinstance(cb, DeferredReweighting)]
@@ -58,6 +58,17 @@ def test_ldam_drw_config_reproduces_the_paper_recipe(tiny_cifar10):
         sched.step()
     assert lrs[0] == pytest.approx(0.02) and lrs[4] == pytest.approx(0.1) and lrs[159] == pytest.approx(0.1)
     assert lrs[160] == pytest.approx(1e-3) and lrs[180] == pytest.approx(1e-5)
+
+
+def test_ldam_drw_config_takes_the_class_counts_of_the_data(tiny_cifar10):
+    """The config names no counts: fitting gives LDAM the datamodule's (here 10 ... 5 images per class)."""
+    cli = instantiate("cifar10_lt_ldam_drw.yaml", tiny_cifar10, "--data.init_args.imbalance_ratio", "2.0",
+                      "--data.init_args.batch_size", "16", "--trainer.fast_dev_run", "true")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    counts = cli.datamodule.train_class_counts
+    assert counts[0] == 10 and counts[-1] == 5 and cli.model.criterion.cls_num_list == tuple(counts)
+    expected = torch.tensor([0.5 * (5 / n) ** 0.25 for n in counts])  # Delta_j = max_m (n_min / n_j)^(1/4)
+    assert torch.allclose(cli.model.criterion.margins, expected, atol=1e-6)
 
 
 def test_ce_config(tiny_cifar10):

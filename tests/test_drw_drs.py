@@ -374,3 +374,15 @@ def test_class_weighting_validates_and_zero_weight_batch_gives_zeros():
     assert w.tolist() == pytest.approx([0.0, 1.5, 1.5])  # c_y * B / sum(c_y) = 3 * 3 / 6
     with pytest.raises(ValueError, match="one shape"):
         src.sample_weights(torch.ones(3), WeightingContext(None, targets=torch.tensor([0, 1])))
+
+
+def test_drw_criterion_mode_with_ldam_waiting_for_counts(tmp_path):
+    """``LDAMLoss(cls_num_list=None)`` with ``DeferredReweighting(mode="criterion")``: the callback's setup (which
+    runs before the module's) gives the loss the datamodule's counts; the losses are those of the explicit LDAM."""
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(64, 3, hidden=(16,)), 3, criterion=LDAMLoss(s=5.0, reduction="none"), lr=0.05)
+    probe = Probe()
+    trainer_for(tmp_path, 3, [DeferredReweighting(1, BETA, "criterion"), probe], enable_checkpointing=False).fit(
+        model, TinyDataModule())
+    assert model.criterion.cls_num_list == tuple(COUNTS)
+    check_rows(probe.rows, 1, "criterion")

@@ -151,3 +151,36 @@ def test_gradient_pushes_rare_class_harder():
     out = loss(z, torch.tensor([0, 1]))
     assert float(out[1]) > float(out[0])
     assert isinstance(loss, nn.Module)
+
+
+def test_counts_given_later_give_the_formulas_loss_and_refuse_to_run_before():
+    """``LDAMLoss(cls_num_list=None)`` (a config file's LDAM): no loss before counts, the paper's loss after."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    counts, weight = [40, 9, 2], [0.5, 1.0, 2.0]
+    loss = LDAMLoss(max_m=0.4, s=7.0, weight=weight, reduction="none")
+    assert loss.cls_num_list is None and not loss.has_class_counts and loss.num_classes is None
+    with pytest.raises(RuntimeError, match="set_class_counts"):
+        loss(logits, target)
+    loss.set_class_counts(counts)
+    ref, _ = reference_ldam(logits, target, counts, 0.4, 7.0, weight)
+    assert torch.allclose(loss(logits, target).double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5)
+    assert loss.cls_num_list == (40, 9, 2)
+    with pytest.raises(ValueError, match="3 classes"):
+        loss.set_class_counts([5, 4])
+    with pytest.raises(ValueError, match="one per class"):
+        LDAMLoss(weight=[1.0, 2.0]).set_class_counts(counts)
+    with pytest.raises(ValueError, match="max_m"):
+        LDAMLoss(max_m=0.0)
+
+
+def test_loss_waiting_for_counts_takes_them_from_a_state_dict():
+    """Loading a trained LDAM's state into ``LDAMLoss()`` (inference from a checkpoint) gives its margins and
+    class weights, hence its losses."""
+    trained = LDAMLoss(CIFAR10_LT_100, weight=class_balanced_weights(CIFAR10_LT_100), reduction="none")
+    later = LDAMLoss(reduction="none")
+    later.load_state_dict(trained.state_dict())
+    assert later.has_class_counts and later.cls_num_list is None
+    logits, target = torch.randn(8, 10), torch.arange(8)
+    ref, _ = reference_ldam(logits, target, CIFAR10_LT_100, 0.5, 30.0, class_balanced_weights(CIFAR10_LT_100))
+    assert torch.allclose(later(logits, target).double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5)

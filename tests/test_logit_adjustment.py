@@ -51,3 +51,18 @@ def test_bad_counts_raise():
 def test_bf16_finite():
     out = LogitAdjustedLoss([1000, 1], reduction="none")(torch.randn(4, 2).bfloat16() * 50, torch.tensor([0, 1, 1, 0]))
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+
+
+def test_counts_given_later():
+    """``LogitAdjustedLoss(cls_num_list=None)``: refuses to run, then is cross-entropy on z + tau log(pi)."""
+    logits, target = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
+    loss = LogitAdjustedLoss(tau=0.5, reduction="none")
+    with pytest.raises(RuntimeError, match="set_class_counts"):
+        loss(logits, target)
+    loss.set_class_counts([6, 3, 1])
+    prior = torch.tensor([0.6, 0.3, 0.1])
+    assert torch.allclose(loss(logits, target), F.cross_entropy(logits + 0.5 * prior.log(), target, reduction="none"),
+                          atol=1e-6)
+    fresh = LogitAdjustedLoss(tau=0.5)
+    fresh.load_state_dict(loss.state_dict())
+    assert torch.equal(fresh.offsets, loss.offsets)

@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_reweight.callbacks._data import starts_new_run
 from lightning_reweight.contract import WeightingContext, mean_scale
 from lightning_reweight.functional.longtail import check_class_counts, class_balanced_weights
+from lightning_reweight.losses._counts import ClassCountLoss
 
 __all__ = ["ClassWeighting", "DeferredReweighting"]
 
@@ -165,6 +166,12 @@ class DeferredReweighting(Callback):
         criterion = getattr(pl_module, "criterion", None)
         target = getattr(criterion, "base_loss", None)
         target = criterion if target is None else target
+        if (
+            isinstance(target, ClassCountLoss) and target.counts_from_data and self._counts is not None
+            and target.cls_num_list != tuple(self._counts)
+        ):  # built with cls_num_list=None: the counts are known here (the module's setup runs after this one)
+            target.set_class_counts(self._counts)
+            target.to(pl_module.device)
         weight = getattr(target, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 1:
             raise ValueError(

@@ -10,14 +10,14 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_reweight.functional.longtail import ldam_margins
-from lightning_reweight.losses._fp32 import Float32Buffers
+from lightning_reweight.losses._counts import ClassCountLoss
 
 __all__ = ["LDAMLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-class LDAMLoss(Float32Buffers):
+class LDAMLoss(ClassCountLoss):
     """Cross-entropy on ``s * (z - Delta_y e_y)``: a per-class margin subtracted from the target logit only.
 
     ``Delta_j = K / n_j^(1/4)`` with ``K`` such that the rarest class has margin ``max_m``
@@ -32,8 +32,12 @@ class LDAMLoss(Float32Buffers):
     The loss is computed in float32 whatever the logits' dtype (bf16/fp16 logits times ``s = 30`` lose
     precision).
 
+    With ``cls_num_list=None`` (e.g. in a config file, where the counts of the data are not known yet) the margins
+    are built once the counts are given: :class:`~lightning_reweight.classifier.ReweightClassifier` takes them from
+    ``trainer.datamodule.train_class_counts`` when training starts, or call :meth:`set_class_counts`.
+
     Args:
-        cls_num_list: training count of every class.
+        cls_num_list: training count of every class; ``None``: given later (see above).
         max_m: the largest margin (rarest class); 0.5 in the paper's CIFAR runs.
         s: logit scale applied after the margin.
         weight: optional class weights, shape ``(C,)``.
@@ -46,14 +50,19 @@ class LDAMLoss(Float32Buffers):
         torch.Size([2])
         >>> loss.margins
         tensor([0.1581, 0.2812, 0.5000])
+        >>> later = LDAMLoss(reduction="none")  # counts to come (ReweightClassifier: from the datamodule)
+        >>> later.set_class_counts([100, 10, 1])
+        >>> bool(torch.equal(later.margins, loss.margins))
+        True
     """
 
+    count_buffers = ("margins", "weight")
     margins: Tensor
     weight: Tensor
 
     def __init__(
         self,
-        cls_num_list: Sequence[int],
+        cls_num_list: Sequence[int] | None = None,
         max_m: float = 0.5,
         s: float = 30.0,
         weight: Sequence[float] | Tensor | None = None,
@@ -62,38 +71,48 @@ class LDAMLoss(Float32Buffers):
         super().__init__()
         if s <= 0:
             raise ValueError(f"s must be positive, got {s}")
+        if max_m <= 0:
+            raise ValueError(f"max_m must be positive, got {max_m}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        margins = ldam_margins(cls_num_list, max_m)
-        #: the class counts the margins were built from (``ReweightClassifier`` checks them against the data's)
-        self.cls_num_list: tuple[int, ...] = tuple(int(n) for n in torch.as_tensor(cls_num_list).tolist())
-        if weight is None:
-            w = torch.ones_like(margins)
-        else:
-            w = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
-            if w.shape != margins.shape:
-                raise ValueError(f"weight must have shape {tuple(margins.shape)} (one per class), got {tuple(w.shape)}")
-            if bool((w < 0).any()):
-                raise ValueError("weight must be non-negative")
         self.max_m = float(max_m)
         self.s = float(s)
         self.reduction = reduction
-        self.register_buffer("margins", margins)
-        self.register_buffer("weight", w)
+        self._given_weight: Tensor | None = None
+        if weight is not None:
+            w = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
+            if w.dim() != 1:
+                raise ValueError(f"weight must be 1-D (one per class), got shape {tuple(w.shape)}")
+            if bool((w < 0).any()):
+                raise ValueError("weight must be non-negative")
+            self._given_weight = w
+        self._init_counts(cls_num_list)
+
+    def _count_buffers(self, counts: Tensor) -> dict[str, Tensor]:
+        margins = ldam_margins(counts, self.max_m)
+        if self._given_weight is None:
+            return {"margins": margins, "weight": torch.ones_like(margins)}
+        if self._given_weight.shape != margins.shape:
+            raise ValueError(
+                f"weight must have shape {tuple(margins.shape)} (one per class), got {tuple(self._given_weight.shape)}"
+            )
+        return {"margins": margins, "weight": self._given_weight.clone()}
 
     @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return self.margins.numel()
+    def num_classes(self) -> int | None:
+        """Number of classes (``None`` while the counts are not known)."""
+        return None if self._buffers.get("margins") is None else self.margins.numel()
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """The LDAM loss of ``logits`` (shape ``(B, C)``) against integer ``target`` (shape ``(B,)``)."""
+        self._require_counts()
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits must have shape (B, {self.num_classes}), got {tuple(logits.shape)}")
         z = logits.float()
         margin = self.margins.to(z.device)[target]
         z = z.scatter_add(1, target.unsqueeze(1), -margin.unsqueeze(1))
-        return F.cross_entropy(self.s * z, target, weight=self.weight.float(), reduction=self.reduction)
+        weight = self.weight.to(z.device, torch.float32)
+        return F.cross_entropy(self.s * z, target, weight=weight, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, max_m={self.max_m}, s={self.s}, reduction={self.reduction!r}"
