@@ -91,7 +91,7 @@ class ClassCountLoss(Float32Buffers):
         for name in self.count_buffers:
             value = state_dict.get(prefix + name)
             if self._buffers.get(name) is None and isinstance(value, Tensor):
-                self._buffers[name] = torch.empty_like(value, dtype=torch.float32, device="cpu")
+                self._buffers[name] = torch.empty_like(value, device="cpu")
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self.materialize_from(state_dict, prefix)
