@@ -776,3 +776,166 @@ def test_clean_data_logs_no_undefined_auroc():
 def module_for_digits():
     torch.manual_seed(0)
     return ReweightClassifier(MLP(64, 10, hidden=(16,)), num_classes=10, lr=0.05)
+
+
+# ---------------------------------------------------------------------------- review of the callback as a user
+@pytest.mark.parametrize("strategy", [L2RW, MetaWeightNet])
+def test_an_empty_or_one_shot_meta_loader_is_an_error(strategy):
+    """A meta loader with no batch used to end every epoch silently (Lightning reads the StopIteration as the end
+    of the training data); a one-shot iterator cannot be cycled."""
+    train, meta = loaders()
+    empty = DataLoader(meta.dataset, batch_size=len(meta.dataset) + 1, drop_last=True)
+    fit = trainer(2, [MetaReweight(strategy(), meta_dataloader=empty)])
+    with pytest.raises(RuntimeError, match="the meta loader yielded no batch"):
+        fit.fit(module(), train)
+    with pytest.raises(TypeError, match="re-iterable"):
+        MetaReweight(strategy(), meta_dataloader=iter(meta))
+    with pytest.raises(TypeError, match="re-iterable"):
+        MetaReweight(strategy(), meta_dataloader=(b for b in meta))
+
+
+class TwoOptimizers(ReweightClassifier):
+    """Manual optimization with one optimizer for the features and one for the head."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.backbone.features.parameters(), lr=0.1),
+                torch.optim.SGD(self.backbone.classifier.parameters(), lr=0.1)]
+
+    def training_step(self, batch, batch_idx):
+        loss = self.reweight(self.per_sample_loss(batch), batch)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+
+def test_several_optimizers_are_refused():
+    """The virtual step follows one optimizer's parameter groups; a second optimizer's parameters used to get
+    lr scale 0 (silently wrong weights)."""
+    train, meta = loaders()
+    torch.manual_seed(0)
+    model = TwoOptimizers(MLP(64, 4, hidden=(16,)), num_classes=4)
+    with pytest.raises(ValueError, match="exactly one optimizer"):
+        trainer(1, [MetaReweight(L2RW(), meta_dataloader=meta)]).fit(model, train)
+
+
+class LrSpy(L2RW):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def meta_weights(self, problem, lr):
+        self.seen.append((problem.lr_scale, lr))
+        return super().meta_weights(problem, lr)
+
+
+def test_a_first_parameter_group_at_lr_zero_does_not_move_and_the_others_keep_their_lr():
+    """Features at lr 0, head at 0.1: the virtual step is the head's 0.1 and the features do not move (the first
+    group's lr 0 used to make every scale 1 and the virtual lr 0)."""
+    train, meta = loaders()
+
+    class Frozen(ReweightClassifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": self.backbone.features.parameters(), "lr": 0.0},
+                                    {"params": self.backbone.classifier.parameters(), "lr": 0.1}], lr=0.1)
+
+    torch.manual_seed(0)
+    model = Frozen(MLP(64, 4, hidden=(16,)), num_classes=4)
+    spy = LrSpy()
+    trainer(1, [MetaReweight(spy, meta_dataloader=meta)], limit_train_batches=1).fit(model, train)
+    expected = [1.0 if n.startswith("backbone.classifier") else 0.0 for n, _ in model.named_parameters()]
+    assert spy.seen == [(expected, 0.1)]
+
+
+def test_the_lr_scales_follow_parameters_unfrozen_during_the_fit():
+    """Features (lr 0.01) frozen in epoch 0 and unfrozen in epoch 1, head at lr 0.1: epoch 1's virtual step moves
+    the features by a tenth of the head's step (a cache keyed on the lrs alone kept epoch 0's scales)."""
+    train, meta = loaders()
+
+    class Unfreezing(ReweightClassifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": self.backbone.classifier.parameters(), "lr": 0.1},
+                                    {"params": self.backbone.features.parameters(), "lr": 0.01}], lr=0.1)
+
+        def on_train_epoch_start(self):
+            self.backbone.features.requires_grad_(self.current_epoch >= 1)
+
+    torch.manual_seed(0)
+    model = Unfreezing(MLP(64, 4, hidden=(16,)), num_classes=4)
+    spy = LrSpy()
+    trainer(2, [MetaReweight(spy, meta_dataloader=meta)], limit_train_batches=1).fit(model, train)
+    head_only = [1.0 for n, _ in model.named_parameters() if n.startswith("backbone.classifier")]
+    assert spy.seen[0] == (None, 0.1) and len(head_only) == 2  # only the head trains: one group, plain step
+    features_first = [pytest.approx(0.1) if n.startswith("backbone.features") else 1.0
+                      for n, _ in model.named_parameters()]
+    assert spy.seen[1][0] == features_first and spy.seen[1][1] == 0.1
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_true_precisions_give_the_meta_batch_the_models_dtype(precision):
+    """The meta batch goes through the precision's ``convert_input`` as training batches do (it used to stay
+    float32 and the meta forward failed on a float64 or bf16 model); finite differences at bf16 parameters warn."""
+    train, meta = loaders()
+    model = module()
+    cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad="forward")
+    trainer(1, [cb], limit_train_batches=2, precision=precision).fit(model, train)
+    assert cb.state_dict()["meta_steps"] == 2 and torch.isfinite(model.last_sample_weights).all()
+    if precision == "bf16-true":
+        with pytest.warns(UserWarning, match="hypergrad='forward'"):
+            trainer(1, [MetaReweight(L2RW(), meta_dataloader=meta)], limit_train_batches=1,
+                    precision=precision).fit(module(), train)
+
+
+def test_the_meta_net_runs_in_fp32_under_a_callers_autocast():
+    """MW-Net's weights and meta gradient are the same inside a bf16 autocast region (a bf16-mixed training step)
+    as outside it (they used to be computed in bf16: 2% off)."""
+    train, meta = loaders()
+    model = module()
+    x, y, _ = next(iter(train))
+    mx, my = next(iter(meta))
+
+    def ce(b):
+        return F.cross_entropy(model(b[0]), b[1], reduction="none")
+
+    mwn = MetaWeightNet(hidden=8)
+    problem = MetaProblem(model, ce, lambda b: ce(b).mean(), (x, y), (mx, my), hypergrad="forward")
+    losses = problem.detached_losses()
+    ref_w, ref_g = mwn.weights(losses), mwn.meta_gradient(problem, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, g = mwn.weights(losses), mwn.meta_gradient(problem, 0.1)
+    assert w.dtype == torch.float32 and torch.equal(w, ref_w)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+class SkipsFirstBatchOfEpochOne(ReweightClassifier):
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 0:
+            return -1  # Lightning: skip the rest of this epoch
+        return None
+
+
+def test_an_epoch_skipped_by_the_module_is_not_reported_as_a_missing_reweight_call():
+    train, meta = loaders()
+    torch.manual_seed(0)
+    model = SkipsFirstBatchOfEpochOne(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+    cb = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta)
+    fit = trainer(3, [cb])
+    fit.fit(model, train)
+    assert fit.current_epoch == 3 and cb.state_dict()["meta_steps"] == 2 * len(train)
+
+
+def test_sample_history_with_indices_of_a_larger_pool_says_what_to_do():
+    train, meta = loaders()
+    from lightning_reweight.data import IndexedDataset
+
+    x, y, _ = train.dataset.tensors
+    subset, _ = torch.utils.data.random_split(IndexedDataset(TensorDataset(x, y)), [160, 80],
+                                              generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"IndexedDataset\(subset\)"):
+        trainer(1, [MetaReweight(L2RW(), meta_dataloader=meta)]).fit(module(), DataLoader(subset, batch_size=40))

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities import move_data_to_device
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
@@ -32,6 +32,7 @@ from lightning_reweight.metrics.weight_history import SampleWeightHistory
 __all__ = ["MetaReweight"]
 
 _UNSUPPORTED = ("FSDP", "DeepSpeed")
+_EMPTY = object()
 
 
 class MetaReweight(Callback):
@@ -64,11 +65,13 @@ class MetaReweight(Callback):
         strategy: an :class:`~lightning_reweight.meta.L2RW` or :class:`~lightning_reweight.meta.MetaWeightNet`.
         meta_dataloader: the clean meta loader yielding ``(x, y)``; default: ``trainer.datamodule.meta_dataloader()``.
         hypergrad: ``"finite_diff"`` (one extra forward), ``"forward"`` (exact JVP) or ``"second_order"``.
-        meta_interval: run a meta step every this many optimizer steps (1 for L2RW, which has no state).
+        meta_interval: run meta steps on every this many optimizer steps (1 for L2RW, which has no state); with
+            ``accumulate_grad_batches > 1`` each batch accumulated into such a step gets its own meta step.
         warmup_epochs: epochs of uniform weights before the first meta step.
-        virtual_lr: virtual-step size; default the optimizer's current lr (of its first parameter group). With
-            several parameter groups each parameter's virtual step is scaled by its group's lr relative to the
-            first group's, as the real step is; parameters the optimizer does not train are not moved.
+        virtual_lr: virtual-step size; default the optimizer's current lr (of its first parameter group, or the
+            largest group lr when the first is 0). With several parameter groups each parameter's virtual step is
+            scaled by its group's lr relative to that one, as the real step is; parameters the optimizer does not
+            train (or trains at lr 0) are not moved. One optimizer only (several are refused at fit start).
         fd_eps: relative finite-difference step.
         fd_scale: ``"all"`` (default) or ``"moved"``: which parameters' norm scales the finite-difference step
             (``"moved"`` for models with large tables a batch barely touches, such as embeddings; a warning
@@ -133,6 +136,11 @@ class MetaReweight(Callback):
                 f"meta_dataloader must be a loader of meta batches, got {type(meta_dataloader).__name__}; wrap a "
                 "dataset in torch.utils.data.DataLoader(dataset, batch_size=..., shuffle=True)"
             )
+        if isinstance(meta_dataloader, Iterator):
+            raise TypeError(
+                f"meta_dataloader must be re-iterable (it is cycled), got a one-shot {type(meta_dataloader).__name__}"
+                "; pass the DataLoader itself, not iter(loader) or a generator"
+            )
         self.strategy = strategy
         self.hypergrad = hypergrad
         self.meta_interval = meta_interval
@@ -142,7 +150,6 @@ class MetaReweight(Callback):
         if fd_scale not in FD_SCALES:
             raise ValueError(f"fd_scale must be one of {FD_SCALES}, got {fd_scale!r}")
         self.fd_scale = fd_scale
-        self._lr_scale_cache: tuple[Any, list[float] | None] | None = None
         self.meta_seed = meta_seed
         self.track_noise_auroc = track_noise_auroc
         self.track_sample_history = track_sample_history
@@ -164,6 +171,7 @@ class MetaReweight(Callback):
         self._meta_gen_state: Tensor | None = None
         self._restore_meta_gen = False
         self._meta_steps = 0
+        self._lr_scale_cache: tuple[Any, list[float] | None] | None = None
         self._rng: RNGState | None = None
         self._pending: tuple[MetaProblem, float] | None = None
         self._early: MetaProblem | None = None
@@ -230,6 +238,18 @@ class MetaReweight(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"MetaReweight needs exactly one optimizer (its parameter groups set the virtual step), got "
+                f"{len(trainer.optimizers)}: put the parameters in one optimizer with a parameter group each"
+            )
+        low = {p.dtype for p in pl_module.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
+        if low and self.hypergrad == "finite_diff":
+            rank_zero_warn(
+                f"MetaReweight: the model's parameters are {sorted(map(str, low))[0]}, where the finite difference "
+                "theta + h d is rounded to 8-11 bits and its alignment is inaccurate; use hypergrad='forward' "
+                "(exact at any precision) or a mixed precision (bf16-mixed keeps fp32 parameters)"
+            )
         self.strategy.to(pl_module.device)
         self._auroc.to(pl_module.device)
         if self._history is not None:
@@ -250,7 +270,6 @@ class MetaReweight(Callback):
             self._restore_epoch_records(trainer, pl_module)
         self._rng = capture_rng(pl_module.device)
         self._early = None
-        self._epoch_batches += 1
         if self.strategy.early_alignment and self._meta_step_now(trainer):
             # the alignment's meta forward/backward and shifted forward, before the training graph exists
             self._early = self._problem(trainer, pl_module, batch, None)
@@ -293,7 +312,16 @@ class MetaReweight(Callback):
             if self.track_noise_auroc and self._noise_mask is not None:
                 self._auroc.update(weights, self._noise_mask[context.indices.cpu()].to(weights.device))
             if self.track_sample_history:
-                self._sample_history(trainer, weights.device).update(weights, context.indices)
+                history = self._sample_history(trainer, weights.device)
+                try:
+                    history.update(weights, context.indices)
+                except ValueError as err:
+                    raise ValueError(
+                        f"MetaReweight(track_sample_history=True): {err}. The batches' third element must index "
+                        "the training set itself (a Subset or random_split of an IndexedDataset keeps the whole "
+                        "pool's indices: wrap the subset instead, IndexedDataset(subset)), or pass "
+                        "track_sample_history=False"
+                    ) from err
         return weights
 
     def _problem(
@@ -301,7 +329,9 @@ class MetaReweight(Callback):
     ) -> MetaProblem:
         """This step's meta problem: the training batch, the meta batch (default: the next one), the saved RNG."""
         if meta_batch is None:
-            meta_batch = move_data_to_device(self._next_meta_batch(trainer), module.device)
+            # as Lightning prepares a training batch: the precision's input dtype (64-true, bf16-true), the device
+            meta_batch = trainer.precision_plugin.convert_input(self._next_meta_batch(trainer))
+            meta_batch = move_data_to_device(meta_batch, module.device)
         return MetaProblem(
             module,
             module.per_sample_loss,
@@ -339,6 +369,7 @@ class MetaReweight(Callback):
     ) -> None:
         self._pending = None  # a step without an optimizer step (skipped loss) drops its delayed meta update
         self._early = None
+        self._epoch_batches += 1  # here, not at batch start: the module's own hook may skip the batch
 
     def _sample_history(self, trainer: L.Trainer, device: torch.device) -> SampleWeightHistory:
         if self._history is None:
@@ -371,23 +402,31 @@ class MetaReweight(Callback):
         seen = scores.pop("visits") > 0
         return {key: float(rank_auroc(score[seen], ~mask[seen])) for key, score in scores.items()}
 
+    @staticmethod
+    def _base_lr(groups: list[dict[str, Any]]) -> float:
+        """The optimizer's lr the virtual step is measured in: the first group's, or the largest if that is 0."""
+        first = float(groups[0]["lr"])
+        return first if first > 0 else max(float(g["lr"]) for g in groups)
+
     def _virtual_lr(self, trainer: L.Trainer) -> float:
         if self.virtual_lr is not None:
             return self.virtual_lr
-        return float(trainer.optimizers[0].param_groups[0]["lr"])
+        return self._base_lr(trainer.optimizers[0].param_groups)
 
     def _lr_scale(self, trainer: L.Trainer, module: Any) -> list[float] | None:
-        """Each trainable parameter's lr relative to the first parameter group's (0: not trained by the optimizer).
+        """Each trainable parameter's lr relative to the base lr (:meth:`_base_lr`; 0: not trained by the optimizer).
 
-        ``None`` when they are all 1, as with a single group holding every trainable parameter.
+        ``None`` when they are all 1, as with a single group holding every trainable parameter. Cached while the
+        optimizer, its groups' lrs and the set of trainable parameters stay the same.
         """
-        groups = trainer.optimizers[0].param_groups
-        key = (id(trainer.optimizers[0]), tuple(float(g["lr"]) for g in groups))
+        optimizer = trainer.optimizers[0]
+        groups = optimizer.param_groups
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        key = (id(optimizer), tuple(float(g["lr"]) for g in groups), tuple(id(p) for p in trainable))
         if self._lr_scale_cache is not None and self._lr_scale_cache[0] == key:
             return self._lr_scale_cache[1]
-        base = float(groups[0]["lr"])
+        base = self._base_lr(groups)
         lr_of = {id(p): float(g["lr"]) for g in groups for p in g["params"]}
-        trainable = [p for p in module.parameters() if p.requires_grad]
         ratios = [lr_of.get(id(p), 0.0) / base if base > 0 else 1.0 for p in trainable]
         scale = None if all(r == 1.0 for r in ratios) else ratios
         self._lr_scale_cache = (key, scale)
@@ -414,7 +453,12 @@ class MetaReweight(Callback):
                 self._meta_epoch += 1
                 self._meta_pos = 0
                 self._meta_iter = self._start_meta_epoch(trainer, skip=0)
-                batch = next(self._meta_iter)
+                batch = next(self._meta_iter, _EMPTY)
+                if batch is _EMPTY:  # a StopIteration escaping here would end Lightning's epoch silently
+                    raise RuntimeError(
+                        "MetaReweight: the meta loader yielded no batch (a meta set smaller than its batch size "
+                        "with drop_last=True, or an empty one): give it at least one batch"
+                    ) from None
         self._meta_pos += 1
         return batch
 

@@ -38,6 +38,11 @@ class WeightNet(nn.Module):
         return torch.sigmoid(self.net(losses.detach().to(p.dtype).reshape(-1, 1))).reshape(-1)
 
 
+def _fp32(device: torch.device) -> torch.autocast:
+    """Autocast off: the meta-net and its surrogate loss run in fp32 inside a bf16/fp16-mixed training step."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class MetaWeightNet(MetaStrategy):
     """Meta-Weight-Net: learn ``V(l; phi)`` so that a virtual SGD step on ``mean_i V(l_i) l_i`` lowers the meta loss.
 
@@ -130,7 +135,7 @@ class MetaWeightNet(MetaStrategy):
 
     def weights(self, losses: Tensor) -> Tensor:
         """Mean-scale weights ``V(l; phi)`` (``mean_scale`` of them when ``normalize``)."""
-        with torch.no_grad():
+        with torch.no_grad(), _fp32(losses.device):
             v = self.weight_net(losses.float())
         return mean_scale(v) if self.normalize else v
 
@@ -143,7 +148,7 @@ class MetaWeightNet(MetaStrategy):
         the fast routes then take the virtual step from it instead of differentiating it.
         """
         phi = list(self.weight_net.parameters())
-        with torch.enable_grad():
+        with torch.enable_grad(), _fp32(phi[0].device):  # the meta-net in fp32 under a caller's autocast too
             if problem.hypergrad == "second_order" and self.lookahead:
                 return problem.virtual_step_gradient(lambda losses: self._virtual(self.weight_net(losses)),
                                                      lambda: phi, lr)
