@@ -30,6 +30,18 @@ class Weights(L.Callback):
         self.seen.append((pl_module.last_sample_weights.detach().clone(), batch[2].clone()))
 
 
+class Masked(L.LightningDataModule):
+    """The training loader with a noise mask (every third sample): MetaReweight then syncs its weight AUROC."""
+
+    def __init__(self, train) -> None:
+        super().__init__()
+        self.train = train
+        self.noise_mask = torch.arange(len(train.dataset)) % 3 == 0
+
+    def train_dataloader(self):
+        return self.train
+
+
 runs = (("mwn", MetaWeightNet(hidden=8)), ("mwn_delayed", MetaWeightNet(hidden=8, delayed=True)), ("l2rw", L2RW()))
 for name, strategy in runs:
     train, meta = loaders()
@@ -40,11 +52,11 @@ for name, strategy in runs:
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", callbacks=[cb, recorder],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(model, train)
+    trainer.fit(model, datamodule=Masked(train)) if name == "l2rw" else trainer.fit(model, train)
     scores = cb.sample_scores()  # a collective: summed over both ranks
     torch.save({"meta": flat(strategy).clone() if name.startswith("mwn") else torch.zeros(0), "init": init,
                 "model": flat(model).clone(), "steps": cb.state_dict()["meta_steps"],
-                "weights": model.last_sample_weights.clone(), "sample_scores": scores,
+                "weights": model.last_sample_weights.clone(), "sample_scores": scores, "auroc": cb.auroc_history,
                 "local_weights": torch.cat([w for w, _ in recorder.seen]),
                 "local_indices": torch.cat([i for _, i in recorder.seen])},
                f"{out}/{name}_rank{trainer.global_rank}.pt")

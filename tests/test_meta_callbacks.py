@@ -460,6 +460,9 @@ def test_ddp_two_processes_identical_meta_net(tmp_path):
         for r in (r0, r1):
             weights[r["local_indices"]] = r["local_weights"]
         torch.testing.assert_close(r0["sample_scores"]["mean_weight"], weights.double())
+        if name == "l2rw":  # with a noise mask: the epoch's weight AUROC over both ranks' samples, on both ranks
+            noisy = torch.arange(len(train.dataset)) % 3 == 0
+            assert r0["auroc"] == r1["auroc"] == [pytest.approx(pairwise_auroc(weights, ~noisy), abs=1e-6)]
     for name in ("mwn", "mwn_delayed"):
         mwn = torch.load(tmp_path / f"{name}_rank0.pt", weights_only=True)
         assert not torch.allclose(mwn["meta"], mwn["init"])  # ... and it was trained

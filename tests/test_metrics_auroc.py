@@ -78,3 +78,41 @@ def test_nan_weight_gives_nan_and_empty_metric_gives_nan():
     metric.update(torch.tensor([float("nan"), 0.2, 0.9, 0.1]), torch.tensor([True, True, False, False]))
     assert torch.isnan(metric.compute())  # a nan weight is not the highest weight
     assert torch.isnan(rank_auroc(torch.tensor([0.1, float("nan")]), torch.tensor([True, False])))
+
+
+def _ddp_worker(rank, world, path, out, case):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    weights, noisy = _shards()
+    metric = WeightNoiseAUROC()
+    if case == "both" or rank == 0:
+        metric.update(weights[rank], noisy[rank])
+    torch.save(float(metric.compute()), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def _shards():
+    g = torch.Generator().manual_seed(5)
+    noisy = torch.rand(70, generator=g) < 0.4
+    weights = torch.rand(70, generator=g) + (~noisy).float() * 0.3
+    return (weights[:40], weights[40:]), (noisy[:40], noisy[40:])  # shards of different sizes
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("case", ["both", "rank0_only"])
+def test_ddp_sync_gives_the_auroc_of_all_ranks_samples(tmp_path, case):
+    """A real 2-process gloo sync (compute() used to fail on the synced tensor state, and gloo aborted when a rank
+    had no sample: its empty placeholder had another dtype)."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "res")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out, case), nprocs=2, join=True,
+                       start_method="fork")
+    weights, noisy = _shards()
+    if case == "both":
+        expected = pairwise_auroc(torch.cat(weights), ~torch.cat(noisy))
+    else:
+        expected = pairwise_auroc(weights[0], ~noisy[0])
+    for rank in range(2):
+        assert torch.load(f"{out}.{rank}") == pytest.approx(expected, abs=1e-12)

@@ -45,7 +45,8 @@ class WeightNoiseAUROC(Metric):
     ``nan``, as does a call to :meth:`compute` before any :meth:`update`.
 
     States are concatenated across processes (``dist_reduce_fx="cat"``), so the value under DDP equals the value
-    on all samples gathered in one process.
+    on all samples gathered in one process, ranks that saw no sample included (both states are float64, the dtype
+    torchmetrics gives such a rank's empty placeholder).
 
     Example:
         >>> import torch
@@ -62,17 +63,22 @@ class WeightNoiseAUROC(Metric):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("weights", default=[], dist_reduce_fx="cat")
-        self.add_state("noisy", default=[], dist_reduce_fx="cat")
+        self.add_state("noisy", default=[], dist_reduce_fx="cat")  # 1.0 = noisy, float64 like the weights
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """float64: the dtype of both states, and of the empty state a rank without samples sends in a DDP sync."""
+        return torch.float64
 
     def update(self, weights: Tensor, noisy: Tensor) -> None:
         """Add a batch: ``weights`` (B,) and ``noisy`` (B,) booleans (True = the label is corrupted)."""
         if weights.shape != noisy.shape:
             raise ValueError(f"weights {tuple(weights.shape)} and noisy {tuple(noisy.shape)} must have one shape")
         self.weights.append(weights.detach().reshape(-1).double())
-        self.noisy.append(noisy.detach().reshape(-1).bool())
+        self.noisy.append(noisy.detach().reshape(-1).bool().double())
 
     def compute(self) -> Tensor:
         """The AUROC (``nan`` when only clean or only noisy samples, or none, were seen)."""
-        if not self.weights:  # nothing seen (here, or on any rank after a DDP sync)
+        if isinstance(self.weights, list) and not self.weights:  # nothing seen (after a DDP sync: a tensor)
             return torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
-        return rank_auroc(dim_zero_cat(self.weights), ~dim_zero_cat(self.noisy).bool())
+        return rank_auroc(dim_zero_cat(self.weights), dim_zero_cat(self.noisy) == 0)
