@@ -131,6 +131,36 @@ def test_eval_mode_does_not_update_and_lam_change_reinitialises():
     assert math.isclose(float(crit.log_u), expected, rel_tol=1e-6)
 
 
+def test_eval_mode_weights_use_the_current_u_as_is():
+    """exp(l / lam) / u with the u of the training steps (it used to be u moved by the eval batch, unsaved)."""
+    crit = AttentionalDROLoss(lam=1.0, gamma=0.5)
+    crit.sample_weights(torch.tensor([0.1, 0.2, 0.3]))
+    u = (math.exp(0.1) + math.exp(0.2) + math.exp(0.3)) / 3
+    crit.eval()
+    w = crit.sample_weights(torch.tensor([3.0, 4.0]))
+    assert w.tolist() == pytest.approx([math.exp(3.0) / u, math.exp(4.0) / u], rel=1e-6)
+    fresh = AttentionalDROLoss(lam=1.0, gamma=0.5).eval()  # no u yet: the batch's own normalisation
+    assert fresh.sample_weights(torch.tensor([3.0, 4.0])).tolist() == pytest.approx(
+        [2 * math.exp(3.0) / (math.exp(3.0) + math.exp(4.0)), 2 * math.exp(4.0) / (math.exp(3.0) + math.exp(4.0))])
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_batch_leaves_u_as_it_was(bad):
+    """One inf/nan loss (an fp16 overflow the GradScaler skips) used to make u nan for the rest of the run."""
+    lam, gamma = 2.0, 0.5
+    crit = AttentionalDROLoss(lam=lam, gamma=gamma)
+    crit.sample_weights(torch.tensor([bad, 1.0]))  # as the first batch: u does not start from it
+    assert not bool(crit.initialised)
+    crit.sample_weights(torch.tensor([1.0, 3.0]))
+    u = (math.exp(0.5) + math.exp(1.5)) / 2
+    crit.sample_weights(torch.tensor([0.5, bad]))  # later: u keeps its value
+    assert float(crit.u) == pytest.approx(u, rel=1e-6)
+    crit.sample_weights(torch.tensor([2.0, 2.0]))
+    assert float(crit.u) == pytest.approx((1 - gamma) * u + gamma * math.exp(1.0), rel=1e-6)
+    with pytest.raises(ValueError, match="empty batch"):
+        crit.sample_weights(torch.zeros(0))
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="gamma"):
         AttentionalDROLoss(gamma=0.0)

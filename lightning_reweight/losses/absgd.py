@@ -53,7 +53,10 @@ class AttentionalDROLoss(Float32Buffers):
       ``absgd/dro_objective`` (``lam * log mean exp(l / lam)`` of the batch) and ``absgd/log_u`` every
       ``log_every_n_steps`` steps.
 
-    ``u`` is only updated in training mode (``module.train()``); in eval mode the current ``u`` is used as is.
+    ``u`` is only updated in training mode (``module.train()``); in eval mode the current ``u`` is used as is
+    (the batch's own statistic when ``u`` has not started for this ``lam``, or with ``gamma = 1``). A training
+    batch whose statistic is not finite (an ``inf`` or ``nan`` loss, e.g. an fp16 overflow that the GradScaler
+    will skip) leaves ``u`` unchanged.
 
     Args:
         lam: the DRO temperature (non-zero), or ``None`` for plain ERM.
@@ -138,6 +141,8 @@ class AttentionalDROLoss(Float32Buffers):
         """
         lam = self.lam
         assert lam is not None
+        if losses.numel() == 0:
+            raise ValueError("AttentionalDROLoss got an empty batch: its weights softmax(l / lam) need a sample")
         with torch.no_grad():
             dist = torch.distributed
             distributed = update and self.sync_dist and dist.is_available() and dist.is_initialized()
@@ -152,16 +157,17 @@ class AttentionalDROLoss(Float32Buffers):
             # the batch statistic log mean exp(l / lam) is lse - log n
             lam32 = _as_float32(lam)  # u_lam is a float32 buffer: compare the value it can hold
             fresh = self._u_lam != lam32
-            if fresh or self.gamma == 1.0:
+            if fresh or self.gamma == 1.0:  # u starts (again) from this batch; gamma = 1: u is the batch's alone
                 log_u = lse + c_fresh
-                if update:
-                    self.log_u.copy_(log_u)
-            elif update:  # written straight into the buffer (its old value is read first)
-                log_u = torch.logaddexp(self.log_u + c_decay, lse + c_new, out=self.log_u)
-            else:
+            elif update:
                 log_u = torch.logaddexp(self.log_u + c_decay, lse + c_new)
+            else:  # eval mode: the current u, as is
+                log_u = self.log_u
             if update:
-                if fresh:
+                if not fresh:  # a non-finite batch (an inf/nan loss) leaves u as it was (no host sync)
+                    self.log_u.copy_(torch.where(lse.isfinite(), log_u, self.log_u))
+                elif bool(lse.isfinite()):  # one host sync, only when u (re)starts
+                    self.log_u.copy_(log_u)
                     self.initialised.fill_(True)
                     self.u_lam.fill_(lam)
                     self._u_lam = lam32
