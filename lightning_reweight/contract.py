@@ -302,7 +302,8 @@ class ReweightingMixin:
 def mean_scale(weights: Tensor) -> Tensor:
     """Rescale weights that sum to one (or any positive total) to the mean scale, ``B * w / sum(w)``.
 
-    All-zero weights stay zero (no division by zero).
+    All-zero weights stay zero (no division by zero); a ``nan`` total gives ``nan`` weights; a subnormal total
+    still normalises.
 
     Example:
         >>> import torch
@@ -310,6 +311,10 @@ def mean_scale(weights: Tensor) -> Tensor:
         tensor([0.5000, 1.5000])
     """
     total = weights.sum()
-    return torch.where(total > 0, weights * (weights.numel() / total.clamp_min(torch.finfo(weights.dtype).tiny)),
-                       torch.zeros_like(weights))
+    usable = total > 0
+    safe = torch.where(usable, total, torch.ones_like(total))
+    # B / total overflows for a subnormal total: divide first there (elsewhere the same ops as ever, bit for bit)
+    out = torch.where(safe >= torch.finfo(weights.dtype).tiny, weights * (weights.numel() / safe),
+                      weights / safe * weights.numel())
+    return torch.where(usable, out, torch.where(total.isnan(), total, torch.zeros_like(weights)))
 

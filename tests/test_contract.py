@@ -126,6 +126,9 @@ def test_mean_scale_and_statistics():
     w = torch.tensor([0.1, 0.2, 0.3, 0.4])
     assert torch.allclose(mean_scale(w), torch.tensor([0.4, 0.8, 1.2, 1.6]))
     assert torch.equal(mean_scale(torch.zeros(3)), torch.zeros(3))
+    # a subnormal total still normalises (B / total overflows); a nan total is not mistaken for zero weights
+    assert torch.allclose(mean_scale(torch.tensor([1e-40, 3e-40])), torch.tensor([0.5, 1.5]), rtol=1e-4)
+    assert mean_scale(torch.tensor([1.0, float("nan")])).isnan().all()
     stats = weight_statistics(torch.tensor([4.0, 0.0, 0.0, 0.0]))
     # ESS = (sum w)^2 / (B * sum w^2) = 16 / (4 * 16)
     assert stats["ess"].item() == pytest.approx(0.25)

@@ -67,3 +67,8 @@ def test_objective_gradient_is_the_weights():
 def test_log_mean_exp_large_and_empty():
     assert float(log_mean_exp(torch.tensor([1000.0, 1000.0 + math.log(3.0)]))) == pytest.approx(1000.0 + math.log(2.0))
     assert float(log_mean_exp(torch.tensor([]))) == -math.inf
+
+
+def test_dro_weights_refuse_losses_that_are_not_per_sample():
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        dro_weights(torch.zeros(1, 4), lam=1.0)  # softmax over dim 0 would give ones, summing to 4

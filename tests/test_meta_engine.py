@@ -309,6 +309,18 @@ def test_l2rw_weights_refuses_reduced_losses_and_inference_mode():
         l2rw_weights(model, x, y, mx, my)
 
 
+def test_l2rw_weights_empty_meta_batch_is_an_error_and_nan_is_not_all_zero():
+    """An empty meta batch or a nan input used to give all-zero weights, which reads as "no sample aligns"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    x, y, mx, my = data()
+    with pytest.raises(ValueError, match="non-empty training and meta batch"):
+        l2rw_weights(model, x, y, mx[:0], my[:0])
+    bad = x.clone()
+    bad[3, 0, 0, 0] = float("nan")
+    assert l2rw_weights(model, bad, y, mx, my).isnan().all()
+
+
 class _NoForwardAD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -114,7 +114,9 @@ def test_label_columns_are_refused_not_read_as_scores():
 
 
 def test_float_label_vectors_are_refused_not_truncated():
-    """Probabilities of shape (B,) would be cast to 0; they are an error."""
+    """Probabilities of shape (B,) would be cast to 0; they are an error (float targets too)."""
     metric = BalancedAccuracy(num_classes=2)
+    with pytest.raises(ValueError, match="target must be integer class labels"):
+        metric.update(torch.tensor([0, 1]), torch.tensor([0.9, 1.7]))
     with pytest.raises(ValueError, match="integer class labels"):
         metric.update(torch.tensor([0.9, 0.2, 0.8]), torch.tensor([1, 0, 1]))

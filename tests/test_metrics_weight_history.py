@@ -106,3 +106,8 @@ def test_nan_weights_show_as_nan_not_as_a_rank():
     assert math.isnan(float(out["mean_weight"][1])) and math.isnan(float(out["positive_share"][1]))
     assert float(out["mean_weight"][0]) == 0.5 and float(out["positive_share"][0]) == 1.0
     assert out["percentile"][2:].tolist() == [0.25, 0.75]  # (rank - 1/2) / B in a clean batch
+
+
+def test_float_indices_are_refused_not_truncated():
+    with pytest.raises(ValueError, match="integer dataset indices"):
+        SampleWeightHistory(4).update(torch.ones(2), torch.tensor([0.7, 2.9]))

@@ -54,3 +54,14 @@ def test_mlp_layers():
     assert [(lin.in_features, lin.out_features) for lin in linears] == [(64, 32), (32, 16), (16, 10)]
     assert sum(isinstance(x, nn.BatchNorm1d) for x in m.modules()) == 2
     assert m(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_normalized_linear_on_token_features_normalises_each_vector():
+    """(B, T, F) features: the head applied token by token, cosines within [-1, 1] (it normalised dim 1)."""
+    torch.manual_seed(0)
+    head = NormalizedLinear(6, 3)
+    x = torch.randn(2, 5, 6) * 4
+    out = head(x)
+    per_token = torch.stack([head(x[:, t]) for t in range(5)], dim=1)
+    torch.testing.assert_close(out, per_token)
+    assert float(out.abs().max()) <= 1 + 1e-6

@@ -877,6 +877,9 @@ def test_select_models_quadrants():
     tie = select_models([1.0, 0.5, 0.75], [0.25, 0.75, 0.5])
     assert (tie.accuracy_threshold, tie.susceptibility_threshold) == (0.75, 0.5)
     assert tie.quadrants[2] == "high_acc_high_zeta"
+    # a model at the mean of decimal accuracies (0.1 + 0.2 + 0.3 summed left to right rounds above 0.6)
+    mid = select_models([0.1, 0.2, 0.3], [0.5, 0.1, 0.5], names=["a", "b", "c"])
+    assert mid.quadrant_of("b") == "high_acc_low_zeta" and mid.preferred == ("b",)
 
 
 def test_select_models_validates():

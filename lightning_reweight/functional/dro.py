@@ -79,6 +79,8 @@ def dro_weights(losses: Tensor, lam: float | None, *, normalization: str = "sum"
     """
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+    if losses.dim() != 1:
+        raise ValueError(f"losses must be per-sample, of shape (B,), got {tuple(losses.shape)}")
     losses = losses.float()
     if lam is None:
         w = torch.ones_like(losses)

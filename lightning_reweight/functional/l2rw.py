@@ -70,6 +70,11 @@ def l2rw_weights(
         raise ValueError(f"lr must be positive, got {lr}")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("l2rw_weights differentiates the model: call it outside torch.inference_mode()")
+    if len(meta_targets) == 0 or len(targets) == 0:
+        raise ValueError(
+            f"l2rw_weights needs a non-empty training and meta batch, got {len(targets)} and {len(meta_targets)} "
+            "samples"
+        )
     criterion = loss_fn if loss_fn is not None else (lambda z, t: F.cross_entropy(z, t, reduction="none"))
 
     def train_loss(batch: tuple[Tensor, Tensor]) -> Tensor:

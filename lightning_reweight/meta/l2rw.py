@@ -16,6 +16,8 @@ def l2rw_from_alignment(alignment: Tensor) -> Tensor:
     """``w_i = max(u_i, 0) / sum_j max(u_j, 0)``; all zero when no sample aligns (no division by zero).
 
     Computed in the alignment's dtype (at least float32), so that tiny or float64 alignments still sum to one.
+    A ``nan`` alignment (a ``nan`` input or loss) makes every weight ``nan`` rather than all zero, which would
+    look like "no sample aligns".
 
     Example:
         >>> l2rw_from_alignment(torch.tensor([3.0, -1.0, 1.0]))
@@ -26,8 +28,10 @@ def l2rw_from_alignment(alignment: Tensor) -> Tensor:
     u = alignment.detach()
     w = u.to(torch.promote_types(u.dtype, torch.float32)).clamp_min(0.0)  # float64 alignments stay float64
     total = w.sum()
+    usable = total > 0
     # divide by the total itself, however small (a subnormal total still normalises); 1 where it is 0
-    return torch.where(total > 0, w / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(w))
+    out = w / torch.where(usable, total, torch.ones_like(total))
+    return torch.where(usable, out, torch.where(total.isnan(), total, torch.zeros_like(w)))
 
 
 class L2RW(MetaStrategy):

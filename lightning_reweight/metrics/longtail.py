@@ -38,6 +38,8 @@ class _ClassCounts(Metric):
         """Count a batch: ``preds`` are labels ``(B,)`` or scores ``(B, C)`` (argmax taken); ``target`` ``(B,)``."""
         if target.dim() != 1:
             raise ValueError(f"target must be labels of shape (B,), got {tuple(target.shape)}")
+        if target.is_floating_point():
+            raise ValueError("target must be integer class labels, got floating point")
         if preds.dim() == 2:
             if preds.shape[1] != self.num_classes:
                 raise ValueError(

@@ -110,8 +110,8 @@ def select_models(
                 f"{what} is not finite for model(s) {bad} (a diverged run?); the mean thresholds would be nan "
                 "and every model misplaced: leave those models out"
             )
-    acc_t = sum(acc) / len(acc)
-    zeta_t = sum(zeta) / len(zeta)
+    acc_t = math.fsum(acc) / len(acc)  # exactly rounded: a model at the mean is not pushed below it
+    zeta_t = math.fsum(zeta) / len(zeta)
     quadrants = []
     for a, z in zip(acc, zeta):
         high = a >= acc_t

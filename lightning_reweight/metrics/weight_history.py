@@ -86,6 +86,8 @@ class SampleWeightHistory(Metric):
 
     def update(self, weights: Tensor, indices: Tensor) -> None:
         """Add one batch: ``weights`` (B,) and the samples' dataset ``indices`` (B,)."""
+        if indices.is_floating_point():
+            raise ValueError("indices must be integer dataset indices, got floating point")
         w = weights.detach().reshape(-1).double()
         idx = indices.detach().reshape(-1).long().to(self.sums.device)
         if w.numel() != idx.numel():

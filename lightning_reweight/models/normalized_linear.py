@@ -36,8 +36,8 @@ class NormalizedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Cosine similarity between each feature row and each class vector."""
-        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+        """Cosine similarity between each feature vector (the last dimension) and each class vector."""
+        return F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=1).t()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
