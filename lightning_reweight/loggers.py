@@ -77,7 +77,7 @@ def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = N
     Args:
         trainer: the Lightning trainer.
         values: metric name -> samples (any shape; flattened); empty tensors are skipped.
-        step: the step to log at (default ``trainer.global_step``).
+        step: the step to log at (default :func:`log_step`, Lightning's own).
 
     Returns:
         How many loggers received the histograms.
@@ -85,7 +85,7 @@ def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = N
     data = {k: v.detach().float().flatten().cpu() for k, v in values.items() if v.numel() > 0}
     if not data or not _is_global_zero(trainer):
         return 0
-    step = int(trainer.global_step) if step is None else step
+    step = log_step(trainer) if step is None else step
     written = 0
     for kind, logger in rich_loggers(trainer):
         if kind == "wandb":
@@ -97,6 +97,17 @@ def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = N
                 logger.experiment.add_histogram(k, v, global_step=step)
         written += 1
     return written
+
+
+def log_step(trainer: Any) -> int:
+    """The step Lightning's own ``self.log`` values are written at: batches that stepped an optimizer.
+
+    It equals ``trainer.global_step`` with one optimizer; with several (manual optimization) ``global_step``
+    counts every optimizer's steps, and values logged at it would sit apart from Lightning's on the step axis.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    return int(stepped) if isinstance(stepped, int) else int(getattr(trainer, "global_step", 0))
 
 
 def define_epoch_axis(trainer: Any, pattern: str) -> None:
@@ -121,14 +132,14 @@ def log_figure(trainer: Any, key: str, figure: Any, step: int | None = None) -> 
         trainer: the Lightning trainer.
         key: the name of the image.
         figure: a matplotlib ``Figure``.
-        step: the step to log at (default ``trainer.global_step``).
+        step: the step to log at (default :func:`log_step`, Lightning's own).
 
     Returns:
         How many loggers received the figure.
     """
     if not _is_global_zero(trainer):
         return 0
-    step = int(trainer.global_step) if step is None else step
+    step = log_step(trainer) if step is None else step
     written = 0
     for kind, logger in rich_loggers(trainer):
         if kind == "wandb":

@@ -1,6 +1,8 @@
 import copy
+import math
 import os
 import random
+import re
 
 import lightning as L
 import numpy as np
@@ -232,13 +234,38 @@ def test_sgd_route_equals_optimizer_step_route(sgd_kwargs, warm):
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-7)
 
 
-def test_sgd_route_fires_no_optimizer_step_hooks():
-    net = _net()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+def test_sgd_with_step_hooks_is_stepped_for_real():
+    """A pre-hook that shrinks the gradients (clipping) is part of the training optimizer's step: SGD with hooks
+    takes the ``optimizer.step()`` route, like every other optimizer (the SGD fast route ignored its hooks)."""
+    net = _net(batch_norm=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    _warm_up(net, opt)
     calls = []
-    opt.register_step_post_hook(lambda *args: calls.append(1))
-    susceptibility_step(net, opt, torch.randn(8, 6), torch.randint(4, (8,)))
-    assert calls == []
+
+    def shrink(optimizer, args, kwargs):
+        calls.append(1)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad.mul_(1e-3)
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 6, generator=g), torch.randint(4, (24,), generator=g)
+    plain = susceptibility_step(net, opt, x, y)
+    opt.register_step_pre_hook(shrink)
+    ref_net, ref_opt = copy.deepcopy((net, opt))  # a real step of the same optimizer, hook included
+    ref_opt.register_step_pre_hook(shrink)  # (deepcopy leaves hooks behind)
+    ce = nn.functional.cross_entropy
+    before = ce(ref_net(x), y)
+    ref_opt.zero_grad()
+    before.backward()
+    ref_opt.step()
+    with torch.no_grad():
+        expected = float(before) - float(ce(ref_net(x), y))
+    calls.clear()
+    drop = susceptibility_step(net, opt, x, y)
+    assert calls == [1]  # the hook ran once, in the probe's step
+    assert float(drop) == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert abs(float(drop)) < 0.5 * abs(float(plain))  # ... and it changed the step (momentum keeps a part)
 
 
 def test_step_rejects_mismatched_targets():
@@ -905,3 +932,149 @@ def test_plot_model_selection(tmp_path):
     fig = plot_model_selection(select_models([0.9, 0.5], [0.1, 0.5], names=["x", "y"]))
     fig.savefig(tmp_path / "sel.png")
     assert (tmp_path / "sel.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------- review of the monitor as a user
+def test_model_checkpoint_on_zeta_survives_a_resume_into_an_unmeasured_epoch(tmp_path):
+    """``every_n_epochs=2``, resumed after epoch 0: epoch 1 does not measure, and Lightning empties
+    callback_metrics at fit start; the monitor puts its latest values back (ModelCheckpoint used to fail to
+    find ``memorization/zeta``)."""
+    first = SusceptibilityMonitor(batch_size=32, every_n_epochs=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="memorization/zeta", save_top_k=-1, filename="{epoch}")
+    _fit(tmp_path, [first, ckpt], epochs=1, enable_checkpointing=True)
+    zeta0 = first.zeta
+    resumed = SusceptibilityMonitor(batch_size=32, every_n_epochs=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="memorization/zeta", save_top_k=-1, filename="{epoch}")
+    seen = {}
+
+    class Peek(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen[trainer.current_epoch] = float(trainer.callback_metrics["memorization/zeta"])
+
+    L.seed_everything(0, verbose=False)
+    _trainer(tmp_path, [resumed, Peek(), ckpt], 3, enable_checkpointing=True).fit(
+        _module(0), datamodule=_NoisyDM(), ckpt_path=tmp_path / "ck" / "epoch=0.ckpt")
+    assert seen[1] == pytest.approx(zeta0)  # the checkpoint's zeta in the unmeasured epoch
+    assert seen[2] == pytest.approx(resumed.zeta) and len(resumed.history) == 2
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["epoch=0.ckpt", "epoch=1.ckpt", "epoch=2.ckpt"]
+
+
+def test_resuming_with_other_measurement_settings_is_an_error(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", filename="last")
+    _fit(tmp_path, [SusceptibilityMonitor(batch_size=32), ckpt], epochs=1, enable_checkpointing=True)
+    for kwargs, named in (({"seed": 5}, "seed=0 (now 5)"), ({"pool_size": 50}, "pool_size=2048 (now 50)"),
+                          ({"batch_size": 16}, "batch_size=32 (now 16)")):
+        monitor = SusceptibilityMonitor(**{"batch_size": 32, **kwargs})
+        with pytest.raises(ValueError, match=re.escape(named)):
+            _trainer(tmp_path, [monitor], 2).fit(_module(0), datamodule=_NoisyDM(),
+                                                ckpt_path=tmp_path / "ck" / "last.ckpt")
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_true_precisions_probe_with_inputs_of_the_models_dtype(tmp_path, precision):
+    """The probe's inputs go through the precision's ``convert_input`` (they stayed float32: dtype mismatch)."""
+    monitor = SusceptibilityMonitor(batch_size=32, subset_accuracy="eval_pass")
+    _fit(tmp_path, [monitor], epochs=1, precision=precision)
+    (record,) = monitor.logged_history
+    assert math.isfinite(record["memorization/drop"]) and "memorization/train_acc_noisy" in record
+
+
+class _NoOptimizer(ReweightClassifier):
+    def configure_optimizers(self):
+        return None
+
+
+class _LBFGS(ReweightClassifier):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters())
+
+
+def test_optimizers_the_probe_cannot_step_are_refused_clearly(tmp_path):
+    torch.manual_seed(0)
+    backbone = MLP(6, 4, hidden=(8,))
+    with pytest.raises(ValueError, match="configure_optimizers returned none"):
+        _trainer(tmp_path, [SusceptibilityMonitor()], 1).fit(_NoOptimizer(backbone, 4), datamodule=_NoisyDM())
+    with pytest.raises(ValueError, match="LBFGS: its step needs a closure"):
+        _trainer(tmp_path, [SusceptibilityMonitor()], 1).fit(_LBFGS(backbone, 4), datamodule=_NoisyDM())
+    with pytest.raises(ValueError, match="needs a closure"):
+        susceptibility_step(backbone, torch.optim.LBFGS(backbone.parameters()), torch.randn(4, 6), torch.arange(4))
+
+
+def test_num_classes_is_checked_against_the_logits_and_read_from_hparams(tmp_path):
+    with pytest.raises(ValueError, match=r"num_classes=3 classes, but the model's logits have shape \(32, 4\)"):
+        _fit(tmp_path, [SusceptibilityMonitor(batch_size=32, num_classes=3)], epochs=1)
+
+    class HparamsOnly(L.LightningModule):  # num_classes only in hparams; no datamodule attribute either
+        def __init__(self, num_classes=4):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Linear(6, num_classes)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    monitor = SusceptibilityMonitor(batch_size=32)
+    data = _NoisyDM()
+    _trainer(tmp_path, [monitor], 1).fit(HparamsOnly(), DataLoader(data.train_dataset, batch_size=16))
+    assert monitor.num_classes == 4 and int(monitor.random_labels.max()) == 3
+
+
+def test_an_iterable_training_set_points_to_unlabelled_loader(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(64):
+                yield torch.randn(6, generator=g), int(torch.randint(4, (), generator=g))
+
+    with pytest.raises(ValueError, match="has no length.*unlabelled_loader"):
+        _trainer(tmp_path, [SusceptibilityMonitor(batch_size=16)], 1).fit(_module(0), DataLoader(Stream(), 16))
+
+
+class _TwoOptimizers(ReweightClassifier):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.backbone.features.parameters(), lr=0.1),
+                torch.optim.SGD(self.backbone.classifier.parameters(), lr=0.1)]
+
+    def training_step(self, batch, batch_idx):
+        loss = self.reweight(self.per_sample_loss(batch), batch)
+        self.log("train_loss", loss)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+
+def test_values_are_logged_on_lightnings_step_axis_with_two_optimizers(tmp_path):
+    """global_step counts both optimizers' steps; Lightning writes its own values at the batches that stepped."""
+    from lightning.pytorch.loggers import Logger
+
+    class Capture(Logger):
+        name, version = "capture", 0
+        steps: dict[str, list[int]] = {}
+
+        def log_metrics(self, metrics, step=None):
+            for k in metrics:
+                self.steps.setdefault(k, []).append(step)
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    torch.manual_seed(0)
+    model = _TwoOptimizers(MLP(6, 4, hidden=(8,)), num_classes=4)
+    logger = Capture()
+    _trainer(tmp_path, [SusceptibilityMonitor(batch_size=32)], 2, logger=logger, log_every_n_steps=1).fit(
+        model, datamodule=_NoisyDM())
+    batches = len(_NoisyDM().train_dataloader())
+    assert logger.steps["train_loss"] == list(range(2 * batches))  # Lightning's axis: one step per batch
+    assert logger.steps["memorization/zeta"] == [0, batches]  # each epoch's start, on that axis (not 2x)

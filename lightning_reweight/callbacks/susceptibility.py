@@ -15,8 +15,8 @@ from typing_extensions import override
 from lightning_reweight._modes import eval_mode
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.contract import split_batch
-from lightning_reweight.functional.susceptibility import preserved_rng, susceptibility_losses
-from lightning_reweight.loggers import define_epoch_axis, log_histograms
+from lightning_reweight.functional.susceptibility import needs_closure, preserved_rng, susceptibility_losses
+from lightning_reweight.loggers import define_epoch_axis, log_histograms, log_step
 
 __all__ = ["SusceptibilityMonitor"]
 
@@ -273,13 +273,20 @@ class SusceptibilityMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.optimizers:
+        if not trainer.optimizers or type(trainer.optimizers[0]).__name__ == "_MockOptimizer":
             raise ValueError(
                 "SusceptibilityMonitor needs the training optimizer (trainer.optimizers[0]); "
                 "configure_optimizers returned none"
             )
+        if needs_closure(trainer.optimizers[0]):
+            raise ValueError(
+                f"SusceptibilityMonitor cannot probe with {type(trainer.optimizers[0]).__name__}: its step needs a "
+                "closure (it re-evaluates the loss several times), which one probe step does not define"
+            )
         if self.num_classes is None:
             n = getattr(pl_module, "num_classes", None)
+            if n is None:
+                n = getattr(pl_module, "hparams", {}).get("num_classes")
             if n is None and trainer.datamodule is not None:
                 n = getattr(trainer.datamodule, "num_classes", None)
             if n is None:
@@ -295,6 +302,13 @@ class SusceptibilityMonitor(Callback):
         if mask is not None and self._hook is None:
             self._mask_key = 2 * mask.to(device=pl_module.device, dtype=torch.long)
             self._hook = pl_module.register_forward_hook(self._capture_train_logits)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a resumed run: Lightning emptied callback_metrics after the checkpoint loaded, and the first epoch may
+        # not measure (already measured, or every_n_epochs): put the latest values back for ModelCheckpoint
+        latest = {k: v for record in self._logged for k, v in record.items() if k != "epoch"}
+        _callback_metrics(trainer).update({k: torch.tensor(v) for k, v in latest.items()})
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -346,7 +360,13 @@ class SusceptibilityMonitor(Callback):
             indices = torch.arange(pool.shape[0])
         else:
             dataset = self._train_dataset(trainer)
-            size = len(dataset)
+            try:
+                size = len(dataset)
+            except TypeError as err:  # an IterableDataset
+                raise ValueError(
+                    f"SusceptibilityMonitor picks its random-label inputs by index from the training set, but "
+                    f"{type(dataset).__name__} has no length (an IterableDataset?): pass unlabelled_loader=..."
+                ) from err
             indices = torch.randperm(size, generator=g)[: self.pool_size].sort().values
             pool = torch.stack([_inputs_of(dataset[int(i)]) for i in indices])
         if self._pool_indices is not None and not torch.equal(self._pool_indices, indices):
@@ -391,8 +411,15 @@ class SusceptibilityMonitor(Callback):
         precision = trainer.precision_plugin
 
         def forward(x: Tensor) -> Tensor:
+            x = precision.convert_input(x)  # as Lightning prepares batches: 64-true / bf16-true input dtype
             with precision.forward_context():
-                return self.compute_logits(pl_module, x)
+                logits = self.compute_logits(pl_module, x)
+            if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"SusceptibilityMonitor draws labels from num_classes={self.num_classes} classes, but the "
+                    f"model's logits have shape {tuple(logits.shape)}: pass num_classes=<number of logits>"
+                )
+            return logits
 
         mask = self._noise_mask(trainer) if self.subset_accuracy == "eval_pass" else None
         counts = None
@@ -438,7 +465,7 @@ class SusceptibilityMonitor(Callback):
         _callback_metrics(trainer).update({k: torch.tensor(v) for k, v in values.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({**values, "epoch": epoch}, step=trainer.global_step)
+                logger.log_metrics({**values, "epoch": epoch}, step=log_step(trainer))
 
     def _subset_counts(self, trainer: Trainer, pl_module: LightningModule, mask: Tensor, forward: Any) -> Tensor:
         """``[noisy correct, noisy total, clean correct, clean total]`` over this rank's share of the train set."""
@@ -632,11 +659,21 @@ class SusceptibilityMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.seed = int(state_dict["seed"])
+        saved = {"seed": state_dict["seed"], "pool_size": state_dict.get("pool_size", self.pool_size),
+                 "batch_size": state_dict.get("batch_size", self.batch_size)}
+        if self._num_classes_arg is not None and state_dict.get("num_classes") is not None:
+            saved["num_classes"] = state_dict["num_classes"]
+        own = {"seed": self.seed, "pool_size": self.pool_size, "batch_size": self.batch_size,
+               "num_classes": self._num_classes_arg}
+        changed = {k: (own[k], int(v)) for k, v in saved.items() if int(v) != own[k]}
+        if changed:
+            raise ValueError(
+                "SusceptibilityMonitor: the checkpoint was measured with other settings "
+                + ", ".join(f"{k}={was} (now {now})" for k, (now, was) in changed.items())
+                + "; zeta would mix two measurements: resume with the same settings"
+            )
         if state_dict.get("num_classes") is not None:
             self.num_classes = int(state_dict["num_classes"])
-        self.batch_size = int(state_dict.get("batch_size", self.batch_size))
-        self.pool_size = int(state_dict.get("pool_size", self.pool_size))
         labels = state_dict.get("labels")
         self._labels = None if labels is None else torch.as_tensor(labels).clone()
         indices = state_dict.get("pool_indices")

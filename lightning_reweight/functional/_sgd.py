@@ -25,15 +25,28 @@ __all__ = ["is_plain_sgd", "sgd_update_"]
 def is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     """True for an optimizer whose ``step()`` is exactly :func:`sgd_update_`.
 
-    That is ``torch.optim.SGD`` itself (not a subclass, which may override ``step``), with float learning rates
-    and neither the fused nor the differentiable kernel.
+    That is ``torch.optim.SGD`` itself (not a subclass, which may override ``step``), with float learning rates,
+    neither the fused nor the differentiable kernel, and no step hooks (a pre-hook that clips the gradients is
+    part of the step: such an optimizer is stepped for real).
     """
-    if type(optimizer) is not torch.optim.SGD:
+    if type(optimizer) is not torch.optim.SGD or _has_step_hooks(optimizer):
         return False
     return all(
         not group.get("fused") and not group.get("differentiable") and not isinstance(group["lr"], Tensor)
         for group in optimizer.param_groups
     )
+
+
+def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    from torch.optim import optimizer as optim_module
+
+    hooks = (
+        getattr(optimizer, "_optimizer_step_pre_hooks", None),
+        getattr(optimizer, "_optimizer_step_post_hooks", None),
+        getattr(optim_module, "_global_optimizer_pre_hooks", None),
+        getattr(optim_module, "_global_optimizer_post_hooks", None),
+    )
+    return any(bool(h) for h in hooks)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -26,7 +27,13 @@ from torch import Tensor, nn
 
 from lightning_reweight.functional._sgd import is_plain_sgd, sgd_update_
 
-__all__ = ["preserved_rng", "preserved_training_state", "susceptibility_losses", "susceptibility_step"]
+__all__ = [
+    "needs_closure",
+    "preserved_rng",
+    "preserved_training_state",
+    "susceptibility_losses",
+    "susceptibility_step",
+]
 
 
 @contextlib.contextmanager
@@ -57,6 +64,22 @@ def preserved_rng() -> Iterator[None]:
         random.setstate(py)
         if np_mod is not None and np_state is not None:
             np_mod.random.set_state(np_state)
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` requires a closure (``torch.optim.LBFGS``): the probe cannot step it.
+
+    Example:
+        >>> import torch
+        >>> p = [torch.zeros(1, requires_grad=True)]
+        >>> needs_closure(torch.optim.SGD(p, lr=0.1)), needs_closure(torch.optim.LBFGS(p))
+        (False, True)
+    """
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # a builtin or wrapped step without a signature
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def _snapshot_value(value: Any) -> Any:
@@ -257,6 +280,11 @@ def susceptibility_losses(
     if random_targets.dim() != 1 or random_targets.shape[0] != inputs.shape[0]:
         raise ValueError(
             f"random_targets must have shape ({inputs.shape[0]},) to match inputs, got {tuple(random_targets.shape)}"
+        )
+    if needs_closure(optimizer):
+        raise ValueError(
+            f"{type(optimizer).__name__}.step needs a closure (it re-evaluates the loss): one probe step of it is "
+            "not defined"
         )
     loss_fn = loss_fn if loss_fn is not None else _cross_entropy
     fwd = forward if forward is not None else model
