@@ -226,9 +226,11 @@ def test_fits_with_lightning_trainer():
     assert dm.hparams["noise_rate"] == 0.2 and dm.hparams["test_fraction"] == 0.2
 
 
-def test_resumed_run_shuffles_as_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resumed_run_shuffles_as_the_uninterrupted_run(tmp_path, num_workers):
     """The shuffle generator's state is in the checkpoint: epochs after a resume see the uninterrupted run's order
-    (not the first epoch's again), and the final weights are bit-identical."""
+    (not the first epoch's again), and the final weights are bit-identical; with (persistent) workers too, whose
+    new processes after a resume used to draw one more seed from the shuffle generator."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -248,7 +250,8 @@ def test_resumed_run_shuffles_as_the_uninterrupted_run(tmp_path):
         trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", deterministic=True, logger=False,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                             callbacks=callbacks, limit_val_batches=0)
-        trainer.fit(model, datamodule=DigitsDataModule(batch_size=128, meta_per_class=0), ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=128, meta_per_class=0, num_workers=num_workers),
+                    ckpt_path=ckpt_path)
         return model
 
     straight = Indices()

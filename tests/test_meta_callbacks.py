@@ -408,14 +408,16 @@ def test_resume_continues_identically(tmp_path, delayed):
 
 
 @pytest.mark.parametrize("strategy", ["l2rw", "mwn"])
-def test_resume_with_the_datamodules_meta_loader_is_exact(tmp_path, strategy):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_the_datamodules_meta_loader_is_exact(tmp_path, strategy, num_workers):
     """ReweightDataModule's meta loader shuffles with its own generator (not the global RNG MetaReweight seeds):
     its state is checkpointed, so the resumed run draws the uninterrupted run's meta batches."""
     from lightning_reweight.data import DigitsDataModule
 
     def run(epochs, ckpt_path=None, save=None):
         L.seed_everything(0, verbose=False)
-        dm = DigitsDataModule(noise_rate=0.4, batch_size=128, meta_per_class=5, meta_batch_size=20)
+        dm = DigitsDataModule(noise_rate=0.4, batch_size=128, meta_per_class=5, meta_batch_size=20,
+                              num_workers=num_workers)
         model = ReweightClassifier(MLP(64, 10, hidden=(16,)), num_classes=10, lr=0.05, momentum=0.9)
         meta = L2RW() if strategy == "l2rw" else MetaWeightNet(hidden=8)
         callback = MetaReweight(meta, hypergrad="finite_diff")

@@ -464,7 +464,9 @@ class MetaReweight(Callback):
 
     def _start_meta_epoch(self, trainer: L.Trainer, skip: int) -> Iterator[Any]:
         torch.manual_seed(self.meta_seed + 7919 * self._meta_epoch + 104729 * trainer.global_rank)
-        gen = getattr(self._meta_loader, "generator", None)
+        gen = getattr(getattr(self._meta_loader, "sampler", None), "generator", None)  # the order's generator
+        if not isinstance(gen, torch.Generator):
+            gen = getattr(self._meta_loader, "generator", None)
         if isinstance(gen, torch.Generator):  # the loader shuffles with its own generator, not the global RNG
             if self._restore_meta_gen and self._meta_gen_state is not None:
                 gen.set_state(self._meta_gen_state)  # resuming: the checkpointed meta epoch's order

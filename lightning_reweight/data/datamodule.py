@@ -8,7 +8,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from lightning_reweight.data._checks import as_labels, check_choice, check_int, check_real, generator
 from lightning_reweight.data.indexed import IndexedDataset, RelabeledSubset
@@ -20,6 +20,7 @@ __all__ = ["ReweightDataModule"]
 
 # Offsets that give each random stage of the pipeline its own stream for a given seed.
 _VAL_STREAM, _META_STREAM, _LONGTAIL_STREAM, _NOISE_STREAM, _SHUFFLE_STREAM, _META_SHUFFLE_STREAM = range(6)
+_WORKER_SEED_STREAM = 6
 
 
 def _stage_seed(seed: int, stream: int) -> int:
@@ -202,6 +203,21 @@ class ReweightDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0, **kwargs,
         )
 
+    def _shuffled(self, dataset: Dataset, batch_size: int, shuffle_generator: torch.Generator, **kwargs: Any
+                  ) -> DataLoader:
+        """A loader whose order is drawn from ``shuffle_generator`` alone (its state then resumes the order).
+
+        Without workers the loader also draws its (unused) worker base seed from it, as ``shuffle=True,
+        generator=g`` does. With workers (persistent: the base seed is drawn once, not each epoch, and once more
+        by a resumed run's new workers) the base seed comes from a generator of its own, so the checkpointed
+        shuffle state continues the uninterrupted run's order exactly.
+        """
+        if self.num_workers == 0:
+            return self._loader(dataset, batch_size, shuffle=True, generator=shuffle_generator, **kwargs)
+        sampler = RandomSampler(dataset, generator=shuffle_generator)
+        return self._loader(dataset, batch_size, sampler=sampler, generator=generator(self._seed(_WORKER_SEED_STREAM)),
+                            **kwargs)
+
     def train_dataloader(self) -> DataLoader:
         """Training batches ``(x, noisy_y, idx)``: seeded shuffle, or ``self.train_sampler`` when set."""
         self._require_setup()
@@ -217,7 +233,7 @@ class ReweightDataModule(L.LightningDataModule):
             else:
                 shuffle_generator = generator(self._seed(_SHUFFLE_STREAM))  # a new run
             self._shuffle_generator = shuffle_generator
-            return self._loader(self.train_dataset, self.batch_size, shuffle=True, generator=shuffle_generator)
+            return self._shuffled(self.train_dataset, self.batch_size, shuffle_generator)
         if isinstance(sampler, BatchSampler):
             return DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
                               persistent_workers=self.num_workers > 0)
@@ -243,10 +259,8 @@ class ReweightDataModule(L.LightningDataModule):
         self._require_setup()
         if self.meta_dataset is None:
             raise RuntimeError("no meta set: meta_per_class=0; pass meta_per_class >= 1 to build one")
-        return self._loader(
-            self.meta_dataset, self.meta_batch_size, shuffle=True, drop_last=False,
-            generator=generator(self._seed(_META_SHUFFLE_STREAM)),
-        )
+        return self._shuffled(self.meta_dataset, self.meta_batch_size, generator(self._seed(_META_SHUFFLE_STREAM)),
+                              drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches ``(x, y)`` (clean labels, ``eval_batch_size``); empty if ``val_fraction=0``."""
