@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -19,6 +20,31 @@ from typing import Any
 __all__ = ["main"]
 
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {value}")
+    return value
+
+
+def _unique(values: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))  # a repeated seed or method would run twice and count as two
+
+
+def _check_output(output: str) -> None:
+    """Fail before the first run (not after it) when the results cannot be written to ``output``."""
+    from pathlib import Path
+
+    path = Path(output)
+    if path.is_dir():
+        raise SystemExit(f"--output {output} is a directory; give a file name, e.g. {path / 'benchmark.json'}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise SystemExit(f"--output {output}: {parent} is not writable")
 
 
 def _benchmark_parser() -> argparse.ArgumentParser:
@@ -39,7 +65,7 @@ def _benchmark_parser() -> argparse.ArgumentParser:
         help="methods (default: the preset's; quick skips " + ", ".join(PRESETS["quick"]["exclude_methods"]) + ")",
     )
     p.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), help="override the preset's scenarios")
-    p.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
+    p.add_argument("--seeds", nargs="+", type=_seed, help="override the preset's seeds")
     p.add_argument("--epochs", type=int, help="override the number of epochs (default: the recipe's, 60)")
     p.add_argument("--output", default="results/benchmark.json", help="where to write the JSON records")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -54,6 +80,7 @@ def benchmark(argv: Sequence[str]) -> int:
     """Run the benchmark command."""
     from lightning_reweight.bench import METHODS, PRESETS, run_benchmark
     from lightning_reweight.bench.report import format_table, summarise, write_json
+    from lightning_reweight.bench.runner import BASELINE
 
     args = _benchmark_parser().parse_args(list(argv))
     preset = PRESETS[args.preset]
@@ -66,7 +93,17 @@ def benchmark(argv: Sequence[str]) -> int:
     if methods is None:
         excluded = set(preset.get("exclude_methods", []))
         methods = [m for m in METHODS if m not in excluded]
+    methods, scenarios, seeds = _unique(methods), _unique(scenarios), _unique(seeds)
+    _check_applicable(methods, scenarios, explicit=args.methods is not None)
+    _check_output(args.output)
     done = _resumable_records(args.output, epochs) if args.resume else []
+    selection = {(m, s, seed) for m in [*methods, BASELINE] for s in scenarios for seed in seeds}
+    others = sorted({(r["method"], r["scenario"], r["seed"]) for r in done} - selection)
+    if others:
+        raise SystemExit(
+            f"--resume: {args.output} also holds records outside this selection (e.g. {others[:3]}); resuming "
+            "would drop them: run with the same --methods/--scenarios/--seeds, or another --output"
+        )
 
     def save(partial: dict) -> None:  # after every run: an interrupted benchmark keeps what it measured
         partial["meta"]["preset"] = args.preset
@@ -82,6 +119,26 @@ def benchmark(argv: Sequence[str]) -> int:
     return 0
 
 
+def _check_applicable(methods: Sequence[str], scenarios: Sequence[str], *, explicit: bool) -> None:
+    """Refuse requested methods that apply to none of the scenarios; say which pairs are skipped."""
+    from lightning_reweight.bench import METHODS, SCENARIOS
+    from lightning_reweight.bench.runner import BASELINE, applicable
+
+    if not explicit:
+        return
+    for method in methods:
+        if method == BASELINE:
+            continue
+        skipped = [s for s in scenarios if not applicable(method, SCENARIOS[s])]
+        if len(skipped) == len(scenarios):
+            raise SystemExit(
+                f"{method} applies to none of the scenarios {list(scenarios)} (its tags: "
+                f"{sorted(METHODS[method].tags)}); choose scenarios it is meant for"
+            )
+        if skipped:
+            print(f"note: {method} is not run on {skipped} (not meant for them)", file=sys.stderr)
+
+
 def _resumable_records(output: str, epochs: int | None) -> list[dict]:
     """The records of an earlier (interrupted) run in ``output``, checked to have been run with the same epochs."""
     import json
@@ -90,7 +147,10 @@ def _resumable_records(output: str, epochs: int | None) -> list[dict]:
     path = Path(output)
     if not path.exists():
         return []
-    previous = json.loads(path.read_text())
+    try:
+        previous = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SystemExit(f"--resume: {output} is not a benchmark JSON file ({err}); use another --output") from None
     if previous.get("meta", {}).get("epochs_override") != epochs:
         raise SystemExit(
             f"--resume: {output} was written with epochs={previous.get('meta', {}).get('epochs_override')}, this "
@@ -114,6 +174,22 @@ def lightning_cli(argv: Sequence[str]) -> int:
         The model's own hyperparameters leave the criterion out; with the config (criterion, callbacks, data) runs
         can be told apart and filtered in W&B.
         """
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            """Refuse to overwrite one of the run's own ``--config`` files with the parsed config.
+
+            A previous run's saved config is overwritten (runs without a logger save into the working directory);
+            the user's config file there is not.
+            """
+            if self.save_to_log_dir and not self.already_saved and trainer.log_dir is not None:
+                target = os.path.abspath(os.path.join(trainer.log_dir, self.config_filename))
+                given = {os.path.abspath(str(p)) for p in (self.config.get("config") or [])}
+                if target in given:
+                    raise RuntimeError(
+                        f"lightning-reweight would save the parsed config over your config file {target}: run from "
+                        "another directory, or give --trainer.default_root_dir (or a logger) another directory"
+                    )
+            super().setup(trainer, pl_module, stage)
 
         def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
             from lightning.pytorch.loggers import WandbLogger

@@ -213,3 +213,58 @@ def test_interrupted_benchmark_keeps_its_records_and_resumes(tmp_path, monkeypat
     assert by_key[jobs[5]]["step_time_ratio"] == pytest.approx(20.0 / 10.0)  # new: against the re-run baseline
     with pytest.raises(SystemExit, match="epochs"):
         main([*argv[:-5], "--epochs", "2", "--output", str(out), "--no-progress", "--resume"])
+
+
+def test_benchmark_refuses_what_it_would_silently_drop_or_crash_on_late(tmp_path, monkeypatch, capsys):
+    """A resume with another selection dropped the file's other records; methods meant for none of the scenarios
+    ran nothing; repeated seeds ran twice and counted twice; bad seeds/outputs failed with tracebacks, an
+    unwritable output only after the first run."""
+    import lightning_reweight.bench.runner as runner
+
+    out = tmp_path / "bench.json"
+    runs = _FakeRuns()
+    monkeypatch.setattr(runner, "run_one", runs)
+    base = ["benchmark", "--epochs", "1", "--no-progress"]
+    assert main([*base, "--methods", "absgd", "--scenarios", "digits-lt10", "--seeds", "0", "0", "1",
+                 "--output", str(out)]) == 0
+    assert [(m, seed) for m, _, seed in runs.calls] == [("ce", 0), ("absgd", 0), ("ce", 1), ("absgd", 1)]
+    kept = out.read_text()
+    with pytest.raises(SystemExit, match="outside this selection"):
+        main([*base, "--methods", "absgd", "--scenarios", "digits-lt10", "--seeds", "0", "--output", str(out),
+              "--resume"])
+    assert out.read_text() == kept  # nothing lost
+    with pytest.raises(SystemExit, match="ldam applies to none of the scenarios"):
+        main([*base, "--methods", "ldam", "--scenarios", "digits-sym40", "--output", str(tmp_path / "x.json")])
+    runs.calls.clear()
+    assert main([*base, "--methods", "ldam", "--scenarios", "digits-sym40", "digits-lt10", "--seeds", "0",
+                 "--output", str(tmp_path / "y.json")]) == 0
+    assert "ldam is not run on ['digits-sym40']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--seeds", "-3", "--output", str(tmp_path / "z.json")])
+    assert "seeds must be >= 0" in capsys.readouterr().err
+    runs.calls.clear()
+    with pytest.raises(SystemExit, match="is a directory"):
+        main([*base, "--methods", "ce", "--scenarios", "digits-clean", "--output", str(tmp_path)])
+    assert runs.calls == []  # refused before any run
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="not a benchmark JSON file"):
+        main([*base, "--methods", "ce", "--scenarios", "digits-clean", "--output", str(tmp_path / "bad.json"),
+              "--resume"])
+
+
+def test_cli_does_not_save_the_parsed_config_over_the_users_config_file(tmp_path, monkeypatch):
+    """Without a logger the parsed config is saved into the working directory: over ./config.yaml if the user's
+    own config has that name (LightningCLI's overwrite=True). That is refused; a second run still works."""
+    monkeypatch.chdir(tmp_path)
+    mine = "# my settings\ntrainer:\n  max_epochs: 1\n"
+    (tmp_path / "config.yaml").write_text(mine)
+    argv = ["fit", "--config", "config.yaml", "--trainer.logger", "false", "--trainer.limit_train_batches", "1",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_checkpointing", "false",
+            "--trainer.enable_progress_bar", "false"]  # (fast_dev_run would save no config at all)
+    with pytest.raises(RuntimeError, match="over your config file"):
+        main(argv)
+    assert (tmp_path / "config.yaml").read_text() == mine
+    (tmp_path / "mine.yaml").write_text(mine)
+    for _ in range(2):  # a previous run's saved config.yaml is overwritten, as before
+        assert main([*argv[:2], "mine.yaml", *argv[3:]]) == 0
+    assert (tmp_path / "mine.yaml").read_text() == mine and "seed_everything" in (tmp_path / "config.yaml").read_text()
