@@ -371,17 +371,16 @@ def test_finite_diff_on_a_barely_touched_embedding_table():
     x, mx = torch.randint(0, 50_000, (8, 4), generator=g), torch.randint(0, 50_000, (6, 4), generator=g)
     y, my = torch.randint(0, 3, (8,), generator=g), torch.randint(0, 3, (6,), generator=g)
     exact = problem(model, "forward", x, y, mx, my).alignment()
-    engine._SPARSE_CHECKED = False
+    with warnings.catch_warnings():  # a dense model first: the check is per model, the embedding model still warns
+        warnings.simplefilter("error")
+        problem(small_cnn(), "finite_diff", *data()).alignment()
     with pytest.warns(UserWarning, match='fd_scale="moved"'):
         coarse = problem(model, "finite_diff", x, y, mx, my).alignment()
     moved = problem(model, "finite_diff", x, y, mx, my, fd_scale="moved").alignment()
     cos = lambda a, b: float(F.cosine_similarity(a.double(), b.double(), dim=0))  # noqa: E731
     assert cos(moved, exact) > 0.9999 and rel(moved, exact) < 0.02
     assert rel(coarse, exact) > 5 * rel(moved, exact)  # what the warning is about
-    with warnings.catch_warnings():  # a dense model moves every parameter: no warning
-        warnings.simplefilter("error")
-        engine._SPARSE_CHECKED = False
-        problem(small_cnn(), "finite_diff", *data()).alignment()
+    assert model in engine._MOVED_SHARE_CHECKED  # and warned once per model
     with pytest.raises(ValueError, match="fd_scale"):
         problem(model, "finite_diff", x, y, mx, my, fd_scale="some")
 
@@ -420,3 +419,67 @@ def test_per_parameter_learning_rates_reach_the_virtual_step_and_the_alignment()
         assert rel(got, textbook) < 1e-5
     with pytest.raises(ValueError, match="lr_scale"):
         problem(model, "forward", x, y, mx, my, lr_scale=[1.0])
+
+
+# ---------------------------------------------------------------------------- models users bring (engine review)
+def _param_ids(model):
+    return [id(p) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("hypergrad", HYPERGRADS)
+def test_a_module_registered_under_two_names_keeps_its_parameters(hypergrad):
+    """nn.Sequential(lin, bn, tanh, lin, bn, ...): PyTorch's functional_call swapped the shared module twice and
+    put a detached copy back in place of its parameters (training of that layer stopped, later calls were
+    wrong, the shared BatchNorm's statistics changed). Two calls in a row stay exact and leave the model as it was."""
+    torch.manual_seed(0)
+    lin, bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), lin, bn, nn.Tanh(), lin, bn, nn.Tanh(), nn.Linear(8, 3))
+    ids, state = _param_ids(model), copy.deepcopy(model.state_dict())
+    x, y, mx, my = data()
+    ref = reference_alignment(model, x, y, mx, my)
+    for _ in range(2):
+        got = problem(model, hypergrad, x, y, mx, my).alignment()
+        if hypergrad == "finite_diff":
+            assert float(F.cosine_similarity(got.double(), ref.double(), dim=0)) > 0.999
+        else:
+            assert rel(got, ref) < 1e-5
+        assert _param_ids(model) == ids and all(type(p) is nn.Parameter for p in model.parameters())
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("hypergrad", HYPERGRADS)
+def test_an_embedding_with_max_norm_is_not_renormalised_by_the_meta_step(hypergrad):
+    """Embedding(max_norm=...) renormalises the rows it looks up in place: the extra forwards used to do that to
+    the model's own table (rows of the meta batch too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 6, max_norm=1.0), nn.Flatten(), nn.Linear(18, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(5.0)  # every row above max_norm
+    before = model[0].weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    x, mx = torch.randint(0, 20, (6, 3), generator=g), torch.randint(0, 20, (5, 3), generator=g)
+    y, my = torch.randint(0, 3, (6,), generator=g), torch.randint(0, 3, (5,), generator=g)
+    problem(model, hypergrad, x, y, mx, my).alignment()
+    assert torch.equal(model[0].weight, before)
+
+
+@pytest.mark.parametrize("hypergrad", ["forward", "second_order"])
+def test_attention_layers_on_the_exact_routes(hypergrad):
+    """scaled_dot_product_attention's default CPU kernel has neither forward-mode AD nor double backward: the
+    exact routes run attention with the math kernel and match the per-sample loop."""
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(x.view(x.shape[0], 8, 8)).mean(1))
+
+    model = Encoder().train()  # (in eval mode PyTorch takes a fused fast path without forward-mode AD)
+    x, y, mx, my = data()
+    got = problem(model, hypergrad, x, y, mx, my).alignment()
+    assert rel(got, reference_alignment(model, x, y, mx, my)) < 1e-5

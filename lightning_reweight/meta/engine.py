@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,6 +36,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["HYPERGRADS", "MetaProblem", "RNGState", "capture_rng"]
 
@@ -77,13 +79,11 @@ class _Call(nn.Module):
 
 
 FD_SCALES: tuple[str, ...] = ("all", "moved")
-_SPARSE_CHECKED = False
+_MOVED_SHARE_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models checked by _check_moved_share
 
 
 def _check_moved_share(theta: Sequence[Tensor], direction: Sequence[Tensor]) -> None:
-    """Once per process: warn when the finite-difference direction moves a small part of the parameters."""
-    global _SPARSE_CHECKED
-    _SPARSE_CHECKED = True
+    """Once per model: warn when the finite-difference direction moves a small part of the parameters."""
     full = _norm(theta)
     moved = _norm([t * (d != 0) for t, d in zip(theta, direction)])
     if full > 1.0 and moved < 0.25 * full:
@@ -187,6 +187,14 @@ class MetaProblem:
         self._autocast = torch.is_autocast_enabled(self._params[0].device.type)
         self._train_call = _Call(self.module, self.train_loss)
         self._meta_call = _Call(self.module, self.meta_loss)
+        modules = list(self.module.modules())
+        # a module registered under two names (nn.Sequential(lin, act, lin), ALBERT-style layer lists): PyTorch's
+        # functional_call puts the wrong tensors back after swapping it twice; its entries are restored here
+        paths = sum(1 for _ in self.module.named_modules(remove_duplicate=False))
+        self._shared_modules = modules if paths > len(modules) else None
+        # layers that write their weights in place during the forward (Embedding(max_norm=...) renormalises rows):
+        # the extra forwards get copies, not the model's own tensors
+        self._copy_params = any(isinstance(m, nn.Embedding) and m.max_norm is not None for m in modules)
 
     # ----------------------------------------------------------------- plumbing
     def _scaled(self, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -221,20 +229,38 @@ class MetaProblem:
     @contextlib.contextmanager
     def _forked(self) -> Iterator[None]:
         index = self.rng_state[2]  # type: ignore[index]
-        with torch.random.fork_rng(devices=[] if index is None else [index]), self._fp32():
+        # the exact routes differentiate attention twice (or forward-mode): only the math kernel of
+        # scaled_dot_product_attention has those derivatives (flash attention on CPU has neither)
+        kernels = sdpa_kernel(SDPBackend.MATH) if self.hypergrad != "finite_diff" else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[] if index is None else [index]), self._fp32(), kernels:
             yield  # autocast off for the backward passes too (they follow the autocast state of the caller)
+
+    def _theta(self) -> list[Tensor]:
+        """``theta`` detached: aliases of the parameters, or copies when a layer writes its weights in place."""
+        return [p.detach().clone() if self._copy_params else p.detach() for p in self._params]
+
+    def _functional(self, call: _Call, params: Sequence[Tensor], batch: Any) -> Tensor:
+        if self._shared_modules is None:
+            return functional_call(call, self._state(params), (batch,))
+        saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self._shared_modules]
+        try:
+            return functional_call(call, self._state(params), (batch,))
+        finally:
+            for m, parameters, buffers in saved:
+                m._parameters.update(parameters)
+                m._buffers.update(buffers)
 
     def train_losses_at(self, params: Sequence[Tensor]) -> Tensor:
         """Per-sample training losses at ``params`` (fp32, cloned buffers, the training forward's RNG)."""
         self._replay()
         with self._fp32():
-            return _at_least_fp32(functional_call(self._train_call, self._state(params), (self.train_batch,)))
+            return _at_least_fp32(self._functional(self._train_call, params, self.train_batch))
 
     def meta_loss_at(self, params: Sequence[Tensor]) -> Tensor:
         """The meta loss at ``params`` (fp32, cloned buffers, random draws replayed from ``rng_state`` too)."""
         self._replay()
         with self._fp32():
-            return _at_least_fp32(functional_call(self._meta_call, self._state(params), (self.meta_batch,)))
+            return _at_least_fp32(self._functional(self._meta_call, params, self.meta_batch))
 
     def all_reduce(self, tensors: list[Tensor]) -> list[Tensor]:
         """Average ``tensors`` across processes with ``reduce`` (identity in a single process)."""
@@ -269,7 +295,7 @@ class MetaProblem:
         base = self._base_losses()
         if base is None:
             with self._forked(), torch.no_grad():
-                base = self.train_losses_at([p.detach() for p in self._params])
+                base = self.train_losses_at(self._theta())
         return base
 
     def _base_losses(self) -> Tensor | None:
@@ -282,7 +308,7 @@ class MetaProblem:
     def meta_gradient(self, params: Sequence[Tensor] | None = None, *, reduce: bool = False) -> list[Tensor]:
         """``grad L_meta`` at ``params`` (default ``theta``); averaged across processes if ``reduce``."""
         with self._forked():
-            p = [t.detach().requires_grad_(True) for t in (params if params is not None else self._params)]
+            p = [t.detach().requires_grad_(True) for t in (params if params is not None else self._theta())]
             with torch.enable_grad():
                 loss = self.meta_loss_at(p)
                 grads = torch.autograd.grad(loss, p, allow_unused=True)
@@ -297,7 +323,7 @@ class MetaProblem:
                                         allow_unused=True)
         else:
             with self._forked(), torch.enable_grad():
-                p = [t.detach().requires_grad_(True) for t in self._params]
+                p = [t.requires_grad_(True) for t in self._theta()]
                 grads = torch.autograd.grad((w * self.train_losses_at(p)).sum(), p, allow_unused=True)
         steps = self._scaled([torch.zeros_like(t) if g is None else g.detach() for t, g in zip(self._params, grads)])
         return [t.detach() - lr * g for t, g in zip(self._params, steps)]
@@ -309,18 +335,18 @@ class MetaProblem:
         ``"forward"`` is exact (forward-mode AD); ``"finite_diff"`` is a one-sided difference;
         ``"second_order"`` obtains it by double backward (``d/d eps`` of ``<grad sum eps_i l_i, d>``).
         """
-        theta = [p.detach() for p in self._params]
+        theta = self._theta()
         with self._forked(), torch.no_grad():
             if self.hypergrad == "forward":
                 with fwAD.dual_level():
-                    dual = [fwAD.make_dual(t, d.to(t.dtype)) for t, d in zip(theta, direction)]
                     try:
+                        dual = [fwAD.make_dual(t, d.to(t.dtype).to_dense()) for t, d in zip(theta, direction)]
                         primal, tangent = fwAD.unpack_dual(self.train_losses_at(dual))
                     except NotImplementedError as err:  # a layer without forward-mode AD in this PyTorch
                         raise NotImplementedError(
                             f'hypergrad="forward" needs forward-mode AD through the whole model, which PyTorch does '
-                            f'not have for one of its layers ({err}); use hypergrad="finite_diff" (any model) or '
-                            f'"second_order"'
+                            f'not have for one of its layers or tensors ({err}; sparse gradients, e.g. '
+                            f'Embedding(sparse=True), too); use hypergrad="finite_diff" (any model) or "second_order"'
                         ) from err
                 return torch.zeros_like(primal) if tangent is None else _at_least_fp32(tangent)
             if self.hypergrad == "finite_diff":
@@ -341,7 +367,8 @@ class MetaProblem:
             return None
         theta = [p.detach() for p in self._params]
         moved = _norm([t * (d != 0) for t, d in zip(theta, direction)]) if self.fd_scale == "moved" else None
-        if moved is None and not _SPARSE_CHECKED:
+        if moved is None and self.module not in _MOVED_SHARE_CHECKED:
+            _MOVED_SHARE_CHECKED.add(self.module)
             _check_moved_share(theta, direction)
         h = self.fd_eps * max(_norm(theta) if moved is None else moved, 1.0) / d_norm
         with self._forked(), torch.no_grad():
