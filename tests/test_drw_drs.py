@@ -386,3 +386,17 @@ def test_drw_criterion_mode_with_ldam_waiting_for_counts(tmp_path):
         model, TinyDataModule())
     assert model.criterion.cls_num_list == tuple(COUNTS)
     check_rows(probe.rows, 1, "criterion")
+
+
+def test_drw_counts_that_differ_from_a_lazy_ldams_data_counts_warn_and_do_not_replace_them(tmp_path):
+    """DRW with explicit counts other than the data's: the lazy LDAM keeps the datamodule's counts (its margins
+    are the training data's) and a warning names both (DRW used to overwrite the loss's counts every epoch)."""
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3, criterion=LDAMLoss(s=5.0, reduction="none"), lr=0.05)
+    other = [4, 9, 30]
+    with pytest.warns(UserWarning, match=r"counts \[4, 9, 30\], but the criterion LDAMLoss was built for \[40, 16, 8\]"):
+        trainer_for(tmp_path, 2, [DeferredReweighting(1, BETA, "criterion", other)], enable_checkpointing=False).fit(
+            model, TinyDataModule())
+    assert model.criterion.cls_num_list == tuple(COUNTS)
+    assert torch.allclose(model.criterion.margins, torch.tensor([0.5 * (min(COUNTS) / n) ** 0.25 for n in COUNTS]))
+    assert torch.allclose(model.criterion.weight, torch.tensor(cb_weights(other, BETA)), rtol=1e-5)  # DRW's own

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -160,18 +161,24 @@ class DeferredReweighting(Callback):
                     "DeferredReweighting(mode='criterion') with a criterion that has a class-weight buffer"
                 )
         else:
+            target = self._criterion_target(pl_module)
+            waiting = isinstance(target, ClassCountLoss) and target.counts_from_data
+            if waiting and len(target.cls_num_list or ()) != len(self._counts or ()):
+                # built with cls_num_list=None and not filled for these classes yet (the module's setup, which gives
+                # it the datamodule's counts, runs after this hook): these counts give it its class-weight buffer now
+                target.set_class_counts(self._counts)  # type: ignore[arg-type]
+                target.to(pl_module.device)
             self._weight_buffer(pl_module)
 
-    def _weight_buffer(self, pl_module: LightningModule) -> Tensor:
+    @staticmethod
+    def _criterion_target(pl_module: LightningModule) -> Any:
+        """The loss whose ``weight`` mode="criterion" writes: the criterion, or its ``base_loss``."""
         criterion = getattr(pl_module, "criterion", None)
         target = getattr(criterion, "base_loss", None)
-        target = criterion if target is None else target
-        if (
-            isinstance(target, ClassCountLoss) and target.counts_from_data and self._counts is not None
-            and target.cls_num_list != tuple(self._counts)
-        ):  # built with cls_num_list=None: the counts are known here (the module's setup runs after this one)
-            target.set_class_counts(self._counts)
-            target.to(pl_module.device)
+        return criterion if target is None else target
+
+    def _weight_buffer(self, pl_module: LightningModule) -> Tensor:
+        target = self._criterion_target(pl_module)
         weight = getattr(target, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 1:
             raise ValueError(
@@ -201,6 +208,14 @@ class DeferredReweighting(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        target = self._criterion_target(pl_module)
+        counts = getattr(target, "cls_num_list", None)
+        if isinstance(target, ClassCountLoss) and counts is not None and list(counts) != self._counts:
+            rank_zero_warn(
+                f"DeferredReweighting weights classes by the counts {self._counts}, but the criterion "
+                f"{type(target).__name__} was built for {list(counts)}: pass the same counts to both (or neither, "
+                "to use the datamodule's train_class_counts)"
+            )
         # a run resumed mid-epoch gets no on_train_epoch_start for that epoch: apply its state here too
         self._apply_epoch(trainer, pl_module)
 
