@@ -394,7 +394,8 @@ def test_drw_counts_that_differ_from_a_lazy_ldams_data_counts_warn_and_do_not_re
     torch.manual_seed(0)
     model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3, criterion=LDAMLoss(s=5.0, reduction="none"), lr=0.05)
     other = [4, 9, 30]
-    with pytest.warns(UserWarning, match=r"counts \[4, 9, 30\], but the criterion LDAMLoss was built for \[40, 16, 8\]"):
+    expected = r"counts \[4, 9, 30\], but the criterion LDAMLoss was built for \[40, 16, 8\]"
+    with pytest.warns(UserWarning, match=expected):
         trainer_for(tmp_path, 2, [DeferredReweighting(1, BETA, "criterion", other)], enable_checkpointing=False).fit(
             model, TinyDataModule())
     assert model.criterion.cls_num_list == tuple(COUNTS)
