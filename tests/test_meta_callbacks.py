@@ -944,3 +944,40 @@ def test_sample_history_with_indices_of_a_larger_pool_says_what_to_do():
                                               generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"IndexedDataset\(subset\)"):
         trainer(1, [MetaReweight(L2RW(), meta_dataloader=meta)]).fit(module(), DataLoader(subset, batch_size=40))
+
+
+# ---------------------------------------------------------------------------- GPU-readiness review (CPU-checkable)
+def test_meta_epochs_do_not_reseed_the_cuda_generators(monkeypatch):
+    """torch.manual_seed at each meta epoch also reseeded every CUDA generator, outside the forked CPU state: on a
+    GPU the training forward's dropout masks followed the meta epochs. Only the CPU generator is seeded now."""
+    train, meta = loaders()
+    model = module()  # (seeds torch itself)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    cb = MetaReweight(L2RW(), meta_dataloader=meta)  # 3 meta batches: 6 training batches span 2 meta epochs
+    trainer(1, [cb]).fit(model, train)
+    assert cb._meta_epoch >= 1 and calls == []
+
+
+def test_delayed_meta_update_unscales_the_gradients_of_a_fused_optimizer():
+    """With a GradScaler, Lightning leaves the unscaling of a fused optimizer (Adam/SGD fused=True) to its step, so
+    the gradients seen before the step still carry the loss scale; the delayed meta update divides it out."""
+    import types
+
+    class Recorder(MetaWeightNet):
+        def meta_update(self, problem, lr, step_gradient=None):
+            self.got = step_gradient
+
+    strategy = Recorder(hidden=4, delayed=True)
+    _, meta = loaders()
+    cb = MetaReweight(strategy, meta_dataloader=meta)
+    p = nn.Parameter(torch.ones(3))
+    scaler = types.SimpleNamespace(get_scale=lambda: 1024.0)
+    fake = types.SimpleNamespace(precision_plugin=types.SimpleNamespace(scaler=scaler))
+    for fused, expected in ((True, torch.full((3,), 0.5)), (False, torch.full((3,), 512.0))):
+        p.grad = torch.full((3,), 512.0)
+        opt = torch.optim.SGD([p], lr=0.1)
+        opt._step_supports_amp_scaling = fused  # what fused=True sets
+        cb._pending = (types.SimpleNamespace(params=[p]), 0.1)
+        cb.on_before_optimizer_step(fake, None, opt)
+        assert torch.equal(strategy.got[0], expected)  # unfused: Lightning already unscaled them

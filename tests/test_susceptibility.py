@@ -1078,3 +1078,22 @@ def test_values_are_logged_on_lightnings_step_axis_with_two_optimizers(tmp_path)
     batches = len(_NoisyDM().train_dataloader())
     assert logger.steps["train_loss"] == list(range(2 * batches))  # Lightning's axis: one step per batch
     assert logger.steps["memorization/zeta"] == [0, batches]  # each epoch's start, on that axis (not 2x)
+
+
+def test_a_non_finite_probe_is_skipped_not_poisoning_zeta(tmp_path, monkeypatch):
+    """An fp16 overflow in the (unscaled) probe step gives a nan drop; zeta, a running mean, would stay nan."""
+    import lightning_reweight.callbacks.susceptibility as module
+
+    real = module.susceptibility_losses
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        before, after = real(*args, **kwargs)
+        return (before, torch.full_like(after, float("nan"))) if len(calls) == 2 else (before, after)
+
+    monkeypatch.setattr(module, "susceptibility_losses", flaky)
+    monitor = SusceptibilityMonitor(batch_size=32)
+    with pytest.warns(UserWarning, match="drop is nan at epoch 1; measurement skipped"):
+        _fit(tmp_path, [monitor], epochs=3)
+    assert [e for e, _ in monitor.history] == [0, 2] and math.isfinite(monitor.zeta)

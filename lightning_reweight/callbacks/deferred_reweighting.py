@@ -65,7 +65,9 @@ class ClassWeighting:
         if targets.shape != losses.shape:
             raise ValueError(f"targets {tuple(targets.shape)} and losses {tuple(losses.shape)} must have one shape")
         self.calls += 1
-        return mean_scale(self.class_weights.to(losses.device)[targets])
+        if self.class_weights.device != losses.device:  # once: a copy to the GPU per step would stall it
+            self.class_weights = self.class_weights.to(losses.device)
+        return mean_scale(self.class_weights[targets])
 
 
 class DeferredReweighting(Callback):

@@ -158,6 +158,7 @@ class MetaReweight(Callback):
         self._meta_loader = meta_dataloader
         self._trainer: L.Trainer | None = None
         self._noise_mask: Tensor | None = None
+        self._noise_mask_device: Tensor | None = None
         self._auroc = WeightNoiseAUROC()
         self._reset_run_state()
 
@@ -223,6 +224,7 @@ class MetaReweight(Callback):
             mask = None if mask is None else torch.as_tensor(mask).bool().cpu()
             # clean data (or all noisy): an AUROC against one class is undefined; log none rather than nan
             self._noise_mask = None if mask is None or not mask.any() or bool(mask.all()) else mask
+            self._noise_mask_device: Tensor | None = None
         self._trainer = trainer
         pl_module.attach_weighting(type(self).__name__, self)
 
@@ -310,7 +312,7 @@ class MetaReweight(Callback):
         self._meta_steps += 1
         if context.indices is not None:
             if self.track_noise_auroc and self._noise_mask is not None:
-                self._auroc.update(weights, self._noise_mask[context.indices.cpu()].to(weights.device))
+                self._auroc.update(weights, self._noise_mask_on(weights.device)[context.indices.to(weights.device)])
             if self.track_sample_history:
                 history = self._sample_history(trainer, weights.device)
                 try:
@@ -345,7 +347,8 @@ class MetaReweight(Callback):
             fd_scale=self.fd_scale,
             lr_scale=self._lr_scale(trainer, module),
             reduce=self._all_reduce if trainer.world_size > 1 else None,
-            reuse_graph=trainer.world_size == 1 and not self.strategy.delayed,
+            # not under fp16 autocast with a GradScaler: a backward through that graph would run unscaled
+            reuse_graph=trainer.world_size == 1 and not self.strategy.delayed and self._scaler(trainer) is None,
         )
 
     @override
@@ -358,6 +361,11 @@ class MetaReweight(Callback):
         problem, lr = self._pending
         self._pending = None
         grads = [p.grad for p in problem.params]
+        scaler = self._scaler(trainer)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # a fused optimizer unscales inside its own step: the gradients here still carry the loss scale
+            inv = 1.0 / float(scaler.get_scale())
+            grads = [None if g is None else g * inv for g in grads]
         present = [g for g in grads if g is not None]
         if present and not bool(torch.stack([torch.isfinite(g).all() for g in present]).all()):  # one sync
             return  # an fp16 overflow: the optimizer skips this step, and so does the meta-net
@@ -370,6 +378,14 @@ class MetaReweight(Callback):
         self._pending = None  # a step without an optimizer step (skipped loss) drops its delayed meta update
         self._early = None
         self._epoch_batches += 1  # here, not at batch start: the module's own hook may skip the batch
+
+    def _noise_mask_on(self, device: torch.device) -> Tensor:
+        """The noise mask on ``device``, copied there once (indexing it then needs no host round trip per step)."""
+        assert self._noise_mask is not None
+        cached = self._noise_mask_device
+        if cached is None or cached.device != device:
+            cached = self._noise_mask_device = self._noise_mask.to(device)
+        return cached
 
     def _sample_history(self, trainer: L.Trainer, device: torch.device) -> SampleWeightHistory:
         if self._history is None:
@@ -401,6 +417,11 @@ class MetaReweight(Callback):
         scores = {k: v.cpu() for k, v in history.compute().items()}
         seen = scores.pop("visits") > 0
         return {key: float(rank_auroc(score[seen], ~mask[seen])) for key, score in scores.items()}
+
+    @staticmethod
+    def _scaler(trainer: L.Trainer) -> Any:
+        """The precision plugin's GradScaler (fp16 mixed precision), or ``None``."""
+        return getattr(trainer.precision_plugin, "scaler", None)
 
     @staticmethod
     def _base_lr(groups: list[dict[str, Any]]) -> float:
@@ -463,7 +484,10 @@ class MetaReweight(Callback):
         return batch
 
     def _start_meta_epoch(self, trainer: L.Trainer, skip: int) -> Iterator[Any]:
-        torch.manual_seed(self.meta_seed + 7919 * self._meta_epoch + 104729 * trainer.global_rank)
+        # the CPU generator only (inside fork_rng(devices=[])): torch.manual_seed would reseed the CUDA generators
+        # too, and nothing restores those, so the training forward's dropout masks would follow the meta epochs
+        seed = self.meta_seed + 7919 * self._meta_epoch + 104729 * trainer.global_rank
+        torch.random.default_generator.manual_seed(seed)
         gen = getattr(getattr(self._meta_loader, "sampler", None), "generator", None)  # the order's generator
         if not isinstance(gen, torch.Generator):
             gen = getattr(self._meta_loader, "generator", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -434,6 +435,9 @@ class SusceptibilityMonitor(Callback):
         losses = susceptibility_losses(pl_module, optimizer, inputs.to(device), targets.to(device), forward=forward)
         losses = trainer.strategy.reduce(torch.stack(losses), reduce_op="mean")
         drop, before = float(losses[0] - losses[1]), float(losses[0])  # the drop in fp32, as susceptibility_step
+        if not math.isfinite(drop):  # e.g. an fp16 overflow in the unscaled probe step: zeta would stay nan
+            rank_zero_warn(f"SusceptibilityMonitor: the probe's drop is {drop} at epoch {epoch}; measurement skipped")
+            return
         self._epochs.append(epoch)
         self._drops.append(drop)
         log = {

@@ -102,7 +102,10 @@ def _at_least_fp32(t: Tensor) -> Tensor:
 
 
 def _norm(a: Sequence[Tensor]) -> float:
-    return math.sqrt(float(sum(float((x.double() ** 2).sum()) for x in a)))
+    """The float64 norm of all of ``a``; one host sync (the squared sums are read together, then summed in order)."""
+    if not a:
+        return 0.0
+    return math.sqrt(float(sum(torch.stack([(x.double() ** 2).sum() for x in a]).tolist())))
 
 
 @dataclass

@@ -94,7 +94,10 @@ class SampleWeightHistory(Metric):
             raise ValueError(f"weights ({w.numel()}) and indices ({idx.numel()}) must have one length")
         if idx.numel() == 0:
             return
-        if idx.device.type == "cpu" and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):  # no GPU sync
+        checked, self._checked_once = getattr(self, "_checked_once", False), True
+        # on CPU every batch; on a GPU the first (a host sync; an out-of-range index there would be a device-side
+        # assert that kills the CUDA context instead of this error)
+        if (idx.device.type == "cpu" or not checked) and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
             raise ValueError(
                 f"indices must lie in [0, {self.num_samples}) (num_samples = the training set's length), got "
                 f"[{int(idx.min())}, {int(idx.max())}]"
