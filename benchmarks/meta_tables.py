@@ -69,4 +69,6 @@ def table(path: str, scenarios: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        raise SystemExit(__doc__.split("\n\n")[1])
     print(table(sys.argv[1], sys.argv[2:] or None))

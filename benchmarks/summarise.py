@@ -41,4 +41,6 @@ def main(paths: list[str], best: bool = False) -> str:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if "-h" in args or "--help" in args:
+        raise SystemExit(__doc__.split("\n\n")[1])
     print(main([a for a in args if a != "--best"], best="--best" in args))
