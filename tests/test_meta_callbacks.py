@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from two_optimizers import TwoOptimizers
 
 from lightning_reweight import ReweightClassifier
 from lightning_reweight.callbacks import MetaReweight
@@ -797,26 +798,6 @@ def test_an_empty_or_one_shot_meta_loader_is_an_error(strategy):
         MetaReweight(strategy(), meta_dataloader=iter(meta))
     with pytest.raises(TypeError, match="re-iterable"):
         MetaReweight(strategy(), meta_dataloader=(b for b in meta))
-
-
-class TwoOptimizers(ReweightClassifier):
-    """Manual optimization with one optimizer for the features and one for the head."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.automatic_optimization = False
-
-    def configure_optimizers(self):
-        return [torch.optim.SGD(self.backbone.features.parameters(), lr=0.1),
-                torch.optim.SGD(self.backbone.classifier.parameters(), lr=0.1)]
-
-    def training_step(self, batch, batch_idx):
-        loss = self.reweight(self.per_sample_loss(batch), batch)
-        for opt in self.optimizers():
-            opt.zero_grad()
-        self.manual_backward(loss)
-        for opt in self.optimizers():
-            opt.step()
 
 
 def test_several_optimizers_are_refused():

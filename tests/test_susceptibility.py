@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from two_optimizers import TwoOptimizers
 
 from lightning_reweight.callbacks import MetaReweight, SusceptibilityMonitor
 from lightning_reweight.classifier import ReweightClassifier
@@ -1036,25 +1037,6 @@ def test_an_iterable_training_set_points_to_unlabelled_loader(tmp_path):
         _trainer(tmp_path, [SusceptibilityMonitor(batch_size=16)], 1).fit(_module(0), DataLoader(Stream(), 16))
 
 
-class _TwoOptimizers(ReweightClassifier):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.automatic_optimization = False
-
-    def configure_optimizers(self):
-        return [torch.optim.SGD(self.backbone.features.parameters(), lr=0.1),
-                torch.optim.SGD(self.backbone.classifier.parameters(), lr=0.1)]
-
-    def training_step(self, batch, batch_idx):
-        loss = self.reweight(self.per_sample_loss(batch), batch)
-        self.log("train_loss", loss)
-        for opt in self.optimizers():
-            opt.zero_grad()
-        self.manual_backward(loss)
-        for opt in self.optimizers():
-            opt.step()
-
-
 def test_values_are_logged_on_lightnings_step_axis_with_two_optimizers(tmp_path):
     """global_step counts both optimizers' steps; Lightning writes its own values at the batches that stepped."""
     from lightning.pytorch.loggers import Logger
@@ -1071,7 +1053,7 @@ def test_values_are_logged_on_lightnings_step_axis_with_two_optimizers(tmp_path)
             pass
 
     torch.manual_seed(0)
-    model = _TwoOptimizers(MLP(6, 4, hidden=(8,)), num_classes=4)
+    model = TwoOptimizers(MLP(6, 4, hidden=(8,)), num_classes=4)
     logger = Capture()
     _trainer(tmp_path, [SusceptibilityMonitor(batch_size=32)], 2, logger=logger, log_every_n_steps=1).fit(
         model, datamodule=_NoisyDM())
