@@ -8,7 +8,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from lightning_reweight.data._checks import as_labels, check_choice, check_int, check_real, generator
 from lightning_reweight.data.indexed import IndexedDataset, RelabeledSubset
@@ -20,11 +20,21 @@ __all__ = ["ReweightDataModule"]
 
 # Offsets that give each random stage of the pipeline its own stream for a given seed.
 _VAL_STREAM, _META_STREAM, _LONGTAIL_STREAM, _NOISE_STREAM, _SHUFFLE_STREAM, _META_SHUFFLE_STREAM = range(6)
-_WORKER_SEED_STREAM = 6
+_WORKER_SEED_STREAM, _META_WORKER_SEED_STREAM = 6, 7
 
 
 def _stage_seed(seed: int, stream: int) -> int:
     return (seed * 1_000_003 + stream) % (2**63 - 1)
+
+
+def _shards(trainer: Any) -> bool:
+    """Whether Lightning would shard the training loader with a DistributedSampler under ``trainer``."""
+    return (
+        trainer is not None
+        and trainer.world_size > 1
+        and trainer.distributed_sampler_kwargs is not None
+        and getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
+    )
 
 
 class ReweightDataModule(L.LightningDataModule):
@@ -63,7 +73,9 @@ class ReweightDataModule(L.LightningDataModule):
         meta_batch_size: meta batch size.
         eval_batch_size: validation/test batch size.
         num_workers: dataloader workers.
-        seed: seed of every random choice of the pipeline and of the training shuffle.
+        seed: seed of every random choice of the pipeline and of the training shuffle (under DDP too: the
+            training loader then shards with a ``DistributedSampler`` seeded from it, not from
+            ``seed_everything``).
 
     Example:
         >>> from lightning_reweight.data.indexed import TensorClassificationDataset
@@ -203,27 +215,41 @@ class ReweightDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0, **kwargs,
         )
 
-    def _shuffled(self, dataset: Dataset, batch_size: int, shuffle_generator: torch.Generator, **kwargs: Any
-                  ) -> DataLoader:
+    def _worker_generator(self, stream: int) -> torch.Generator:
+        """The generator a loader with workers draws their base seed from: one per loader and global rank."""
+        trainer = getattr(self, "trainer", None)
+        return generator(_stage_seed(self._seed(stream), trainer.global_rank if trainer is not None else 0))
+
+    def _shuffled(self, dataset: Dataset, batch_size: int, shuffle_generator: torch.Generator, worker_stream: int,
+                  **kwargs: Any) -> DataLoader:
         """A loader whose order is drawn from ``shuffle_generator`` alone (its state then resumes the order).
 
         Without workers the loader also draws its (unused) worker base seed from it, as ``shuffle=True,
         generator=g`` does. With workers (persistent: the base seed is drawn once, not each epoch, and once more
-        by a resumed run's new workers) the base seed comes from a generator of its own, so the checkpointed
-        shuffle state continues the uninterrupted run's order exactly.
+        by a resumed run's new workers) the base seed comes from a generator of its own, seeded from
+        ``worker_stream`` (one per loader) and the global rank, so the checkpointed shuffle state continues the
+        uninterrupted run's order exactly, and random transforms in the workers draw different numbers in the
+        training and meta loaders and on every rank.
         """
         if self.num_workers == 0:
             return self._loader(dataset, batch_size, shuffle=True, generator=shuffle_generator, **kwargs)
         sampler = RandomSampler(dataset, generator=shuffle_generator)
-        return self._loader(dataset, batch_size, sampler=sampler, generator=generator(self._seed(_WORKER_SEED_STREAM)),
+        return self._loader(dataset, batch_size, sampler=sampler, generator=self._worker_generator(worker_stream),
                             **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Training batches ``(x, noisy_y, idx)``: seeded shuffle, or ``self.train_sampler`` when set."""
         self._require_setup()
         sampler = self.train_sampler
+        trainer = getattr(self, "trainer", None)
+        if sampler is None and _shards(trainer):
+            # Lightning would inject a DistributedSampler seeded by seed_everything; this one is seeded by ``seed``
+            # (and Lightning leaves a DistributedSampler alone, setting its epoch each epoch)
+            sampler = DistributedSampler(self.train_dataset, **trainer.distributed_sampler_kwargs,
+                                         shuffle=not trainer.overfit_batches, seed=self._seed(_SHUFFLE_STREAM))
+            return self._loader(self.train_dataset, self.batch_size, sampler=sampler,
+                                generator=self._worker_generator(_WORKER_SEED_STREAM))
         if sampler is None:
-            trainer = getattr(self, "trainer", None)
             if self._pending_shuffle_state is not None:  # resuming: continue the checkpointed order
                 shuffle_generator = generator(self._seed(_SHUFFLE_STREAM))
                 shuffle_generator.set_state(self._pending_shuffle_state)
@@ -233,7 +259,7 @@ class ReweightDataModule(L.LightningDataModule):
             else:
                 shuffle_generator = generator(self._seed(_SHUFFLE_STREAM))  # a new run
             self._shuffle_generator = shuffle_generator
-            return self._shuffled(self.train_dataset, self.batch_size, shuffle_generator)
+            return self._shuffled(self.train_dataset, self.batch_size, shuffle_generator, _WORKER_SEED_STREAM)
         if isinstance(sampler, BatchSampler):
             return DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
                               persistent_workers=self.num_workers > 0)
@@ -260,7 +286,7 @@ class ReweightDataModule(L.LightningDataModule):
         if self.meta_dataset is None:
             raise RuntimeError("no meta set: meta_per_class=0; pass meta_per_class >= 1 to build one")
         return self._shuffled(self.meta_dataset, self.meta_batch_size, generator(self._seed(_META_SHUFFLE_STREAM)),
-                              drop_last=False)
+                              _META_WORKER_SEED_STREAM, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches ``(x, y)`` (clean labels, ``eval_batch_size``); empty if ``val_fraction=0``."""

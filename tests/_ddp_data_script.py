@@ -1,0 +1,49 @@
+"""Run by tests/test_data_loaders.py: 2-process DDP (gloo) fits on a toy ReweightDataModule with a loader worker;
+each rank saves the dataset indices it trained on per epoch and the draws of a random transform in its workers."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import lightning as L
+import torch
+from torch import nn
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _toy_random_transform import Toy  # noqa: E402
+
+warnings.filterwarnings("ignore")
+out = sys.argv[1]
+
+
+class Recorder(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, 2)
+        self.seen: list[list[int]] = []
+        self.draws: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        if batch_idx == 0:
+            self.seen.append([])
+        self.seen[-1] += idx.tolist()
+        self.draws += x.flatten().tolist()
+        return nn.functional.cross_entropy(self.lin(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+for name, data_seed, global_seed in (("a", 5, 0), ("b", 5, 1), ("c", 6, 0)):
+    L.seed_everything(global_seed, verbose=False)
+    dm = Toy(meta_per_class=5, val_fraction=0.0, batch_size=10, meta_batch_size=10, num_workers=1, seed=data_seed)
+    model = Recorder()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    meta_draws = next(iter(dm.meta_dataloader()))[0].flatten().tolist()
+    torch.save({"seen": model.seen, "draws": model.draws, "meta_draws": meta_draws},
+               f"{out}/{name}_rank{trainer.global_rank}.pt")

@@ -1,0 +1,50 @@
+"""The datamodule's loaders: random transforms in loader workers and the training order under DDP."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def test_training_and_meta_workers_draw_different_random_transforms():
+    """With loader workers, the k-th meta sample and the k-th training sample used to get the same random
+    augmentation: both loaders' workers were seeded alike."""
+    from _toy_random_transform import Toy
+
+    dm = Toy(meta_per_class=20, val_fraction=0.0, batch_size=20, meta_batch_size=20, num_workers=1, seed=3)
+    dm.setup()
+    train = next(iter(dm.train_dataloader()))[0].flatten()
+    meta = next(iter(dm.meta_dataloader()))[0].flatten()
+    assert len(set(train.tolist())) == len(train) and len(set(meta.tolist())) == len(meta)  # real draws
+    assert not set(train.tolist()) & set(meta.tolist())
+
+
+@pytest.mark.ddp
+def test_ddp_training_order_follows_the_datamodule_seed_and_ranks_draw_their_own_transforms(tmp_path):
+    """Under DDP Lightning's injected DistributedSampler took its seed from seed_everything, so the datamodule's
+    ``seed`` no longer set the training order; and with workers both ranks drew the same random transforms."""
+    script = Path(__file__).with_name("_ddp_data_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {name: [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in (0, 1)] for name in "abc"}
+    n_train = 80  # 90 pooled, 5 meta per class
+    for r0, r1 in runs.values():
+        assert len(r0["seen"]) == len(r1["seen"]) == 2
+        for e0, e1 in zip(r0["seen"], r1["seen"]):  # each epoch: disjoint halves of the training set
+            assert len(e0) == len(e1) == n_train // 2 and sorted(e0 + e1) == list(range(n_train))
+        assert r0["seen"][0] != r0["seen"][1]  # reshuffled each epoch
+        assert not set(r0["draws"]) & set(r1["draws"])  # each rank's workers draw their own numbers
+        assert not set(r0["meta_draws"]) & set(r1["meta_draws"])
+        assert not set(r0["draws"]) & set(r0["meta_draws"])
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    assert [r["seen"] for r in a] == [r["seen"] for r in b]  # another seed_everything: the same order
+    assert [r["seen"][0] for r in a] != [r["seen"][0] for r in c]  # another datamodule seed: another order
