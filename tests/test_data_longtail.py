@@ -83,3 +83,14 @@ def test_emptied_classes_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         long_tailed_counts(100, 10, 100)  # the tail keeps int(1.0) = 1 sample: no warning
+
+
+def test_exact_whole_counts_are_not_truncated_below():
+    """int() truncated counts that floating point left a hair below a whole number (49 * (1/49) ** 1 gave a tail
+    of 0 and a warning that n_max >= imbalance_ratio was needed, which it was)."""
+    for k in range(2, 120):  # three classes, rho = k^2: the exact counts are k^2, k, 1
+        assert long_tailed_counts(k * k, 3, k * k) == [k * k, k, 1]
+    for rho in range(2, 300):  # the tail of n_max = m * rho is exactly m
+        for m in (1, 2, 3):
+            assert long_tailed_counts(m * rho, 10, rho)[-1] == m
+            assert long_tailed_counts(m * rho, 10, rho, profile="step")[-1] == m

@@ -44,6 +44,11 @@ def class_counts(targets: Tensor | Sequence[int], num_classes: int | None = None
     return torch.bincount(labels, minlength=n_classes).tolist()
 
 
+def _floor(x: float) -> int:
+    """``floor(x)``, but a count the rounding left a hair below a whole number (``49 * (1 / 49)``) is that number."""
+    return int(x + 1e-9)
+
+
 def long_tailed_counts(
     n_max: int, num_classes: int, imbalance_ratio: float, profile: str = "exp"
 ) -> list[int]:
@@ -76,9 +81,9 @@ def long_tailed_counts(
     if num_classes == 1:
         return [n_max]
     if profile == "exp":
-        counts = [int(n_max * (1.0 / rho) ** (i / (num_classes - 1))) for i in range(num_classes)]
+        counts = [_floor(n_max * (1.0 / rho) ** (i / (num_classes - 1))) for i in range(num_classes)]
     else:
-        counts = [n_max if i < num_classes // 2 else int(n_max / rho) for i in range(num_classes)]
+        counts = [n_max if i < num_classes // 2 else _floor(n_max / rho) for i in range(num_classes)]
     empty = [i for i, n in enumerate(counts) if n == 0]
     if empty:
         warnings.warn(
