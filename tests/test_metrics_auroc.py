@@ -72,6 +72,17 @@ def test_float64_weights_keep_their_order():
     assert float(metric.compute()) == 1.0  # float32 would tie all three: 0.5
 
 
+
+def test_a_dtype_move_keeps_the_stored_weights_float64():
+    """``.to(torch.float32)`` (Lightning's bf16-true / 16-true conversion of a module holding the metric) rounded the
+    stored float64 weights, tying weights that differ only beyond float32's precision."""
+    weights = 1.0 + torch.tensor([1e-12, 2e-12, 0.0], dtype=torch.float64)
+    noisy = torch.tensor([False, False, True])
+    metric = WeightNoiseAUROC()
+    metric.update(weights, noisy)
+    metric = metric.to(torch.float32)
+    assert float(metric.compute()) == pytest.approx(pairwise_auroc(weights, ~noisy)) == 1.0
+
 def test_nan_weight_gives_nan_and_empty_metric_gives_nan():
     metric = WeightNoiseAUROC()
     assert torch.isnan(metric.compute())  # nothing seen: nan, not an error

@@ -111,3 +111,48 @@ def test_nan_weights_show_as_nan_not_as_a_rank():
 def test_float_indices_are_refused_not_truncated():
     with pytest.raises(ValueError, match="integer dataset indices"):
         SampleWeightHistory(4).update(torch.ones(2), torch.tensor([0.7, 2.9]))
+
+
+@pytest.mark.parametrize("move", ["to_float32", "to_bfloat16", "set_dtype"])
+def test_states_stay_float64_through_dtype_moves(move):
+    """``.to(torch.float32)`` (and Lightning's bf16-true conversion of a module holding the metric) turned the
+    float64 sums into float32, and the next update failed in index_add_ (float vs double)."""
+    batches = random_batches(2, num_samples=30, count=6, size=9)
+    history = SampleWeightHistory(num_samples=30)
+    history.update(*batches[0])
+    history = {"to_float32": lambda h: h.to(torch.float32), "to_bfloat16": lambda h: h.to(dtype=torch.bfloat16),
+               "set_dtype": lambda h: h.set_dtype(torch.float32)}[move](history)
+    for w, idx in batches[1:]:
+        history.update(w, idx)
+    assert history.sums.dtype == torch.float64
+    got, want = history.compute(), reference(batches, 30)
+    for key in want:
+        torch.testing.assert_close(got[key], torch.tensor(want[key], dtype=torch.float64), equal_nan=True)
+
+
+def test_a_bf16_true_module_holding_the_history_trains():
+    import lightning as L
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 2)
+            self.history = SampleWeightHistory(32)
+
+        def training_step(self, batch, batch_idx):
+            x, y, idx = batch
+            losses = nn.functional.cross_entropy(self.net(x), y, reduction="none")
+            self.history.update(losses.detach(), idx)
+            return losses.mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)), torch.arange(32))
+    module = Module()
+    L.Trainer(precision="bf16-true", max_epochs=2, logger=False, enable_progress_bar=False,
+              enable_checkpointing=False, enable_model_summary=False).fit(module, DataLoader(data, batch_size=8))
+    assert module.history.sums.dtype == torch.float64
+    assert module.history.compute()["visits"].tolist() == [2.0] * 32  # every sample, once per epoch

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
+
+from lightning_reweight.metrics._float64 import Float64Metric
 
 __all__ = ["WeightNoiseAUROC", "rank_auroc"]
 
@@ -35,7 +36,7 @@ def rank_auroc(scores: Tensor, positive: Tensor) -> Tensor:
     return torch.where(s.isnan().any(), torch.full_like(auroc, float("nan")), auroc)  # no host sync
 
 
-class WeightNoiseAUROC(Metric):
+class WeightNoiseAUROC(Float64Metric):
     """AUROC of per-sample weights against the noise mask (higher weight = clean).
 
     The probability that a clean sample gets a higher weight than a noisy one (1 = perfect separation,
@@ -64,11 +65,6 @@ class WeightNoiseAUROC(Metric):
         super().__init__(**kwargs)
         self.add_state("weights", default=[], dist_reduce_fx="cat")
         self.add_state("noisy", default=[], dist_reduce_fx="cat")  # 1.0 = noisy, float64 like the weights
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """float64: the dtype of both states, and of the empty state a rank without samples sends in a DDP sync."""
-        return torch.float64
 
     def update(self, weights: Tensor, noisy: Tensor) -> None:
         """Add a batch: ``weights`` (B,) and ``noisy`` (B,) booleans (True = the label is corrupted)."""

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from lightning_reweight.metrics._float64 import Float64Metric
 
 __all__ = ["SampleWeightHistory", "batch_percentiles"]
 
@@ -41,7 +42,7 @@ def batch_percentiles(weights: Tensor) -> Tensor:
     return torch.where(w.isnan().any(), torch.full_like(percentiles, float("nan")), percentiles)  # no host sync
 
 
-class SampleWeightHistory(Metric):
+class SampleWeightHistory(Float64Metric):
     """Accumulate, per training sample (by dataset index), its weights over every batch it appeared in.
 
     ``compute()`` returns a dict of per-sample tensors of length ``num_samples`` (``nan`` for samples never seen):
