@@ -8,8 +8,10 @@ never imported unless a W&B logger is attached; only global rank zero writes.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import torch
 from torch import Tensor
 
 __all__ = ["define_epoch_axis", "log_figure", "log_histograms", "rich_loggers", "step_logs_written"]
@@ -76,14 +78,25 @@ def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = N
 
     Args:
         trainer: the Lightning trainer.
-        values: metric name -> samples (any shape; flattened); empty tensors are skipped.
+        values: metric name -> samples (any shape; flattened). Non-finite samples (a diverged run) are left out
+            with a warning, since a histogram has no bin for them; tensors left empty are skipped.
         step: the step to log at (default :func:`log_step`, Lightning's own).
 
     Returns:
         How many loggers received the histograms.
     """
-    data = {k: v.detach().float().flatten().cpu() for k, v in values.items() if v.numel() > 0}
-    if not data or not _is_global_zero(trainer):
+    if not _is_global_zero(trainer):
+        return 0
+    data = {}
+    for key, value in values.items():
+        samples = value.detach().flatten().cpu().double()  # float64: large float64 samples stay finite
+        finite = torch.isfinite(samples)
+        if not bool(finite.all()):
+            warnings.warn(f"histogram {key!r}: non-finite values (nan/inf) are left out of it", stacklevel=2)
+            samples = samples[finite]
+        if samples.numel() > 0:
+            data[key] = samples
+    if not data:
         return 0
     step = log_step(trainer) if step is None else step
     written = 0
