@@ -45,3 +45,34 @@ def test_non_finite_samples_are_left_out_of_histograms_instead_of_ending_the_run
     histogram = logged["wandb/w"]
     assert sum(histogram.histogram) == len(finite)
     assert histogram.bins[0] == -2.0 and histogram.bins[-1] == pytest.approx(1e300)
+
+
+def test_the_weighting_function_figure_leaves_the_users_matplotlib_backend_alone():
+    """log_weight_function called matplotlib.use("Agg") every epoch: in a notebook that switched off inline
+    figures for the rest of the session."""
+    matplotlib = pytest.importorskip("matplotlib")
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_reweight.callbacks._plots import log_weight_function
+    from lightning_reweight.meta import MetaWeightNet
+
+    logged = {}
+
+    class FakeWandb(WandbLogger):
+        def __init__(self) -> None:
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            logged.update(metrics)
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        mwn = MetaWeightNet(hidden=4)
+        assert log_weight_function(_trainer(FakeWandb()), mwn, max_loss=2.0, points=5)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    image = logged["meta/weight_function"]
+    assert image.image.size[0] > 0  # the figure rendered into an image

@@ -22,10 +22,7 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
     if not rich_loggers(trainer):
         return False
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the user's backend and figure list stay as they are
     except ImportError:
         rank_zero_warn(
             'the weighting-function figure (meta/weight_function) needs matplotlib: pip install '
@@ -37,12 +34,11 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
     grid = torch.linspace(0.0, top, points, device=device)
     with torch.no_grad():
         weights = strategy.weight_net(grid).float().cpu()  # V(l) itself, before any normalisation
-    fig, ax = plt.subplots(figsize=(4, 3))
+    fig = Figure(figsize=(4, 3))
+    ax = fig.subplots()
     ax.plot(grid.cpu().numpy(), weights.numpy())
     ax.set_xlabel("loss")
     ax.set_ylabel("weight V(loss)")
     ax.set_title(f"weighting function, epoch {trainer.current_epoch}")
     fig.tight_layout()
-    written = log_figure(trainer, "meta/weight_function", fig)
-    plt.close(fig)
-    return written > 0
+    return log_figure(trainer, "meta/weight_function", fig) > 0
