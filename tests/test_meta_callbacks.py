@@ -760,7 +760,7 @@ def test_missing_matplotlib_skips_the_figure_with_a_warning(monkeypatch):
         def __init__(self) -> None:
             pass
 
-    for name in ("matplotlib", "matplotlib.pyplot"):
+    for name in ("matplotlib", "matplotlib.pyplot", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
     fake = types.SimpleNamespace(loggers=[FakeTensorBoard()], current_epoch=0, global_step=7, is_global_zero=True)
     with pytest.warns(UserWarning, match=r"needs matplotlib.*training goes on"):
