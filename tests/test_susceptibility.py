@@ -910,6 +910,22 @@ def test_select_models_quadrants():
     assert mid.quadrant_of("b") == "high_acc_low_zeta" and mid.preferred == ("b",)
 
 
+
+def test_select_models_compares_with_the_exact_mean():
+    """fsum(x) / n rounds twice: for [0.901] * 3 it gave 0.9010000000000001, so three equal accuracies were all
+    "low" and nothing was preferred. By the rule (accuracy >= the mean is high) equal values are all high, and
+    equal zetas are all high (zeta < the mean is low)."""
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(2, 11, (1,), generator=rng))
+        value = round(float(torch.rand(1, generator=rng)), 3)
+        sel = select_models([value] * n, [float(z) for z in torch.rand(n, generator=rng)])
+        assert all(q.startswith("high_acc") for q in sel.quadrants), (value, n)
+        sel = select_models([float(a) for a in torch.rand(n, generator=rng)], [value] * n)
+        assert all(q.endswith("high_zeta") for q in sel.quadrants), (value, n)
+    assert select_models([0.901] * 3, [0.25, 0.5, 0.75], names=["a", "b", "c"]).preferred == ("a",)
+
+
 def test_select_models_validates():
     with pytest.raises(ValueError, match="susceptibility"):
         select_models([0.1, 0.2], [0.3])
@@ -930,9 +946,15 @@ def test_plot_model_selection(tmp_path):
     matplotlib.use("Agg")
     from lightning_reweight.metrics import plot_model_selection
 
-    fig = plot_model_selection(select_models([0.9, 0.5], [0.1, 0.5], names=["x", "y"]))
+    fig = plot_model_selection(select_models([0.9, 0.5, 0.8], [0.1, 0.5, 0.2], names=["x", "y", "z"]))
     fig.savefig(tmp_path / "sel.png")
     assert (tmp_path / "sel.png").stat().st_size > 0
+    # the preferred quadrant's shading reaches the axes' left and top edges (it used to widen the axes past it)
+    ax = fig.axes[0]
+    (shading,) = [c for c in ax.collections if c.get_alpha() == pytest.approx(0.08)]
+    vertices = shading.get_paths()[0].vertices
+    assert vertices[:, 0].min() == pytest.approx(ax.get_xlim()[0])
+    assert vertices[:, 1].max() == pytest.approx(ax.get_ylim()[1])
 
 
 # ---------------------------------------------------------------------------- review of the monitor as a user

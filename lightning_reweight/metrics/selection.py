@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,11 @@ def select_models(
     """Place each model in a quadrant split at the mean train accuracy and the mean susceptibility.
 
     A model is "high accuracy" when its train accuracy is at least the mean, and "low zeta" when its
-    susceptibility is strictly below the mean. The preferred models are those with high train accuracy and low
-    ``zeta``. If no model falls in that quadrant (possible only in degenerate cases, e.g. all values equal), the
-    preferred set is empty.
+    susceptibility is strictly below the mean (both compared exactly, not against a rounded mean). The preferred
+    models are those with high train accuracy and low ``zeta``. That quadrant can be empty: whenever accuracy and
+    ``zeta`` rise together across the models (as they often do over the checkpoints of one run), or all ``zeta``
+    are equal. The preferred set is then empty; the rule gives no pick, and the high-accuracy model with the lowest
+    ``zeta`` is the nearest to its intent.
 
     Args:
         train_accuracy: one train accuracy per model (on the training labels as given, noisy or not).
@@ -110,12 +113,14 @@ def select_models(
                 f"{what} is not finite for model(s) {bad} (a diverged run?); the mean thresholds would be nan "
                 "and every model misplaced: leave those models out"
             )
-    acc_t = math.fsum(acc) / len(acc)  # exactly rounded: a model at the mean is not pushed below it
+    acc_t = math.fsum(acc) / len(acc)  # the reported thresholds (rounded means)
     zeta_t = math.fsum(zeta) / len(zeta)
+    # compared exactly: a * n >= sum(acc) in rationals (a rounded mean can land above a model exactly at it)
+    acc_sum, zeta_sum, n = sum(map(Fraction, acc)), sum(map(Fraction, zeta)), len(acc)
     quadrants = []
     for a, z in zip(acc, zeta):
-        high = a >= acc_t
-        low = z < zeta_t
+        high = Fraction(a) * n >= acc_sum
+        low = Fraction(z) * n < zeta_sum
         quadrants.append(
             ("high_acc" if high else "low_acc") + ("_low_zeta" if low else "_high_zeta")
         )
@@ -204,8 +209,8 @@ def plot_model_selection(selection: ModelSelection, ax: Any = None, *, annotate:
             )
     ax.axvline(selection.susceptibility_threshold, color="grey", linestyle="--", linewidth=1)
     ax.axhline(selection.accuracy_threshold, color="grey", linestyle="--", linewidth=1)
-    x_lo, _ = ax.get_xlim()
-    _, y_hi = ax.get_ylim()
+    x_lo, _ = ax.set_xlim(ax.get_xlim())  # frozen: the shading must not widen the axes past its own edges
+    _, y_hi = ax.set_ylim(ax.get_ylim())
     ax.fill_between(
         [x_lo, selection.susceptibility_threshold],
         selection.accuracy_threshold,
