@@ -14,7 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["define_epoch_axis", "log_figure", "log_histograms", "rich_loggers", "step_logs_written"]
+__all__ = [
+    "define_epoch_axis",
+    "epoch_end_step",
+    "log_figure",
+    "log_histograms",
+    "log_step",
+    "rich_loggers",
+    "step_logs_written",
+]
 
 
 def rich_loggers(trainer: Any) -> list[tuple[str, Any]]:
@@ -121,6 +129,20 @@ def log_step(trainer: Any) -> int:
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     stepped = getattr(loop, "_batches_that_stepped", None)
     return int(stepped) if isinstance(stepped, int) else int(getattr(trainer, "global_step", 0))
+
+
+def epoch_end_step(trainer: Any) -> int:
+    """The step Lightning writes its epoch-end values at (``self.log(..., on_epoch=True)``, validation).
+
+    That is the epoch's last batch: one below :func:`log_step` once the epoch's batches are done.
+
+    Example:
+        >>> class T:
+        ...     global_step = 11  # after an epoch of 11 batches
+        >>> epoch_end_step(T())
+        10
+    """
+    return max(log_step(trainer) - 1, 0)
 
 
 def define_epoch_axis(trainer: Any, pattern: str) -> None:

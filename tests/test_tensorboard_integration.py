@@ -43,3 +43,8 @@ def test_event_file_holds_scalars_and_histograms(tmp_path):
     for event in clean:  # every clean (odd-index) sample once per epoch, all with weight 2
         assert event.histogram_value.num == 32
         assert event.histogram_value.min == event.histogram_value.max == 2.0
+    # epoch-end values sit at Lightning's own epoch-end step (the epoch's last batch: 3, 7, 11), not one after it
+    epoch_end = [e.step for e in events.Scalars("train/loss")]
+    assert epoch_end == [3, 7, 11]
+    assert [e.step for e in clean] == epoch_end
+    assert [e.step for e in events.Scalars("memorization/weight_mean_clean")] == epoch_end

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_reweight.loggers import log_figure, rich_loggers
+from lightning_reweight.loggers import epoch_end_step, log_figure, rich_loggers
 
 __all__ = ["log_weight_function"]
 
@@ -15,6 +15,7 @@ __all__ = ["log_weight_function"]
 def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = None, points: int = 200) -> bool:
     """Plot ``V(l)`` for ``l`` in ``[0, max_loss]`` and send it to every W&B / TensorBoard logger.
 
+    Called at an epoch's end, it logs at the step Lightning writes its epoch-end values at.
     Does nothing (returns ``False``) when no logger takes images; matplotlib is imported only when one does.
     Without matplotlib it warns once and returns ``False``: a missing plotting package must not end a training
     run at an epoch's end.
@@ -41,4 +42,4 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
     ax.set_ylabel("weight V(loss)")
     ax.set_title(f"weighting function, epoch {trainer.current_epoch}")
     fig.tight_layout()
-    return log_figure(trainer, "meta/weight_function", fig) > 0
+    return log_figure(trainer, "meta/weight_function", fig, step=epoch_end_step(trainer)) > 0

@@ -17,7 +17,7 @@ from lightning_reweight._modes import eval_mode
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.contract import split_batch
 from lightning_reweight.functional.susceptibility import needs_closure, preserved_rng, susceptibility_losses
-from lightning_reweight.loggers import define_epoch_axis, log_histograms, log_step
+from lightning_reweight.loggers import define_epoch_axis, epoch_end_step, log_histograms, log_step
 
 __all__ = ["SusceptibilityMonitor"]
 
@@ -454,9 +454,11 @@ class SusceptibilityMonitor(Callback):
                 log[f"{self.prefix}/train_acc_clean"] = clean_ok / clean_n
         self._publish(trainer, epoch, log)
 
-    def _publish(self, trainer: Trainer, epoch: int, values: dict[str, float]) -> None:
+    def _publish(self, trainer: Trainer, epoch: int, values: dict[str, float], step: int | None = None) -> None:
         """Record ``values``, expose them in ``trainer.callback_metrics`` and send them to every logger.
 
+        They go at ``step`` (default :func:`~lightning_reweight.loggers.log_step`; epoch-end values go where
+        Lightning writes its own epoch-end values, :func:`~lightning_reweight.loggers.epoch_end_step`).
         The values are already identical on every rank (reduced), so they bypass ``LightningModule.log`` (whose
         per-call bookkeeping costs about a millisecond per key) and go straight to the loggers, which write on
         rank zero only. ``ModelCheckpoint``/``EarlyStopping`` can monitor them through ``callback_metrics``.
@@ -469,7 +471,7 @@ class SusceptibilityMonitor(Callback):
         _callback_metrics(trainer).update({k: torch.tensor(v) for k, v in values.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({**values, "epoch": epoch}, step=log_step(trainer))
+                logger.log_metrics({**values, "epoch": epoch}, step=log_step(trainer) if step is None else step)
 
     def _subset_counts(self, trainer: Trainer, pl_module: LightningModule, mask: Tensor, forward: Any) -> Tensor:
         """``[noisy correct, noisy total, clean correct, clean total]`` over this rank's share of the train set."""
@@ -573,7 +575,7 @@ class SusceptibilityMonitor(Callback):
             log[f"{self.prefix}/train_acc_noisy"] = noisy_ok / (noisy_bad + noisy_ok)
         if clean_bad + clean_ok > 0:
             log[f"{self.prefix}/train_acc_clean"] = clean_ok / (clean_bad + clean_ok)
-        self._publish(trainer, trainer.current_epoch, log)
+        self._publish(trainer, trainer.current_epoch, log, step=epoch_end_step(trainer))
 
     @override
     def on_train_batch_end(
@@ -614,9 +616,10 @@ class SusceptibilityMonitor(Callback):
             log[f"{self.prefix}/weight_mean_noisy"] = float(sums[0] / sums[1])
         if float(sums[3]) > 0:
             log[f"{self.prefix}/weight_mean_clean"] = float(sums[2] / sums[3])
-        self._publish(trainer, trainer.current_epoch, log)
+        self._publish(trainer, trainer.current_epoch, log, step=epoch_end_step(trainer))
         log_histograms(
-            trainer, {f"{self.prefix}/weights_noisy": weights[noisy], f"{self.prefix}/weights_clean": weights[~noisy]}
+            trainer, {f"{self.prefix}/weights_noisy": weights[noisy], f"{self.prefix}/weights_clean": weights[~noisy]},
+            step=epoch_end_step(trainer),
         )
 
     # ------------------------------------------------------------------ checkpointing
