@@ -148,7 +148,8 @@ def epoch_end_step(trainer: Any) -> int:
 def define_epoch_axis(trainer: Any, pattern: str) -> None:
     """Make W&B plot the metrics matching ``pattern`` (e.g. ``"memorization/*"``) against ``epoch``.
 
-    A no-op without a W&B logger or off rank zero.
+    A no-op without a W&B logger or off rank zero. A logger's ``prefix`` (``WandbLogger(prefix="run1")`` writes
+    ``run1-epoch``, ``run1-memorization/zeta``) is applied to both names.
     """
     if not _is_global_zero(trainer):
         return
@@ -156,8 +157,11 @@ def define_epoch_axis(trainer: Any, pattern: str) -> None:
         if kind == "wandb":
             experiment = logger.experiment
             if hasattr(experiment, "define_metric"):
-                experiment.define_metric("epoch")
-                experiment.define_metric(pattern, step_metric="epoch")
+                prefix = getattr(logger, "_prefix", "") or ""
+                join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+                epoch, keys = (f"{prefix}{join}epoch", f"{prefix}{join}{pattern}") if prefix else ("epoch", pattern)
+                experiment.define_metric(epoch)
+                experiment.define_metric(keys, step_metric=epoch)
 
 
 def log_figure(trainer: Any, key: str, figure: Any, step: int | None = None) -> int:

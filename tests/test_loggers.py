@@ -1,5 +1,6 @@
 """The logging helpers: histograms and figures for W&B and TensorBoard."""
 
+import fnmatch
 import types
 
 import pytest
@@ -76,3 +77,40 @@ def test_the_weighting_function_figure_leaves_the_users_matplotlib_backend_alone
         matplotlib.use(before)
     image = logged["meta/weight_function"]
     assert image.image.size[0] > 0  # the figure rendered into an image
+
+
+@pytest.mark.parametrize("prefix", ["", "run1"])
+def test_the_epoch_axis_follows_the_wandb_loggers_prefix(prefix):
+    """WandbLogger(prefix="run1") writes "run1-epoch" and "run1-memorization/zeta": the axis was defined for the
+    unprefixed names, so the charts silently stayed on the global step."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_reweight.loggers import define_epoch_axis
+
+    defined = []
+
+    class FakeWandb(WandbLogger):
+        def __init__(self) -> None:
+            self._prefix = prefix
+
+        @property
+        def experiment(self):
+            def define_metric(name, step_metric=None):
+                defined.append((name, step_metric))
+
+            return types.SimpleNamespace(define_metric=define_metric)
+
+    define_epoch_axis(_trainer(FakeWandb()), "memorization/*")
+    # the names WandbLogger.log_metrics actually writes
+    written = set(_written_names(prefix, ["epoch", "memorization/zeta"]))
+    epoch_name = next(n for n in written if n.endswith("epoch"))
+    assert defined[0] == (epoch_name, None)
+    pattern, axis = defined[1]
+    assert axis == epoch_name and fnmatch.fnmatch(next(n for n in written if n.endswith("zeta")), pattern)
+
+
+def _written_names(prefix, keys):
+    from lightning.fabric.utilities.logger import _add_prefix
+    from lightning.pytorch.loggers import WandbLogger
+
+    return _add_prefix(dict.fromkeys(keys, 0.0), prefix, WandbLogger.LOGGER_JOIN_CHAR)
