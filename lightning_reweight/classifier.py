@@ -207,7 +207,7 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         losses = self.per_sample_loss(batch)
         loss = self.reweight(losses, batch)
         if self._trainer is not None:
-            self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=losses.shape[0])
+            self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=losses.shape[0], sync_dist=True)
         return loss
 
     def _eval_step(self, batch: Any, acc: MulticlassAccuracy, bacc: BalancedAccuracy, stage: str) -> None:

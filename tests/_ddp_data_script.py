@@ -1,5 +1,6 @@
 """Run by tests/test_data_loaders.py: 2-process DDP (gloo) fits on a toy ReweightDataModule with a loader worker;
-each rank saves the dataset indices it trained on per epoch and the draws of a random transform in its workers."""
+each rank saves the dataset indices it trained on per epoch, the draws of a random transform in its workers, and
+its batch losses beside the logged epoch loss."""
 
 from __future__ import annotations
 
@@ -13,27 +14,31 @@ from torch import nn
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _toy_random_transform import Toy  # noqa: E402
 
+from lightning_reweight.classifier import ReweightClassifier  # noqa: E402
+
 warnings.filterwarnings("ignore")
 out = sys.argv[1]
 
 
-class Recorder(L.LightningModule):
+class Recorder(ReweightClassifier):
+    """Records the dataset indices of each epoch, the transformed inputs and each batch's (mean loss, size)."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(1, 2)
+        super().__init__(nn.Linear(1, 2), num_classes=2, lr=0.1)
         self.seen: list[list[int]] = []
         self.draws: list[float] = []
+        self.losses: list[list[float]] = []
 
     def training_step(self, batch, batch_idx):
         x, y, idx = batch
         if batch_idx == 0:
             self.seen.append([])
+            self.losses.append([])
         self.seen[-1] += idx.tolist()
         self.draws += x.flatten().tolist()
-        return nn.functional.cross_entropy(self.lin(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        loss = super().training_step(batch, batch_idx)
+        self.losses[-1].append((float(loss), len(y)))
+        return loss
 
 
 for name, data_seed, global_seed in (("a", 5, 0), ("b", 5, 1), ("c", 6, 0)):
@@ -45,5 +50,6 @@ for name, data_seed, global_seed in (("a", 5, 0), ("b", 5, 1), ("c", 6, 0)):
                         num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
     meta_draws = next(iter(dm.meta_dataloader()))[0].flatten().tolist()
-    torch.save({"seen": model.seen, "draws": model.draws, "meta_draws": meta_draws},
+    torch.save({"seen": model.seen, "draws": model.draws, "meta_draws": meta_draws, "losses": model.losses,
+                "logged_loss": float(trainer.callback_metrics["train/loss"])},
                f"{out}/{name}_rank{trainer.global_rank}.pt")

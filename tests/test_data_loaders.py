@@ -1,4 +1,5 @@
-"""The datamodule's loaders: random transforms in loader workers and the training order under DDP."""
+"""The datamodule's loaders: random transforms in loader workers and the training order under DDP (and the
+classifier's logged loss there)."""
 
 import os
 import subprocess
@@ -45,6 +46,10 @@ def test_ddp_training_order_follows_the_datamodule_seed_and_ranks_draw_their_own
         assert not set(r0["draws"]) & set(r1["draws"])  # each rank's workers draw their own numbers
         assert not set(r0["meta_draws"]) & set(r1["meta_draws"])
         assert not set(r0["draws"]) & set(r0["meta_draws"])
+        # ReweightClassifier's train/loss is the epoch mean over both ranks' batches (it was rank 0's own mean)
+        last = [(loss, size) for r in (r0, r1) for loss, size in r["losses"][-1]]
+        mean = sum(loss * size for loss, size in last) / sum(size for _, size in last)
+        assert r0["logged_loss"] == r1["logged_loss"] == pytest.approx(mean, rel=1e-5)
     a, b, c = runs["a"], runs["b"], runs["c"]
     assert [r["seen"] for r in a] == [r["seen"] for r in b]  # another seed_everything: the same order
     assert [r["seen"][0] for r in a] != [r["seen"][0] for r in c]  # another datamodule seed: another order

@@ -517,15 +517,24 @@ class MetaReweight(Callback):
             if trainer.world_size > 1 or self._auroc.weights:
                 value = float(self._auroc.compute())
                 self.auroc_history.append(value)
-                pl_module.log("meta/weight_auroc", value, on_step=False, on_epoch=True, sync_dist=False)
+                self._log_synced(pl_module, "meta/weight_auroc", value)
             self._auroc.reset()
         aurocs = self._sample_aurocs()
         if aurocs:
             self.sample_auroc_history.append(aurocs["percentile"])
-            pl_module.log("meta/sample_auroc", aurocs["percentile"], on_step=False, on_epoch=True, sync_dist=False)
+            self._log_synced(pl_module, "meta/sample_auroc", aurocs["percentile"])
         every = self.plot_every_n_epochs
         if every > 0 and (trainer.current_epoch + 1) % every == 0 and hasattr(self.strategy, "weight_net"):
             self._log_weight_function(trainer)
+
+    @staticmethod
+    def _log_synced(pl_module: L.LightningModule, key: str, value: float) -> None:
+        """Log an epoch value that is already the same on every rank.
+
+        The max over ranks is the value itself, exactly, and Lightning no longer warns under DDP that an
+        epoch-level value is logged without ``sync_dist``.
+        """
+        pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
 
     @rank_zero_only
     def _log_weight_function(self, trainer: L.Trainer) -> None:
