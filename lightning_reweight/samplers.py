@@ -15,15 +15,15 @@ class DeferredWeightedSampler(Sampler[int]):
     """Shuffle before ``start_epoch``; from it on, draw with replacement proportionally to ``weights``.
 
     Every epoch yields ``num_samples`` indices from a generator seeded with ``seed + epoch``, so all DDP ranks
-    build the same list (Lightning's ``DistributedSamplerWrapper`` then gives each rank its share) and a resumed
-    run draws what the uninterrupted run drew.
+    build the same list (Lightning's ``DistributedSamplerWrapper`` then gives each rank its share) and a run
+    resumed from an epoch's end (or its last batch) draws what the uninterrupted run drew. A run resumed mid-epoch
+    draws that epoch's list from its start again: Lightning restarts a loader that cannot save its position.
 
     The epoch is read when the indices are drawn: from ``epoch_source()`` when given, else from the value passed to
     :meth:`set_epoch`. Lightning creates the first epoch's loader iterator (a loader with workers draws indices
-    right then) before it calls ``set_epoch``, and on a resume before it updates ``current_epoch``, so a callback
-    should pass an ``epoch_source`` reading Lightning's count of processed epochs
-    (``trainer.fit_loop.epoch_progress.current.processed``), which is right at every point; ``DeferredResampling``
-    does.
+    right then) before it calls ``set_epoch``, and on a resume before it restores its epoch counters, so a callback
+    should pass an ``epoch_source`` that reads Lightning's progress as the checkpoint left it until
+    ``on_train_start`` and ``trainer.current_epoch`` from then on; ``DeferredResampling`` does.
 
     Args:
         num_samples: the dataset size (indices drawn per epoch).

@@ -303,6 +303,42 @@ def test_drs_resume_with_workers_at_the_switch_draws_what_the_straight_run_drew(
         assert resumed.seen[epoch] == straight.seen[epoch]
 
 
+
+@pytest.mark.parametrize("case", ["last_batch_checkpoint_with_workers", "iteration_based"])
+def test_drs_resumed_epochs_draw_what_the_straight_run_drew(tmp_path, case):
+    """A checkpoint from an epoch's last batch (every_n_train_steps = the epoch's length), resumed with a worker:
+    the loader drew the finished epoch's list again. Iteration-based training (max_steps, max_epochs=-1) resumed
+    from an epoch's end: the sampler ran one epoch ahead for the rest of the run (Lightning's processed count runs
+    ahead of current_epoch there)."""
+    counts = [300, 60, 12]  # 372 samples, 12 batches of 31 per epoch
+    limits = {"max_epochs": 3} if case != "iteration_based" else {"max_epochs": -1, "max_steps": 36}
+    every = {"every_n_train_steps": 12} if case != "iteration_based" else {"every_n_epochs": 1}
+    workers = 1 if case != "iteration_based" else 0
+
+    def fit(callbacks, ckpt_path=None, num_workers=0):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path, callbacks=callbacks, **limits)
+        trainer.fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule(counts, 31, num_workers),
+                    ckpt_path=ckpt_path)
+
+    straight = EpochIndices()
+    fit([DeferredResampling(1, seed=3), straight,
+         ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}", **every)])
+    resumed = EpochIndices()
+    fit([DeferredResampling(1), resumed], tmp_path / "ckpt" / "epoch=0.ckpt", workers)
+    targets = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    assert int(torch.bincount(targets[torch.tensor(straight.seen[0])], minlength=3)[2]) == 12  # a permutation
+    assert int(torch.bincount(targets[torch.tensor(straight.seen[1])], minlength=3)[2]) > 60  # balanced
+    if case == "iteration_based":
+        # Lightning resumes iteration-based training as if mid-epoch: one extra batch still counted in epoch 0
+        # (current_epoch 0), then epochs 1 and 2 one step later, epoch 2 cut short by max_steps
+        assert sorted(resumed.seen) == [0, 1, 2] and len(resumed.seen[0]) == 31
+        resumed.seen[2] += straight.seen[2][len(resumed.seen[2]):]
+    else:
+        assert sorted(resumed.seen) == [1, 2]
+    for epoch in (1, 2):  # the epochs Lightning reports draw the straight run's lists (as DRW's epochs follow them)
+        assert resumed.seen[epoch] == straight.seen[epoch]
+
 def test_drs_refuses_a_loader_that_ignores_its_sampler_and_restores_after_a_failure(tmp_path):
     class IgnoresSampler(TinyDataModule):
         def train_dataloader(self):

@@ -108,6 +108,8 @@ class DeferredResampling(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._sampler is not None and isinstance(self._sampler.epoch_source, _TrainerEpoch):
+            self._sampler.epoch_source.training_started = True
         if self._sampler is not None and not loader_uses_sampler(trainer.train_dataloader, self._sampler):
             raise RuntimeError(
                 f"DeferredResampling installed its sampler as {type(self._datamodule).__name__}.train_sampler, but "
@@ -143,10 +145,14 @@ class DeferredResampling(Callback):
 
 
 class _TrainerEpoch:
-    """Callable returning the epoch the trainer's loader draws for (a class rather than a lambda, so it pickles)."""
+    """Callable returning the epoch the trainer's loader draws for (a class rather than a lambda, so it pickles).
+
+    ``training_started`` is set by the callback's ``on_train_start``: from then on the epoch is the trainer's.
+    """
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
+        self.training_started = False
 
     def __call__(self) -> int:
-        return fit_epoch(self.trainer)
+        return fit_epoch(self.trainer, self.training_started)
