@@ -232,6 +232,11 @@ def test_schedule_lam_at_and_validation():
         DROSchedule(start_epoch=3, lam_schedule={1: 2.0})
     with pytest.raises(ValueError, match="non-zero"):
         DROSchedule(lam=0.0)
+    for bad in (float("nan"), float("inf")):  # accepted before, then failed when start_epoch came (hours in)
+        with pytest.raises(ValueError, match="finite non-zero"):
+            DROSchedule(start_epoch=160, lam=bad)
+        with pytest.raises(ValueError, match="finite non-zero"):
+            DROSchedule(start_epoch=160, lam=1.0, lam_schedule={180: bad})
     plain = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3)
     with pytest.raises(ValueError, match="AttentionalDROLoss"):
         DROSchedule().setup(None, plain, "fit")

@@ -437,3 +437,40 @@ def test_drw_counts_that_differ_from_a_lazy_ldams_data_counts_warn_and_do_not_re
     assert model.criterion.cls_num_list == tuple(COUNTS)
     assert torch.allclose(model.criterion.margins, torch.tensor([0.5 * (min(COUNTS) / n) ** 0.25 for n in COUNTS]))
     assert torch.allclose(model.criterion.weight, torch.tensor(cb_weights(other, BETA)), rtol=1e-5)  # DRW's own
+
+
+
+# ------------------------------------------------------------------------------ checks on the schedule (review)
+@pytest.mark.parametrize("make", [
+    lambda: DeferredReweighting(5, cls_num_list=COUNTS),
+    lambda: DeferredResampling(5),
+    lambda: DeferredReweighting(5),
+])
+def test_a_start_epoch_the_run_never_reaches_is_warned_about(tmp_path, make):
+    """DeferredReweighting(10) with max_epochs=2 trained plain cross-entropy without a word."""
+    with pytest.warns(UserWarning, match=r"start_epoch=5 is never reached with max_epochs=2"):
+        trainer_for(tmp_path, 2, [make()]).fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule())
+
+
+def test_drw_counts_for_the_wrong_number_of_classes_are_refused_at_setup(tmp_path):
+    """cls_num_list=[10, 5] on 3-class data trained until start_epoch, then failed with a bare IndexError."""
+    model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3)
+    for mode in ("weighting", "criterion"):
+        with pytest.raises(ValueError, match=r"cls_num_list has 2 classes but the datamodule's train_class_counts"):
+            trainer_for(tmp_path, 2, [DeferredReweighting(1, mode=mode, cls_num_list=[10, 5])]).fit(
+                model, TinyDataModule())
+    with pytest.warns(UserWarning, match=r"differs from the datamodule's train_class_counts \[40, 16, 8\]"):
+        trainer_for(tmp_path, 1, [DeferredReweighting(0, cls_num_list=[40, 16, 9])]).fit(model, TinyDataModule())
+    weighting = ClassWeighting(torch.ones(2))  # used directly, with a target of a class it has no weight for
+    with pytest.raises(ValueError, match="a target of class 2 but class weights for 2 classes"):
+        weighting.sample_weights(torch.ones(3), WeightingContext(None, targets=torch.tensor([0, 1, 2])))
+
+
+@pytest.mark.parametrize("counts", [[40, 0, 8], [40, 16, 0]])
+def test_drs_refuses_an_empty_class_wherever_it_is(tmp_path, counts):
+    """An empty last class passed silently (bincount without minlength) while an empty middle one failed with a
+    message about cls_num_list, an argument DRS does not take."""
+    dm = TinyDataModule(counts)
+    dm.num_classes = 3
+    with pytest.raises(ValueError, match=r"DeferredResampling: class\(es\) \[\d\] have no training samples"):
+        trainer_for(tmp_path, 1, [DeferredResampling(0)]).fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), dm)

@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from lightning_reweight.callbacks._data import fit_epoch, loader_uses_sampler
+from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.functional.longtail import class_balanced_sample_weights
 from lightning_reweight.samplers import DeferredWeightedSampler
 
@@ -92,11 +93,15 @@ class DeferredResampling(Callback):
                 "installs its own: remove the other sampler"
             )
         targets = torch.as_tensor(dm.train_targets).long().cpu()
-        counts = torch.bincount(targets)
-        try:
-            weights = class_balanced_sample_weights(targets, counts.tolist(), self.beta)
-        except ValueError as err:
-            raise ValueError(f"DeferredResampling: every class needs training samples ({err})") from err
+        classes = getattr(dm, "num_classes", None)
+        counts = torch.bincount(targets, minlength=classes if isinstance(classes, int) else 0)
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"DeferredResampling: class(es) {empty} have no training samples (class counts {counts.tolist()}); "
+                "class-balanced resampling needs every class in the training set"
+            )
+        weights = class_balanced_sample_weights(targets, counts.tolist(), self.beta)
         seed = self._seed if self._seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
         seed = int(trainer.strategy.broadcast(seed, src=0))
         self._seed = seed
@@ -108,6 +113,7 @@ class DeferredResampling(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        warn_if_never_reached(trainer, self.start_epoch, "DeferredResampling")
         if self._sampler is not None and isinstance(self._sampler.epoch_source, _TrainerEpoch):
             self._sampler.epoch_source.training_started = True
         if self._sampler is not None and not loader_uses_sampler(trainer.train_dataloader, self._sampler):

@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_reweight.callbacks._data import starts_new_run
+from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.contract import WeightingContext, mean_scale
 from lightning_reweight.functional.longtail import check_class_counts, class_balanced_weights
 from lightning_reweight.losses._counts import ClassCountLoss
@@ -65,6 +66,15 @@ class ClassWeighting:
         if targets.shape != losses.shape:
             raise ValueError(f"targets {tuple(targets.shape)} and losses {tuple(losses.shape)} must have one shape")
         self.calls += 1
+        # on CPU every batch; on a GPU the first (a host sync; an out-of-range index there is a device-side assert)
+        if targets.numel() and (targets.device.type == "cpu" or self.calls == 1):
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= self.class_weights.numel():
+                raise ValueError(
+                    f"a target of class {high if high >= self.class_weights.numel() else low} but class weights for "
+                    f"{self.class_weights.numel()} classes (0-{self.class_weights.numel() - 1}): give one count per "
+                    "class of the data"
+                )
         if self.class_weights.device != losses.device:  # once: a copy to the GPU per step would stall it
             self.class_weights = self.class_weights.to(losses.device)
         return mean_scale(self.class_weights[targets])
@@ -154,6 +164,8 @@ class DeferredReweighting(Callback):
                     "with a `train_class_counts` attribute"
                 )
             self._counts = self._validated(counts)
+        else:
+            self._check_given_counts(trainer, pl_module)
         if starts_new_run(trainer):
             self._epoch_batches = 0
         if self.mode == "weighting":
@@ -171,6 +183,24 @@ class DeferredReweighting(Callback):
                 target.set_class_counts(self._counts)  # type: ignore[arg-type]
                 target.to(pl_module.device)
             self._weight_buffer(pl_module)
+
+    def _check_given_counts(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``cls_num_list`` against the data: the wrong number of classes is an error, other counts a warning."""
+        assert self._counts is not None
+        data_counts = getattr(trainer.datamodule, "train_class_counts", None)
+        classes = len(data_counts) if data_counts is not None else getattr(pl_module, "num_classes", None)
+        if isinstance(classes, int) and classes != len(self._counts):
+            source = "the datamodule's train_class_counts" if data_counts is not None else "the module's num_classes"
+            raise ValueError(
+                f"DeferredReweighting: cls_num_list has {len(self._counts)} classes but {source} says {classes}: "
+                "give one count per class (or leave cls_num_list out to use the datamodule's counts)"
+            )
+        if data_counts is not None and [int(n) for n in data_counts] != self._counts:
+            rank_zero_warn(
+                f"DeferredReweighting: cls_num_list {self._counts} differs from the datamodule's train_class_counts "
+                f"{[int(n) for n in data_counts]}; the class weights follow cls_num_list (leave it out to follow "
+                "the data)"
+            )
 
     @staticmethod
     def _criterion_target(pl_module: LightningModule) -> Any:
@@ -210,6 +240,7 @@ class DeferredReweighting(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        warn_if_never_reached(trainer, self.start_epoch, "DeferredReweighting")
         target = self._criterion_target(pl_module)
         counts = getattr(target, "cls_num_list", None)
         if isinstance(target, ClassCountLoss) and counts is not None and list(counts) != self._counts:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.losses.absgd import AttentionalDROLoss
 
 __all__ = ["DROSchedule"]
@@ -39,8 +41,8 @@ class DROSchedule(Callback):
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
         values = [lam, *(lam_schedule or {}).values()]
-        if any(v is None or float(v) == 0.0 for v in values):
-            raise ValueError(f"lam and the lam_schedule values must be non-zero numbers, got {values}")
+        if any(v is None or not math.isfinite(float(v)) or float(v) == 0.0 for v in values):
+            raise ValueError(f"lam and the lam_schedule values must be finite non-zero numbers, got {values}")
         early = [e for e in (lam_schedule or {}) if int(e) < start_epoch]
         if early:
             raise ValueError(f"lam_schedule epochs {early} come before start_epoch={start_epoch}; remove them")
@@ -77,6 +79,7 @@ class DROSchedule(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        warn_if_never_reached(trainer, self._start_epoch, "DROSchedule")
         self._apply(trainer)
 
     @override
