@@ -156,6 +156,11 @@ class CIFAR10DataModule(_CIFARDataModule):
     normalised with the CIFAR-10 channel mean/std (:attr:`mean`, :attr:`std`); with ``augment=True``
     training and meta images also get a random 32x32 crop with 4-pixel padding and a horizontal flip.
 
+    Long-tailed CIFAR-10 (``imbalance_ratio``): the head class has as many images as the smallest class left after
+    the validation and meta splits, so the defaults (10% validation, 10 meta images per class) give 4490 ... 44 at
+    ratio 100; ``val_fraction=0, meta_per_class=0`` give the published CIFAR-10-LT, 5000 ... 50 (12,406 images, the
+    LDAM-DRW protocol, which evaluates on the test set), as the ``cifar10_lt_*`` configs do.
+
     Args:
         data_dir: root directory holding (or receiving) ``cifar-10-batches-py``.
         download: download the archive in :meth:`prepare_data` (and when setting up) if missing.

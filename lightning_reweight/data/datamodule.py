@@ -47,7 +47,9 @@ class ReweightDataModule(L.LightningDataModule):
     1. splits off a stratified validation set (``val_fraction``, clean labels);
     2. splits off a clean, class-balanced meta set (``meta_per_class`` per class; 0 means no meta set);
     3. long-tail subsamples the rest (``imbalance_ratio``, ``imbalance_profile``; ``imbalance_ratio=1`` keeps
-       everything), leaving the meta, validation and test sets untouched;
+       everything), leaving the meta, validation and test sets untouched; the head class keeps as many samples
+       as the smallest class has left after steps 1-2 (``val_fraction=0, meta_per_class=0`` for the published
+       long-tailed sets, e.g. CIFAR-10-LT's 5000 ... 50);
     4. injects label noise (``noise_rate``, ``noise_kind``) into that training part only.
 
     After :meth:`setup` the module exposes ``num_classes``, ``train_dataset`` (yields ``(x, noisy_y, i)``,

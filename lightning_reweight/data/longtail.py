@@ -115,7 +115,8 @@ def long_tailed_indices(
         profile: ``"exp"`` or ``"step"`` (see :func:`long_tailed_counts`).
         seed: seed of the local random generator.
         n_max: size of the head class; defaults to the smallest non-zero class count, so that every class
-            can supply its quota (5000 for CIFAR-10/100 train sets).
+            can supply its quota (5000 for the full CIFAR-10 train set, 500 for CIFAR-100's; less for what is
+            left of them after a validation or meta split).
 
     Returns:
         The kept indices into ``targets``, sorted ascending (``int64``).
