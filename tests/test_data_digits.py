@@ -286,3 +286,21 @@ def test_reloaded_training_loader_goes_on_with_the_order():
     dm = DigitsDataModule(batch_size=128, meta_per_class=0)
     trainer.fit(ReweightClassifier(MLP(64, 10, hidden=(8,)), 10), datamodule=dm)
     assert firsts[0] != firsts[1] and firsts[1] != firsts[2] and firsts[0] != firsts[2]
+
+
+def test_split_errors_name_the_argument_and_what_is_left():
+    """The meta split's error named the inner function's parameter (per_class) and not what the validation split
+    had left; a meta set that used up a class left training without it silently; the attributes setup() builds
+    were bare AttributeErrors before it."""
+    with pytest.raises(ValueError, match=r"meta_per_class=10 .* after the validation split \(val_fraction=0.99\)"):
+        DigitsDataModule(val_fraction=0.99).setup()
+    dm = DigitsDataModule(meta_per_class=125, val_fraction=0.1)
+    with pytest.warns(UserWarning, match=r"leave class\(es\) \[8\] without training samples"):
+        dm.setup()
+    assert 8 not in dm.train_targets.tolist() and dm.train_class_counts[8] == 0  # what the warning says
+    fresh = DigitsDataModule(noise_rate=0.4)
+    with pytest.raises(AttributeError, match=r"noise_mask is set by setup\(\): call dm.setup\('fit'\) first"):
+        fresh.noise_mask  # noqa: B018
+    assert getattr(fresh, "train_class_counts", None) is None  # still an AttributeError: getattr defaults work
+    with pytest.raises(AttributeError, match="has no attribute 'nosie_mask'"):
+        fresh.nosie_mask  # noqa: B018

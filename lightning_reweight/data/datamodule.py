@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -21,6 +22,13 @@ __all__ = ["ReweightDataModule"]
 # Offsets that give each random stage of the pipeline its own stream for a given seed.
 _VAL_STREAM, _META_STREAM, _LONGTAIL_STREAM, _NOISE_STREAM, _SHUFFLE_STREAM, _META_SHUFFLE_STREAM = range(6)
 _WORKER_SEED_STREAM, _META_WORKER_SEED_STREAM = 6, 7
+
+
+# What setup() builds (attributes, not properties: subclasses and users may set them).
+_SET_BY_SETUP = frozenset({
+    "train_dataset", "meta_dataset", "val_dataset", "test_dataset", "train_targets", "clean_train_targets",
+    "noise_mask", "train_class_counts", "clean_train_class_counts", "val_indices", "meta_indices", "train_indices",
+})
 
 
 def _stage_seed(seed: int, stream: int) -> int:
@@ -169,12 +177,26 @@ class ReweightDataModule(L.LightningDataModule):
         else:
             val_idx, rest = all_idx[:0], all_idx
         if self.meta_per_class > 0:
+            left = class_counts(pool_targets[rest], self.num_classes)
+            if min(left) < self.meta_per_class:
+                after = f" after the validation split (val_fraction={self.val_fraction})" if self.val_fraction else ""
+                raise ValueError(
+                    f"meta_per_class={self.meta_per_class} needs that many samples of every class, but{after} the "
+                    f"classes have {left}: lower meta_per_class" + (" or val_fraction" if self.val_fraction else "")
+                )
             meta_pos, train_pos = balanced_meta_split(
                 pool_targets[rest], self.meta_per_class, seed=self._seed(_META_STREAM)
             )
             meta_idx, rest = rest[meta_pos], rest[train_pos]
         else:
             meta_idx = all_idx[:0]
+        emptied = [c for c, n in enumerate(class_counts(pool_targets[rest], self.num_classes)) if n == 0]
+        if emptied:
+            warnings.warn(
+                f"{type(self).__name__}: the validation and meta splits leave class(es) {emptied} without training "
+                f"samples (val_fraction={self.val_fraction}, meta_per_class={self.meta_per_class})",
+                UserWarning, stacklevel=2,
+            )
         if self.imbalance_ratio > 1:
             kept = long_tailed_indices(
                 pool_targets[rest], self.imbalance_ratio, profile=self.imbalance_profile,
@@ -202,6 +224,15 @@ class ReweightDataModule(L.LightningDataModule):
         self.val_dataset = RelabeledSubset(pool, val_idx, pool_targets[val_idx], self.eval_transform)
         self.test_dataset = RelabeledSubset(test_set, torch.arange(len(test_set)), None, self.eval_transform)
         self._is_set_up = True
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes not set: those that setup() sets get a message saying so
+        if name in _SET_BY_SETUP:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is set by setup(): call dm.setup('fit') first (Lightning calls it "
+                "in trainer.fit)"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _seed(self, stream: int) -> int:
         return _stage_seed(self.seed, stream)
