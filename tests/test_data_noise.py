@@ -130,3 +130,41 @@ def test_noise_rate_one_and_scalar_tensor_rates(kind):
         assert torch.equal(got[0], want[0]) and int(got[1].sum()) == 10  # round(0.25 * 40)
     with pytest.raises(TypeError, match="noise_rate"):
         inject_label_noise(y, torch.tensor([0.2, 0.3]), kind=kind)
+
+
+def test_cifar10_asymmetric_flips_each_source_class_to_its_similar_class():
+    """truck -> automobile, bird -> airplane, cat <-> dog, deer -> horse (METHODS.md), rate * n_j of each source."""
+    clean = torch.arange(10).repeat_interleave(300)  # 300 per class, 3000 in all
+    noisy, mask = inject_label_noise(clean, 0.4, kind="cifar10_asymmetric", seed=1)
+    pairs = {(int(c), int(n)) for c, n in zip(clean[mask], noisy[mask])}
+    assert pairs == {(9, 1), (2, 0), (3, 5), (5, 3), (4, 7)}  # written out from the convention
+    per_class = torch.bincount(clean[mask], minlength=10).tolist()
+    assert per_class == [0, 0, 120, 120, 120, 120, 0, 0, 0, 120]  # 40% of each source class, nothing elsewhere
+    assert torch.equal(mask, noisy != clean)
+    again, _ = inject_label_noise(clean, 0.4, kind="cifar10_asymmetric", seed=1)
+    other, _ = inject_label_noise(clean, 0.4, kind="cifar10_asymmetric", seed=2)
+    assert torch.equal(again, noisy) and not torch.equal(other, noisy)
+    with pytest.raises(ValueError, match="10 classes"):
+        inject_label_noise(torch.arange(4).repeat(5), 0.4, kind="cifar10_asymmetric")
+
+
+def test_datamodule_takes_cifar10_asymmetric_noise_and_pin_memory():
+    from lightning_reweight.data import ReweightDataModule
+    from lightning_reweight.data.indexed import TensorClassificationDataset
+
+    class Ten(ReweightDataModule):
+        num_classes = 10
+
+        def load_train_pool(self):
+            y = torch.arange(10).repeat(40)
+            return TensorClassificationDataset(torch.randn(400, 3), y), y
+
+        def load_test_set(self):
+            return TensorClassificationDataset(torch.randn(10, 3), torch.arange(10))
+
+    dm = Ten(noise_rate=0.5, noise_kind="cifar10_asymmetric", meta_per_class=2, val_fraction=0.0, pin_memory=True)
+    dm.setup()
+    flipped = dm.clean_train_targets[dm.noise_mask]
+    assert set(flipped.tolist()) == {2, 3, 4, 5, 9} and len(flipped) == 5 * 19  # half of 38 per source class
+    assert all(loader.pin_memory for loader in (dm.train_dataloader(), dm.meta_dataloader(), dm.val_dataloader()))
+    assert not Ten().pin_memory

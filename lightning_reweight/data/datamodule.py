@@ -73,7 +73,7 @@ class ReweightDataModule(L.LightningDataModule):
 
     Args:
         noise_rate: fraction of training labels to corrupt, in ``[0, 1]``.
-        noise_kind: ``"symmetric"``, ``"symmetric_all"`` or ``"pairflip"`` (see
+        noise_kind: ``"symmetric"``, ``"symmetric_all"``, ``"pairflip"`` or ``"cifar10_asymmetric"`` (see
             :func:`~lightning_reweight.data.inject_label_noise`; for a transition matrix, call that function).
         imbalance_ratio: head-to-tail ratio of the training part (``>= 1``; 1 keeps all samples).
         imbalance_profile: ``"exp"`` or ``"step"``.
@@ -83,6 +83,7 @@ class ReweightDataModule(L.LightningDataModule):
         meta_batch_size: meta batch size.
         eval_batch_size: validation/test batch size.
         num_workers: dataloader workers.
+        pin_memory: page-locked host batches in every loader (faster host-to-GPU copies).
         seed: seed of every random choice of the pipeline and of the training shuffle (under DDP too: the
             training loader then shards with a ``DistributedSampler`` seeded from it, not from
             ``seed_everything``).
@@ -112,7 +113,7 @@ class ReweightDataModule(L.LightningDataModule):
     def __init__(
         self,
         noise_rate: float = 0.0,
-        noise_kind: Literal["symmetric", "symmetric_all", "pairflip"] = "symmetric",
+        noise_kind: Literal["symmetric", "symmetric_all", "pairflip", "cifar10_asymmetric"] = "symmetric",
         imbalance_ratio: float = 1.0,
         imbalance_profile: Literal["exp", "step"] = "exp",
         meta_per_class: int = 10,
@@ -122,6 +123,7 @@ class ReweightDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         seed: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         self.noise_rate = check_real("noise_rate", noise_rate, low=0.0, high=1.0, high_inclusive=True)
@@ -135,6 +137,9 @@ class ReweightDataModule(L.LightningDataModule):
         self.eval_batch_size = check_int("eval_batch_size", eval_batch_size, minimum=1)
         self.num_workers = check_int("num_workers", num_workers, minimum=0)
         self.seed = check_int("seed", seed)
+        if not isinstance(pin_memory, bool):
+            raise TypeError(f"pin_memory must be a bool, got {type(pin_memory).__name__}")
+        self.pin_memory = pin_memory
         self.save_hyperparameters()
         #: Optional sampler replacing the shuffled order of :meth:`train_dataloader`.
         self.train_sampler: Sampler | None = None
@@ -245,7 +250,7 @@ class ReweightDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(
             dataset, batch_size=batch_size, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, **kwargs,
+            persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory, **kwargs,
         )
 
     def _worker_generator(self, stream: int) -> torch.Generator:
@@ -295,7 +300,7 @@ class ReweightDataModule(L.LightningDataModule):
             return self._shuffled(self.train_dataset, self.batch_size, shuffle_generator, _WORKER_SEED_STREAM)
         if isinstance(sampler, BatchSampler):
             return DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0)
+                              persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
         return self._loader(self.train_dataset, self.batch_size, sampler=sampler)
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,10 +10,14 @@ from torch import Tensor
 
 from lightning_reweight.data._checks import as_labels, check_real, generator, infer_num_classes
 
-__all__ = ["NOISE_KINDS", "inject_label_noise"]
+__all__ = ["CIFAR10_ASYMMETRIC_MAP", "NOISE_KINDS", "inject_label_noise"]
 
 #: The named noise kinds accepted by :func:`inject_label_noise` (a transition matrix is also accepted).
-NOISE_KINDS: tuple[str, ...] = ("symmetric", "symmetric_all", "pairflip")
+NOISE_KINDS: tuple[str, ...] = ("symmetric", "symmetric_all", "pairflip", "cifar10_asymmetric")
+
+#: The CIFAR-10 asymmetric convention (class-dependent, between similar classes): truck -> automobile,
+#: bird -> airplane, cat <-> dog, deer -> horse; the other five classes keep their labels.
+CIFAR10_ASYMMETRIC_MAP: dict[int, int] = {9: 1, 2: 0, 3: 5, 5: 3, 4: 7}
 
 
 def inject_label_noise(
@@ -33,6 +37,9 @@ def inject_label_noise(
     * ``"symmetric_all"``: each chosen label is redrawn uniformly from all ``C`` classes; about ``1/C`` of
       them keep their label, so the realised rate is about ``noise_rate * (C - 1) / C``.
     * ``"pairflip"``: each chosen label ``j`` becomes ``(j + 1) mod C``.
+    * ``"cifar10_asymmetric"`` (``C = 10``): the CIFAR-10 convention :data:`CIFAR10_ASYMMETRIC_MAP`; exactly
+      ``round(noise_rate * n_j)`` samples of each of the five source classes ``j`` are flipped to its target and
+      the other classes are untouched, so the overall realised rate is about ``noise_rate / 2`` on balanced data.
 
     ``kind`` may also be a ``C x C`` row-stochastic transition matrix ``T`` (tensor, numpy array or nested
     sequence): every sample's noisy label is drawn from row ``T[y]``, so ``T[i, j]`` is the probability that
@@ -44,7 +51,8 @@ def inject_label_noise(
         targets: clean labels, a 1-D integer tensor or sequence of ints.
         noise_rate: fraction of samples to corrupt, in ``[0, 1]`` (named kinds only; a number or a 0-d
             tensor/array).
-        kind: ``"symmetric"``, ``"symmetric_all"``, ``"pairflip"`` or a ``C x C`` transition matrix.
+        kind: ``"symmetric"``, ``"symmetric_all"``, ``"pairflip"``, ``"cifar10_asymmetric"`` or a ``C x C``
+            transition matrix.
         num_classes: number of classes ``C``; defaults to ``max(targets) + 1`` (or the matrix size).
         seed: seed of the local random generator.
 
@@ -90,6 +98,8 @@ def inject_label_noise(
 def _corrupt_named(
     labels: Tensor, rate: float, kind: str, num_classes: int, seed: int
 ) -> tuple[Tensor, Tensor]:
+    if kind == "cifar10_asymmetric" and num_classes != 10:
+        raise ValueError(f"kind='cifar10_asymmetric' is the CIFAR-10 convention: 10 classes, got {num_classes}")
     gen = generator(seed)
     n = labels.numel()
     n_corrupt = round(rate * n)
@@ -98,6 +108,12 @@ def _corrupt_named(
         return noisy, torch.zeros(n, dtype=torch.bool)
     if num_classes < 2 and kind in ("symmetric", "pairflip"):
         raise ValueError(f"kind={kind!r} needs num_classes >= 2 to change a label, got {num_classes}")
+    if kind == "cifar10_asymmetric":
+        for source, target in CIFAR10_ASYMMETRIC_MAP.items():  # per class: exactly rate * n_j of each source class
+            members = (labels == source).nonzero().flatten()
+            flipped = members[torch.randperm(members.numel(), generator=gen)[: round(rate * members.numel())]]
+            noisy[flipped] = target
+        return noisy, noisy != labels
     chosen = torch.randperm(n, generator=gen)[:n_corrupt]
     if kind == "symmetric":
         # An offset uniform in {1, ..., C-1} maps y to a class uniform among the C-1 others.
