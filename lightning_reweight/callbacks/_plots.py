@@ -16,6 +16,7 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
     """Plot ``V(l)`` for ``l`` in ``[0, max_loss]`` and send it to every W&B / TensorBoard logger.
 
     Called at an epoch's end, it logs at the step Lightning writes its epoch-end values at.
+
     Does nothing (returns ``False``) when no logger takes images; matplotlib is imported only when one does.
     Without matplotlib it warns once and returns ``False``: a missing plotting package must not end a training
     run at an epoch's end.
