@@ -78,7 +78,8 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         momentum: SGD momentum.
         weight_decay: weight decay.
         nesterov: Nesterov momentum.
-        scheduler: ``"none"``, ``"cosine"`` (over ``max_epochs``), ``"multistep"`` (``milestones``, ``gamma``) or
+        scheduler: ``"none"``, ``"cosine"`` (over ``max_epochs``, stepped per epoch; per step over ``max_steps``
+            when the run is step-based, ``max_epochs=-1``), ``"multistep"`` (``milestones``, ``gamma``) or
             ``"warmup_multistep"`` (linear warm-up over ``warmup_epochs``, then multistep; see
             :func:`lightning_reweight.schedules.warmup_multistep`).
         milestones: epochs at which ``"multistep"`` multiplies the lr by ``gamma``.
@@ -240,8 +241,12 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         if hp.scheduler == "none":
             return opt
         if hp.scheduler == "cosine":
-            epochs = max(int(self.trainer.max_epochs or 1), 1)
-            sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+            epochs = self.trainer.max_epochs
+            if epochs is None or epochs < 0:  # step-based training (max_steps): one decay over the run's steps
+                steps = max(int(self.trainer.estimated_stepping_batches), 1)
+                sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(epochs), 1))
         elif hp.scheduler == "warmup_multistep":
             from lightning_reweight.schedules import warmup_multistep
 

@@ -109,6 +109,24 @@ def test_scheduler_steps_once_per_epoch_along_its_formula(scheduler):
         assert got == pytest.approx(lr)
 
 
+def test_cosine_over_max_steps_decays_once_per_run():
+    """Step-based training (max_steps, max_epochs=-1) gave T_max=1: the lr jumped between lr and 0 every epoch."""
+    import math
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    seen: list[float] = []
+
+    class RecordLR(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    data = DataLoader(TensorDataset(*_batch()), batch_size=2)  # 3 steps per epoch
+    model = ReweightClassifier(MLP(64, 5, hidden=(4,)), num_classes=5, lr=0.1, scheduler="cosine")
+    L.Trainer(max_steps=12, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", callbacks=[RecordLR()]).fit(model, data)
+    assert seen == pytest.approx([0.1 * (1 + math.cos(math.pi * s / 12)) / 2 for s in range(12)])
+
 def test_balanced_accuracy_leaves_out_classes_missing_from_the_targets():
     """Class 2 never appears in the test targets but is predicted: it is not a 0-recall class (per-class counting)."""
     from torch.utils.data import DataLoader, TensorDataset
