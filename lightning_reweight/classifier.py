@@ -69,6 +69,11 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
     (balanced accuracy = mean per-class recall over the classes present in the evaluated targets,
     :class:`~lightning_reweight.metrics.BalancedAccuracy`).
 
+    The backbone and the criterion are modules, not hyperparameters: reload a checkpoint with
+    ``ReweightClassifier.load_from_checkpoint(path, backbone=..., criterion=...)`` (the same kinds as trained; their
+    weights and buffers come from the checkpoint). Without ``criterion=`` an ABSGD or LDAM checkpoint reloads with
+    cross-entropy, and Lightning warns about the criterion's unexpected keys.
+
     Args:
         backbone: the network mapping inputs to logits.
         num_classes: number of classes.

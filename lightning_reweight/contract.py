@@ -13,6 +13,7 @@ backward pass.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -156,14 +157,38 @@ def weight_statistics(weights: Tensor) -> dict[str, Tensor]:
 
 
 def _targets_and_indices(batch: Any) -> tuple[Tensor | None, Tensor | None]:
-    """``(targets, indices)`` of a batch in one of :func:`split_batch`'s layouts, ``(None, None)`` otherwise."""
+    """``(targets, indices)`` of a batch in one of :func:`split_batch`'s layouts, ``(None, None)`` otherwise.
+
+    A third element is taken for dataset indices only when it is a 1-D integer tensor of the targets' length;
+    anything else (file paths, a second input) gives ``None`` indices and a warning.
+    """
     if batch is None:
         return None, None
     try:
         _, targets, indices = split_batch(batch)
     except TypeError:
         return None, None
+    if indices is not None and not _are_indices(indices, targets):
+        warnings.warn(
+            "the batch's third element is not a 1-D integer tensor of dataset indices (one per sample), so the "
+            "weighting sources get no indices; batches are read as (inputs, targets[, indices]): for another layout "
+            "override the module's batch_targets_and_indices(batch)",
+            UserWarning,
+            stacklevel=3,
+        )
+        indices = None
     return targets, indices
+
+
+def _are_indices(indices: Any, targets: Any) -> bool:
+    return (
+        isinstance(indices, Tensor)
+        and indices.dim() == 1
+        and not indices.is_floating_point()
+        and not indices.is_complex()
+        and indices.dtype != torch.bool
+        and (not isinstance(targets, Tensor) or targets.dim() == 0 or indices.shape[0] == targets.shape[0])
+    )
 
 
 class ReweightingMixin:
@@ -176,6 +201,12 @@ class ReweightingMixin:
 
     After each call, ``last_sample_weights`` and ``last_sample_indices`` hold the weights used (detached) and
     the batch's dataset indices, for monitors.
+
+    Batches are read as ``(inputs, targets)`` or ``(inputs, targets, indices)``; for another layout (dicts, two
+    inputs) override :meth:`batch_targets_and_indices`. The mixin reserves the names ``weightings``,
+    ``attach_weighting``, ``detach_weighting``, ``per_sample_loss``, ``sample_weights``,
+    ``batch_targets_and_indices``, ``reweight``, ``last_sample_weights``, ``last_sample_indices`` and
+    ``weight_log_prefix``: give your own attributes other names.
 
     Example:
         >>> import torch
@@ -209,6 +240,13 @@ class ReweightingMixin:
             self.__dict__["_reweight_sources"] = sources
         return sources
 
+    @weightings.setter
+    def weightings(self, value: Any) -> None:
+        raise AttributeError(
+            f"{type(self).__name__}.weightings is ReweightingMixin's registry of weighting sources (use "
+            "attach_weighting/detach_weighting); give your attribute another name"
+        )
+
     def attach_weighting(self, name: str, weighting: SampleWeighting) -> None:
         """Attach a weighting source under ``name`` (replacing one of the same name).
 
@@ -236,20 +274,42 @@ class ReweightingMixin:
         """
         raise NotImplementedError(f"{type(self).__name__} must implement per_sample_loss(batch)")
 
+    def batch_targets_and_indices(self, batch: Any) -> tuple[Tensor | None, Tensor | None]:
+        """The batch's targets and dataset indices, for the weighting sources (``None`` where unknown).
+
+        The default reads ``(inputs, targets[, indices])`` tuples; a third element that is not a 1-D integer tensor
+        of one index per sample is not taken for indices (a warning says so). Override it for other batch layouts,
+        e.g. ``return batch["label"], batch["index"]`` for dict batches.
+
+        Args:
+            batch: the training batch.
+
+        Returns:
+            ``(targets, indices)``.
+        """
+        return _targets_and_indices(batch)
+
     def sample_weights(self, losses: Tensor, batch: Any = None) -> Tensor:
         """The product of the attached sources' weights for ``losses`` (ones when none is attached).
+
+        Every source's weights are on the mean scale; their product in general is not (its mean moves with how
+        the sources' weights correlate within the batch).
 
         Args:
             losses: per-sample losses, shape ``(B,)``.
             batch: the training batch (sources may read inputs, targets and indices from it).
 
         Returns:
-            Detached mean-scale weights, shape ``(B,)``, in at least fp32.
+            Detached weights, shape ``(B,)``, in at least fp32.
         """
+        return self._combined_weights(losses, batch, *self.batch_targets_and_indices(batch))
+
+    def _combined_weights(self, losses: Tensor, batch: Any, targets: Tensor | None, indices: Tensor | None) -> Tensor:
         check_per_sample_losses(losses)
+        if isinstance(targets, Tensor) and targets.dim() >= 1:
+            check_per_sample_losses(losses, targets.shape[0])
         weights = None
         if self.weightings:
-            targets, indices = _targets_and_indices(batch)
             context = WeightingContext(module=self, batch=batch, targets=targets, indices=indices)
             for source in list(self.weightings.values()):
                 w = source.sample_weights(losses, context).detach()
@@ -269,25 +329,32 @@ class ReweightingMixin:
         Args:
             losses: per-sample losses, shape ``(B,)`` (``reduction="none"``).
             batch: the training batch, passed to the weighting sources.
-            log: log weight statistics (every ``log_every_n_steps`` steps) when sources are attached.
+            log: log weight statistics (every ``log_every_n_steps`` training steps) when sources are attached.
 
         Returns:
             The scalar training loss.
 
         Raises:
-            ValueError: when ``losses`` was already reduced to a scalar.
+            ValueError: when ``losses`` was already reduced to a scalar, or holds another number of losses than
+                the batch has targets.
         """
-        weights = self.sample_weights(losses, batch)  # validates the losses
+        if "sample_weights" in self.__dict__:
+            raise TypeError(
+                f"{type(self).__name__}.sample_weights is set as an attribute, which hides ReweightingMixin's "
+                "sample_weights method: give your attribute another name"
+            )
+        targets, indices = self.batch_targets_and_indices(batch)
+        weights = self._combined_weights(losses, batch, targets, indices)  # validates the losses
         self.last_sample_weights = weights
-        self.last_sample_indices = _targets_and_indices(batch)[1]
+        self.last_sample_indices = indices
         if log and self.weightings:
             self._log_weight_statistics(weights)
         return (weights.to(losses.dtype) * losses).mean()
 
     def _log_weight_statistics(self, weights: Tensor) -> None:
         trainer = getattr(self, "_trainer", None)
-        if trainer is None or not hasattr(self, "log_dict"):
-            return
+        if trainer is None or not hasattr(self, "log_dict") or not trainer.training:
+            return  # a reweight call in validation_step must not write to the training weights/* keys
         if not step_logs_written(trainer):
             return
         stats = weight_statistics(weights)

@@ -196,3 +196,86 @@ def test_logged_weight_statistics_are_those_of_the_step_they_are_written_at(tmp_
     assert sorted(written) == expected_steps
     for step, value in written.items():
         assert value == max(2.0, 1.0 + step)
+
+
+# ------------------------------------------------------------------------------ batch layouts and names (review)
+def test_a_third_element_that_is_not_indices_is_not_taken_for_them():
+    """(x_a, x_b, y) batches gave the labels to the sources as dataset indices (and x_b as targets); (x, y, paths)
+    crashed inside MetaReweight. Only a 1-D integer tensor with one entry per sample counts as indices."""
+    m = Tiny()
+    x, y, _ = _batch()
+    src = FixedWeights(torch.ones(6))
+    m.attach_weighting("fixed", src)
+    for third in (torch.randn(6, 2), ["a.png"] * 6, torch.arange(5), torch.rand(6)):
+        with pytest.warns(UserWarning, match="third element is not a 1-D integer tensor of dataset indices"):
+            m.reweight(m.per_sample_loss((x, y)), (x, y, third))
+        assert src.seen[-1].indices is None and m.last_sample_indices is None
+    m.reweight(m.per_sample_loss((x, y)), (x, y, torch.arange(6, dtype=torch.int32)))
+    assert torch.equal(src.seen[-1].indices, torch.arange(6, dtype=torch.int32))
+
+
+def test_dict_batches_hand_targets_and_indices_through_the_overridable_hook():
+    from lightning_reweight.callbacks import ClassWeighting
+
+    class DictModule(Tiny):
+        def per_sample_loss(self, batch):
+            return F.cross_entropy(self.net(batch["image"]), batch["label"], reduction="none")
+
+        def batch_targets_and_indices(self, batch):
+            return batch["label"], batch["index"]
+
+    m = DictModule()
+    x, y, idx = _batch()
+    batch = {"image": x, "label": y, "index": idx}
+    m.attach_weighting("class", ClassWeighting(torch.tensor([1.0, 2.0, 4.0])))
+    losses = m.per_sample_loss(batch)
+    c = torch.tensor([1.0, 2.0, 4.0])[y]
+    assert torch.allclose(m.reweight(losses, batch), (c * losses).sum() / c.sum())  # PyTorch's weighted mean
+    assert torch.equal(m.last_sample_indices, idx)
+
+
+def test_losses_of_another_length_than_the_batch_are_refused():
+    m = Tiny()
+    x, y, idx = _batch()
+    with pytest.raises(ValueError, match="losses has 18 entries but the batch has 6 samples"):
+        m.reweight(torch.ones(18), (x, y, idx))  # e.g. (B, C) losses flattened
+
+
+def test_reserved_names_give_clear_errors():
+    class Collides(Tiny):
+        def __init__(self):
+            super().__init__()
+            self.weightings = {"ce": 1.0}
+
+    with pytest.raises(AttributeError, match="weightings is ReweightingMixin's registry"):
+        Collides()
+    m = Tiny()
+    m.sample_weights = torch.ones(6)  # a per-dataset weight table under the method's name
+    with pytest.raises(TypeError, match="hides ReweightingMixin's sample_weights method"):
+        m.reweight(torch.ones(6), _batch())
+
+
+def test_reweight_in_validation_does_not_log_training_weight_statistics(tmp_path):
+    """A reweight call in validation_step wrote its weights under the training weights/* keys (at the validation
+    batch index as the step)."""
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class ByStage:
+        def sample_weights(self, losses, context):
+            return torch.full_like(losses, 1.0 if context.module.training else 2.0)
+
+    class WithValidation(Trainable):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.reweight(self.per_sample_loss(batch), batch))
+
+    m = WithValidation()
+    m.attach_weighting("stage", ByStage())
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=4)
+    L.Trainer(max_epochs=2, logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_progress_bar=False,
+              enable_checkpointing=False, enable_model_summary=False).fit(m, loader, loader)
+    lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    means = [float(r["weights/mean"]) for r in (dict(zip(header, line.split(","))) for line in lines[1:])
+             if r.get("weights/mean")]
+    assert means == [1.0] * 8  # the 8 training steps, none of the validation batches
