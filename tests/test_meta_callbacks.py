@@ -962,3 +962,35 @@ def test_delayed_meta_update_unscales_the_gradients_of_a_fused_optimizer():
         cb._pending = (types.SimpleNamespace(params=[p]), 0.1)
         cb.on_before_optimizer_step(fake, None, opt)
         assert torch.equal(strategy.got[0], expected)  # unfused: Lightning already unscaled them
+
+
+# ---------------------------------------------------------------------------- losses that are not per_sample_loss
+class AuxLossModule(ReweightClassifier):
+    """training_step hands reweight() its losses plus an auxiliary term: not per_sample_loss(batch)."""
+
+    def training_step(self, batch, batch_idx):
+        losses = self.per_sample_loss(batch)
+        return self.reweight(losses + 0.4 * losses.detach().flip(0), batch)
+
+
+class DrawsInItsOwnHook(ReweightClassifier):
+    """The module's own on_train_batch_start (run after the callbacks') draws a random number: the dropout masks
+    of the training forward are then not those MetaReweight replays."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        torch.rand(1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: AuxLossModule(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05),
+    lambda: DrawsInItsOwnHook(MLP(64, 4, hidden=(16,), dropout=0.5), num_classes=4, lr=0.05),
+])
+@pytest.mark.parametrize("strategy", [L2RW, MetaWeightNet])
+def test_losses_that_are_not_per_sample_loss_replayed_are_an_error(make, strategy):
+    """L2RW's finite difference subtracted the replayed l(theta + h d) from other losses: every alignment came out
+    negative, every weight 0, and the model silently never trained (MW-Net's meta-gradient was a mix of two
+    losses)."""
+    train, meta = loaders()
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"not per_sample_loss\(batch\) replayed at the same parameters"):
+        trainer(1, [MetaReweight(strategy(), meta_dataloader=meta)]).fit(make(), train)

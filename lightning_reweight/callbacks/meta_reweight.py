@@ -176,6 +176,7 @@ class MetaReweight(Callback):
         self._rng: RNGState | None = None
         self._pending: tuple[MetaProblem, float] | None = None
         self._early: MetaProblem | None = None
+        self._losses_checked = False  # per fit: the training forward's losses against per_sample_loss, once
         self._pending_extra: dict[str, Any] | None = None
         self._auroc.reset()
         self.auroc_history: list[float] = []
@@ -252,6 +253,7 @@ class MetaReweight(Callback):
                 "theta + h d is rounded to 8-11 bits and its alignment is inaccurate; use hypergrad='forward' "
                 "(exact at any precision) or a mixed precision (bf16-mixed keeps fp32 parameters)"
             )
+        self._losses_checked = False
         self.strategy.to(pl_module.device)
         self._auroc.to(pl_module.device)
         if self._history is not None:
@@ -304,6 +306,9 @@ class MetaReweight(Callback):
         else:  # training_step handed over another batch object than the hook saw: start afresh (same meta batch)
             problem = self._problem(trainer, module, context.batch, losses.detach() if delayed else losses,
                                     None if early is None else early.meta_batch)
+        if not self._losses_checked:  # once per fit: the meta step assumes losses == per_sample_loss(batch)
+            self._losses_checked = True
+            problem.check_losses(losses)
         if delayed:  # weights of the current meta-net; its update waits for the real gradient
             weights = self.strategy.weights(losses.detach())
             self._pending = (problem, self._virtual_lr(trainer))

@@ -293,6 +293,34 @@ class MetaProblem:
             self._early = self.alignment()
         self._prepared = True
 
+    def check_losses(self, losses: Tensor) -> None:
+        """Check that ``losses`` (the training forward's) are ``train_loss(train_batch)`` replayed at ``theta``.
+
+        The fast routes take ``l(theta)`` (finite differences) and the virtual step's graph from the training
+        forward's losses but evaluate ``train_loss`` everywhere else: both must be one function. One extra forward.
+
+        Raises:
+            ValueError: when they differ (beyond the rounding of a low-precision or autocast forward).
+        """
+        with self._forked(), torch.no_grad():
+            replayed = self.train_losses_at(self._theta())
+        got = _at_least_fp32(losses.detach())
+        low = self._autocast or losses.dtype in (torch.float16, torch.bfloat16)
+        tol = 5e-2 if low else 1e-4
+        scale = max(float(replayed.abs().max()) if replayed.numel() else 0.0, 1.0)
+        if got.shape != replayed.shape or not torch.allclose(got, replayed, rtol=tol, atol=tol * scale):
+            gap = float((got - replayed).abs().max()) if got.shape == replayed.shape else float("nan")
+            raise ValueError(
+                "MetaReweight: the losses handed to reweight() are not per_sample_loss(batch) replayed at the same "
+                f"parameters (largest difference {gap:.3g}), and the meta step needs one function for both. Either "
+                "training_step reduces other losses than per_sample_loss(batch) through reweight (hand it exactly "
+                "per_sample_loss(batch) and add other terms outside: self.reweight(self.per_sample_loss(batch), "
+                "batch) + aux_loss), or something draws random numbers or switches train/eval modes between "
+                "on_train_batch_start, where the RNG is saved, and the training forward (e.g. the LightningModule's "
+                "own on_train_batch_start, which Lightning runs after the callbacks': use on_train_epoch_start or "
+                "on_before_batch_transfer instead)"
+            )
+
     def detached_losses(self) -> Tensor:
         """The training losses at ``theta`` in fp32, detached (the training forward's, or recomputed)."""
         base = self._base_losses()
