@@ -862,6 +862,28 @@ def test_the_lr_scales_follow_parameters_unfrozen_during_the_fit():
     assert spy.seen[1][0] == features_first and spy.seen[1][1] == 0.1
 
 
+def test_a_warm_up_step_at_lr_zero_keeps_the_groups_ratios():
+    """A per-step warm-up from lr 0 (LambdaLR): at step 0 every group's lr is 0, and every parameter's scale became
+    1, the head-only optimizer's untrained features included; the ratios now come from the groups' initial lrs."""
+    train, meta = loaders()
+
+    class WarmUp(ReweightClassifier):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD([{"params": self.backbone.classifier.parameters(), "lr": 0.1},
+                                   {"params": list(self.backbone.features.parameters())[2:], "lr": 0.01}], lr=0.1)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 4))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    torch.manual_seed(0)
+    model = WarmUp(MLP(64, 4, hidden=(16, 16)), num_classes=4)
+    spy = LrSpy()
+    trainer(1, [MetaReweight(spy, meta_dataloader=meta)], limit_train_batches=2).fit(model, train)
+    features = list(model.backbone.features.parameters())
+    expected = [1.0 if n.startswith("backbone.classifier") else 0.0 if any(p is q for q in features[:2])
+                else pytest.approx(0.1) for n, p in model.named_parameters()]
+    assert [scale for scale, _ in spy.seen] == [expected, expected]  # step 0 (lr 0) as step 1 (lr 0.025)
+    assert [lr for _, lr in spy.seen] == [0.0, pytest.approx(0.025)]
+
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
 def test_true_precisions_give_the_meta_batch_the_models_dtype(precision):
     """The meta batch goes through the precision's ``convert_input`` as training batches do (it used to stay

@@ -451,6 +451,9 @@ class MetaReweight(Callback):
         key = (id(optimizer), tuple(float(g["lr"]) for g in groups), tuple(id(p) for p in trainable))
         if self._lr_scale_cache is not None and self._lr_scale_cache[0] == key:
             return self._lr_scale_cache[1]
+        if all(float(g["lr"]) <= 0 for g in groups):
+            # a warm-up step at lr 0: the groups' ratios are those of their initial lrs (schedulers record them)
+            groups = [{**g, "lr": float(g.get("initial_lr", 1.0))} for g in groups]
         base = self._base_lr(groups)
         lr_of = {id(p): float(g["lr"]) for g in groups for p in g["params"]}
         ratios = [lr_of.get(id(p), 0.0) / base if base > 0 else 1.0 for p in trainable]
