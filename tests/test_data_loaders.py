@@ -53,3 +53,14 @@ def test_ddp_training_order_follows_the_datamodule_seed_and_ranks_draw_their_own
     a, b, c = runs["a"], runs["b"], runs["c"]
     assert [r["seen"] for r in a] == [r["seen"] for r in b]  # another seed_everything: the same order
     assert [r["seen"][0] for r in a] != [r["seen"][0] for r in c]  # another datamodule seed: another order
+
+
+def test_the_meta_loader_never_ends_an_epoch_with_a_single_sample_batch():
+    """20 meta samples in batches of 19 ended every meta epoch with one sample, on which BatchNorm fails in train mode
+    mid-fit; a last batch of one is dropped, other partial batches are kept."""
+    from _toy_random_transform import Toy
+
+    for meta_batch_size, sizes in ((19, [19]), (7, [7, 7, 6]), (20, [20])):
+        dm = Toy(meta_per_class=10, val_fraction=0.0, meta_batch_size=meta_batch_size)
+        dm.setup()
+        assert [len(b[1]) for b in dm.meta_dataloader()] == sizes

@@ -319,12 +319,17 @@ class ReweightDataModule(L.LightningDataModule):
         self._pending_shuffle_state = None if state is None else torch.as_tensor(state, dtype=torch.uint8).clone()
 
     def meta_dataloader(self) -> DataLoader:
-        """Clean, balanced meta batches ``(x, y)`` (shuffled, ``meta_batch_size``, last batch kept)."""
+        """Clean, balanced meta batches ``(x, y)`` (shuffled, ``meta_batch_size``).
+
+        A partial last batch is kept, unless it would hold a single sample, which BatchNorm cannot normalise in
+        train mode (the meta forward would fail on it).
+        """
         self._require_setup()
         if self.meta_dataset is None:
             raise RuntimeError("no meta set: meta_per_class=0; pass meta_per_class >= 1 to build one")
+        size = len(self.meta_dataset)  # type: ignore[arg-type]
         return self._shuffled(self.meta_dataset, self.meta_batch_size, generator(self._seed(_META_SHUFFLE_STREAM)),
-                              _META_WORKER_SEED_STREAM, drop_last=False)
+                              _META_WORKER_SEED_STREAM, drop_last=size > 1 and size % self.meta_batch_size == 1)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches ``(x, y)`` (clean labels, ``eval_batch_size``); empty if ``val_fraction=0``."""
