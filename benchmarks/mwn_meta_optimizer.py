@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "mwn_meta_optimizer.json")
     args = parser.parse_args()
+    if args.epochs <= 5:
+        parser.error("--epochs must be > 5: the first 5 epochs are MW-Net's warm-up, without meta steps")
     from tqdm.auto import tqdm
 
     jobs = [(c, s, seed, args.epochs) for s in args.scenarios for c in args.configs for seed in args.seeds]

@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/sample_history_cost.json")
     args = ap.parse_args()
+    if args.epochs < 3:
+        ap.error(f"--epochs must be >= 3: the first {SKIP} steps of each run are left out (about 11 steps an epoch)")
     torch.set_num_threads(1)
     import lightning_reweight.callbacks.meta_reweight as mr
 

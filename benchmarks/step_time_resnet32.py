@@ -205,7 +205,7 @@ def peak_rss_subprocess(mode: str, batch: int, meta_batch: int, device: str) -> 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line entry point; writes the JSON unless ``--only``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--modes", nargs="*", default=list(MODES))
+    ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--meta-batch", type=int, default=100)
     ap.add_argument("--device", default="cpu")

@@ -317,6 +317,9 @@ def main() -> None:
     parser.add_argument("--png", type=Path, default=ROOT / "docs/_static/susceptibility_digits.png")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     args = parser.parse_args()
+    if args.timing_epochs < 2 or args.paired_epochs < 4:
+        parser.error("--timing-epochs must be >= 2 (the first epoch is left out) and --paired-epochs >= 4 (epochs 0-1 "
+                     "are left out, then measured and unmeasured epochs alternate)")
     if args.replot:
         replot(args.out, args.png)
         return

@@ -47,11 +47,16 @@ def main() -> None:
     trainer.fit(model, datamodule=dm)
     (test,) = trainer.test(model, datamodule=dm, verbose=False)
     auroc = meta.benchmark_metrics().get("weight_auroc")
-    auroc_text = f"{auroc:.3f}" if auroc is not None else f"n/a (no meta step: the {warmup}-epoch warm-up)"
+    if not bool(dm.noise_mask.any()):
+        auroc_text = "n/a (no noisy samples)"
+    elif auroc is None:
+        auroc_text = f"n/a (no meta step: the {warmup}-epoch warm-up)"
+    else:
+        auroc_text = f"{auroc:.3f}"
     print(f"{args.method} ({args.hypergrad}), {args.noise:.0%} noise: test accuracy {100 * test['test/acc']:.2f}%, "
           f"weight AUROC (last epoch) {auroc_text}")
     scores = meta.sample_scores()
-    if scores is not None:
+    if scores is not None and bool(dm.noise_mask.any()):
         # lowest mean within-batch percentile first; samples never weighted (nan) last
         suspects = scores["percentile"].cpu().nan_to_num(2.0).argsort()[:100]
         hits = int(dm.noise_mask[suspects].sum())

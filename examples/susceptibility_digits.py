@@ -19,6 +19,8 @@ import os
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
+SUBSETS = ("noisy", "clean")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="SusceptibilityMonitor on noisy digits (offline W&B run)")
@@ -67,8 +69,10 @@ def main() -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel("zeta")
         ax2 = ax.twinx()
-        ax2.plot(epochs, [r["memorization/train_acc_noisy"] for r in history], label="train acc (noisy subset)")
-        ax2.plot(epochs, [r["memorization/train_acc_clean"] for r in history], label="train acc (clean subset)")
+        for subset in SUBSETS:  # without noise (--noise-rate 0) there is no noisy subset
+            key = f"memorization/train_acc_{subset}"
+            if all(key in r for r in history):
+                ax2.plot(epochs, [r[key] for r in history], label=f"train acc ({subset} subset)")
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("train accuracy")
         fig.legend(loc="lower right", bbox_to_anchor=(0.88, 0.2), fontsize=8)
@@ -82,11 +86,9 @@ def main() -> None:
     run_dir = logger.experiment.dir if hasattr(logger.experiment, "dir") else args.wandb_dir
     wandb.finish()
     last = history[-1]
-    print(
-        f"epoch {last['epoch']}: zeta {last['memorization/zeta']:.4f}, "
-        f"train acc noisy subset {last['memorization/train_acc_noisy']:.3f}, "
-        f"clean subset {last['memorization/train_acc_clean']:.3f}"
-    )
+    subsets = [f"train acc {subset} subset {last[f'memorization/train_acc_{subset}']:.3f}" for subset in SUBSETS
+               if f"memorization/train_acc_{subset}" in last]
+    print(", ".join([f"epoch {last['epoch']}: zeta {last['memorization/zeta']:.4f}", *subsets]))
     print(f"offline W&B run written under {os.path.dirname(run_dir)}")
 
 

@@ -268,3 +268,26 @@ def test_cli_does_not_save_the_parsed_config_over_the_users_config_file(tmp_path
     for _ in range(2):  # a previous run's saved config.yaml is overwritten, as before
         assert main([*argv[:2], "mine.yaml", *argv[3:]]) == 0
     assert (tmp_path / "mine.yaml").read_text() == mine and "seed_everything" in (tmp_path / "config.yaml").read_text()
+
+
+def test_quiet_keeps_the_librarys_own_warnings():
+    """quiet() ignored UserWarnings of every module whose name starts with "lightning", lightning_reweight's
+    included: a benchmark (or the ABSGD example) with a stage that never starts ran without a word."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_reweight import ReweightClassifier
+    from lightning_reweight.bench.runner import quiet
+    from lightning_reweight.callbacks import MetaReweight
+    from lightning_reweight.meta import L2RW
+    from lightning_reweight.models import MLP
+
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    with quiet(), warnings.catch_warnings(record=True) as caught:
+        L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                  enable_model_summary=False, limit_val_batches=0,
+                  callbacks=[MetaReweight(L2RW(), meta_dataloader=DataLoader(data, batch_size=8), warmup_epochs=5)],
+                  ).fit(ReweightClassifier(MLP(4, 2, hidden=(4,)), 2), DataLoader(data, batch_size=8))
+    messages = [str(w.message) for w in caught]
+    assert any("warmup_epochs=5 is never reached with max_epochs=2" in m for m in messages)
+    assert not any("does not have many workers" in m for m in messages)  # Lightning's own stay quiet

@@ -23,6 +23,11 @@ CASES = {
         r"test accuracy " + PERCENT + r".*AUROC \(last epoch\) [01]\.\d+\nweight history: AUROC [01]\.\d+; \d+ of ",
     ),
     "susceptibility": (["susceptibility_digits.py", "--epochs", "2"], r"epoch 1: zeta -?\d"),
+    # without noise there is no noisy subset and no AUROC: the scripts say so instead of raising a KeyError
+    "l2rw-no-noise": (["meta_reweight_digits.py", "--method", "l2rw", "--epochs", "1", "--noise", "0"],
+                      r"test accuracy " + PERCENT + r".*n/a \(no noisy samples\)"),
+    "susceptibility-no-noise": (["susceptibility_digits.py", "--epochs", "2", "--noise-rate", "0"],
+                                r"epoch 1: zeta -?\d.*train acc clean subset 0?\.\d+\n"),
 }
 
 

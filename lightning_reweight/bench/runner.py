@@ -38,7 +38,8 @@ def quiet() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         warnings.filterwarnings("ignore", message=".*GPU available.*")
-        warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+        # Lightning's own modules only: "lightning" alone would match lightning_reweight's warnings too (a prefix)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"lightning(\.|$)")
         warnings.filterwarnings("ignore", message=".*treespec.*")  # lightning 2.6 on torch >= 2.10
         try:
             yield

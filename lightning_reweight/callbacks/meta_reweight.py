@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
+from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.contract import WeightingContext
 from lightning_reweight.meta.base import MetaStrategy
 from lightning_reweight.meta.engine import (
@@ -253,6 +254,8 @@ class MetaReweight(Callback):
                 "theta + h d is rounded to 8-11 bits and its alignment is inaccurate; use hypergrad='forward' "
                 "(exact at any precision) or a mixed precision (bf16-mixed keeps fp32 parameters)"
             )
+        if self.warmup_epochs > 0:
+            warn_if_never_reached(trainer, self.warmup_epochs, "MetaReweight (no meta step)", "warmup_epochs")
         self._losses_checked = False
         self.strategy.to(pl_module.device)
         self._auroc.to(pl_module.device)
