@@ -175,6 +175,7 @@ class MetaReweight(Callback):
         self._meta_steps = 0
         self._lr_scale_cache: tuple[Any, list[float] | None] | None = None
         self._rng: RNGState | None = None
+        self._buffers: dict[str, Tensor] | None = None
         self._pending: tuple[MetaProblem, float] | None = None
         self._early: MetaProblem | None = None
         self._losses_checked = False  # per fit: the training forward's losses against per_sample_loss, once
@@ -276,6 +277,9 @@ class MetaReweight(Callback):
         if self._pending_epoch_records is not None:
             self._restore_epoch_records(trainer, pl_module)
         self._rng = capture_rng(pl_module.device)
+        # the buffers as the training forward finds them (replays must not see its in-place updates)
+        self._buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()} if self._meta_step_now(
+            trainer) else None
         self._early = None
         if self.strategy.early_alignment and self._meta_step_now(trainer):
             # the alignment's meta forward/backward and shifted forward, before the training graph exists
@@ -311,7 +315,7 @@ class MetaReweight(Callback):
                                     None if early is None else early.meta_batch)
         if not self._losses_checked:  # once per fit: the meta step assumes losses == per_sample_loss(batch)
             self._losses_checked = True
-            problem.check_losses(losses)
+            self._check_losses(trainer, problem, losses)
         if delayed:  # weights of the current meta-net; its update waits for the real gradient
             weights = self.strategy.weights(losses.detach())
             self._pending = (problem, self._virtual_lr(trainer))
@@ -334,6 +338,28 @@ class MetaReweight(Callback):
                     ) from err
         return weights
 
+    def _check_losses(self, trainer: L.Trainer, problem: MetaProblem, losses: Tensor) -> None:
+        """Raise when the losses handed to ``reweight`` are not ``per_sample_loss(batch)`` (on any rank).
+
+        Only where the meta step uses them: finite differences (``l(theta)``) and strategies whose weights are a
+        function of the losses (MW-Net); L2RW's exact routes evaluate ``per_sample_loss`` alone.
+        """
+        if self.strategy.early_alignment and self.hypergrad != "finite_diff":
+            return
+        gap = trainer.strategy.reduce(problem.loss_gap(losses), reduce_op="max")  # every rank decides alike
+        if float(gap) > problem.loss_tolerance(losses):  # a nan gap (diverged losses) is not this error
+            raise ValueError(
+                "MetaReweight: the losses handed to reweight() are not per_sample_loss(batch) replayed at the same "
+                f"parameters (largest difference {float(gap):.3g} of the largest loss), and the meta step needs one "
+                "function for both. Either training_step reduces other losses than per_sample_loss(batch) through "
+                "reweight (hand it exactly per_sample_loss(batch) and add other terms outside: "
+                "self.reweight(self.per_sample_loss(batch), batch) + aux_loss), or per_sample_loss draws random "
+                "numbers MetaReweight cannot replay (NumPy, Python's random: use torch's generator), or something "
+                "draws torch random numbers or switches train/eval modes between on_train_batch_start, where the "
+                "RNG is saved, and the training forward (e.g. the LightningModule's own on_train_batch_start, which "
+                "Lightning runs after the callbacks': use on_train_epoch_start or on_before_batch_transfer)"
+            )
+
     def _problem(
         self, trainer: L.Trainer, module: Any, batch: Any, losses: Tensor | None, meta_batch: Any = None
     ) -> MetaProblem:
@@ -351,6 +377,7 @@ class MetaReweight(Callback):
             hypergrad=self.hypergrad,
             losses=losses,
             rng_state=self._rng,
+            buffers=self._buffers,
             fd_eps=self.fd_eps,
             fd_scale=self.fd_scale,
             lr_scale=self._lr_scale(trainer, module),
