@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning as L
@@ -248,7 +249,13 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         if hp.scheduler == "cosine":
             epochs = self.trainer.max_epochs
             if epochs is None or epochs < 0:  # step-based training (max_steps): one decay over the run's steps
-                steps = max(int(self.trainer.estimated_stepping_batches), 1)
+                total = self.trainer.estimated_stepping_batches
+                if not math.isfinite(total):
+                    raise ValueError(
+                        'scheduler="cosine" anneals over the run, which has no end here (max_epochs=-1 without '
+                        "max_steps): set max_epochs or max_steps"
+                    )
+                steps = max(int(total), 1)
                 sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
                 return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(epochs), 1))

@@ -174,7 +174,7 @@ def _targets_and_indices(batch: Any) -> tuple[Tensor | None, Tensor | None]:
             "weighting sources get no indices; batches are read as (inputs, targets[, indices]): for another layout "
             "override the module's batch_targets_and_indices(batch)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # _targets_and_indices < batch_targets_and_indices < reweight < the user's training_step
         )
         indices = None
     return targets, indices
@@ -189,6 +189,16 @@ def _are_indices(indices: Any, targets: Any) -> bool:
         and indices.dtype != torch.bool
         and (not isinstance(targets, Tensor) or targets.dim() == 0 or indices.shape[0] == targets.shape[0])
     )
+
+
+# Names an instance attribute must not take (it would hide the mixin's, or be hidden by it).
+_RESERVED = {
+    "weightings": "registry of weighting sources (use attach_weighting/detach_weighting)",
+    "sample_weights": "method combining the sources' weights",
+    "reweight": "method reducing the per-sample losses",
+    "attach_weighting": "method attaching a weighting source",
+    "detach_weighting": "method detaching a weighting source",
+}
 
 
 class ReweightingMixin:
@@ -240,12 +250,15 @@ class ReweightingMixin:
             self.__dict__["_reweight_sources"] = sources
         return sources
 
-    @weightings.setter
-    def weightings(self, value: Any) -> None:
-        raise AttributeError(
-            f"{type(self).__name__}.weightings is ReweightingMixin's registry of weighting sources (use "
-            "attach_weighting/detach_weighting); give your attribute another name"
-        )
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module.__setattr__ files modules, parameters and tensors away from the class attributes, so these
+        # would shadow the mixin's (or be shadowed by them) without a word
+        if name in _RESERVED:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is ReweightingMixin's {_RESERVED[name]}; give your attribute another "
+                "name"
+            )
+        super().__setattr__(name, value)
 
     def attach_weighting(self, name: str, weighting: SampleWeighting) -> None:
         """Attach a weighting source under ``name`` (replacing one of the same name).
@@ -306,7 +319,7 @@ class ReweightingMixin:
 
     def _combined_weights(self, losses: Tensor, batch: Any, targets: Tensor | None, indices: Tensor | None) -> Tensor:
         check_per_sample_losses(losses)
-        if isinstance(targets, Tensor) and targets.dim() >= 1:
+        if isinstance(targets, Tensor) and targets.dim() == 1:  # (B, T) targets: per-token losses are the user's
             check_per_sample_losses(losses, targets.shape[0])
         weights = None
         if self.weightings:
@@ -338,11 +351,6 @@ class ReweightingMixin:
             ValueError: when ``losses`` was already reduced to a scalar, or holds another number of losses than
                 the batch has targets.
         """
-        if "sample_weights" in self.__dict__:
-            raise TypeError(
-                f"{type(self).__name__}.sample_weights is set as an attribute, which hides ReweightingMixin's "
-                "sample_weights method: give your attribute another name"
-            )
         targets, indices = self.batch_targets_and_indices(batch)
         weights = self._combined_weights(losses, batch, targets, indices)  # validates the losses
         self.last_sample_weights = weights

@@ -126,6 +126,10 @@ def test_cosine_over_max_steps_decays_once_per_run():
     L.Trainer(max_steps=12, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator="cpu", callbacks=[RecordLR()]).fit(model, data)
     assert seen == pytest.approx([0.1 * (1 + math.cos(math.pi * s / 12)) / 2 for s in range(12)])
+    unbounded = L.Trainer(max_epochs=-1, max_time="00:00:00:05", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(ValueError, match='scheduler="cosine" anneals over the run, which has no end here'):
+        unbounded.fit(ReweightClassifier(MLP(64, 5, hidden=(4,)), num_classes=5, scheduler="cosine"), data)
 
 def test_balanced_accuracy_leaves_out_classes_missing_from_the_targets():
     """Class 2 never appears in the test targets but is predicted: it is not a 0-recall class (per-class counting)."""

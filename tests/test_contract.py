@@ -250,9 +250,11 @@ def test_reserved_names_give_clear_errors():
     with pytest.raises(AttributeError, match="weightings is ReweightingMixin's registry"):
         Collides()
     m = Tiny()
-    m.sample_weights = torch.ones(6)  # a per-dataset weight table under the method's name
-    with pytest.raises(TypeError, match="hides ReweightingMixin's sample_weights method"):
-        m.reweight(torch.ones(6), _batch())
+    with pytest.raises(AttributeError, match="sample_weights is ReweightingMixin's method"):
+        m.sample_weights = torch.ones(6)  # a per-dataset weight table under the method's name
+    with pytest.raises(AttributeError, match="weightings is ReweightingMixin's registry"):
+        m.weightings = nn.ModuleDict({"head": nn.Linear(2, 2)})  # nn.Module.__setattr__ bypassed a property
+    assert m.weightings == {} and "weightings" not in m._modules
 
 
 def test_reweight_in_validation_does_not_log_training_weight_statistics(tmp_path):

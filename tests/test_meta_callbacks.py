@@ -1024,17 +1024,17 @@ def test_a_forward_that_updates_its_own_buffers_is_replayed_from_the_pre_forward
     training forward had updated them (one iteration later), so the replayed losses differed and the loss check
     refused a legitimate model."""
     train, meta = loaders()
+    gaps = []
+
+    class Gap(strategy):
+        def meta_weights(self, problem, lr):
+            gaps.append(float(problem.loss_gap(problem.losses)))
+            return super().meta_weights(problem, lr)
+
     for seed in range(3):
         torch.manual_seed(seed)
         model = ReweightClassifier(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
         model.backbone.features[1] = nn.utils.parametrizations.spectral_norm(model.backbone.features[1])
-        gaps = []
-
-        class Gap(type(strategy())):
-            def meta_weights(self, problem, lr):
-                gaps.append(float(problem.loss_gap(problem.losses)))
-                return super().meta_weights(problem, lr)
-
         trainer(1, [MetaReweight(Gap(), meta_dataloader=meta, hypergrad="finite_diff")],
                 limit_train_batches=2).fit(model, train)
-        assert gaps and max(gaps) < 1e-6  # the replay is the training forward, to rounding
+    assert len(gaps) == 6 and max(gaps) < 1e-6  # the replay is the training forward, to rounding

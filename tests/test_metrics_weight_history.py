@@ -125,7 +125,10 @@ def test_states_stay_float64_through_dtype_moves(move):
     for w, idx in batches[1:]:
         history.update(w, idx)
     assert history.sums.dtype == torch.float64
+    history.compute()  # cached; a later dtype move must not leave a float32 copy of it behind
+    history = history.to(torch.float32)
     got, want = history.compute(), reference(batches, 30)
+    assert got["percentile"].dtype == torch.float64
     for key in want:
         torch.testing.assert_close(got[key], torch.tensor(want[key], dtype=torch.float64), equal_nan=True)
 

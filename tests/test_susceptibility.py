@@ -1101,3 +1101,33 @@ def test_a_non_finite_probe_is_skipped_not_poisoning_zeta(tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="drop is nan at epoch 1; measurement skipped"):
         _fit(tmp_path, [monitor], epochs=3)
     assert [e for e, _ in monitor.history] == [0, 2] and math.isfinite(monitor.zeta)
+
+
+def test_subset_accuracy_reads_the_batch_through_the_modules_hook(tmp_path):
+    """Batches (x, y, per-sample float): the monitor read the third element as indices itself (IndexError), even
+    with the module's batch_targets_and_indices overridden as the contract's warning advises."""
+    from logging_data import NoisyBlobs
+
+    from lightning_reweight.classifier import ReweightClassifier
+    from lightning_reweight.models import MLP
+
+    class WithScores(NoisyBlobs):
+        def train_dataloader(self):
+            x, y, i = self.train_dataset.tensors
+            four = torch.utils.data.TensorDataset(x, y, i, torch.rand(len(y)))
+            return torch.utils.data.DataLoader(four, batch_size=16, shuffle=True)
+
+    class Hooked(ReweightClassifier):
+        def batch_targets_and_indices(self, batch):
+            return batch[1], batch[2]
+
+        def per_sample_loss(self, batch):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+    monitor = SusceptibilityMonitor(batch_size=16)
+    torch.manual_seed(0)
+    L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False, default_root_dir=tmp_path, callbacks=[monitor]).fit(
+        Hooked(MLP(5, 3, hidden=(16,)), num_classes=3), datamodule=WithScores())
+    logged = monitor.logged_history[-1]
+    assert 0.0 <= logged["memorization/train_acc_noisy"] <= 1.0 and 0.0 <= logged["memorization/train_acc_clean"] <= 1

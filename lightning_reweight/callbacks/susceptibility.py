@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_reweight._modes import eval_mode
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
-from lightning_reweight.contract import split_batch
+from lightning_reweight.contract import _targets_and_indices, split_batch
 from lightning_reweight.functional.susceptibility import needs_closure, preserved_rng, susceptibility_losses
 from lightning_reweight.loggers import define_epoch_axis, epoch_end_step, log_histograms, log_step
 
@@ -526,13 +526,14 @@ class SusceptibilityMonitor(Callback):
             self._restore_epoch_records(trainer, pl_module)
         if not self._counting:
             return
+        hook = getattr(pl_module, "batch_targets_and_indices", None)  # the contract's reading of the batch
         try:
-            _, targets, indices = split_batch(batch)
+            targets, indices = hook(batch) if hook is not None else _targets_and_indices(batch)
         except TypeError as err:
-            indices, reason = None, str(err)
+            targets, indices, reason = None, None, str(err)
         else:
             reason = "the train batches carry no dataset indices (third element)"
-        if indices is None:
+        if indices is None or targets is None:
             rank_zero_warn(f"SusceptibilityMonitor: noisy/clean subset accuracy disabled ({reason})")
             self.teardown(trainer, pl_module, "fit")
             self.subset_accuracy = "off"

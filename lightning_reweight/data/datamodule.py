@@ -200,7 +200,7 @@ class ReweightDataModule(L.LightningDataModule):
             warnings.warn(
                 f"{type(self).__name__}: the validation and meta splits leave class(es) {emptied} without training "
                 f"samples (val_fraction={self.val_fraction}, meta_per_class={self.meta_per_class})",
-                UserWarning, stacklevel=2,
+                UserWarning, stacklevel=1,  # attributed here: Lightning's trainer calls setup()
             )
         if self.imbalance_ratio > 1:
             kept = long_tailed_indices(

@@ -34,4 +34,6 @@ class Float64Metric(Metric):
             if key not in exclude_state:
                 this._defaults[key] = move(default)
                 setattr(this, key, move(getattr(this, key)))
+        this._computed = None  # torchmetrics converted the cached results: compute() recomputes from the states
+        this._forward_cache = None
         return this
