@@ -53,3 +53,19 @@ for name, data_seed, global_seed in (("a", 5, 0), ("b", 5, 1), ("c", 6, 0)):
     torch.save({"seen": model.seen, "draws": model.draws, "meta_draws": meta_draws, "losses": model.losses,
                 "logged_loss": float(trainer.callback_metrics["train/loss"])},
                f"{out}/{name}_rank{trainer.global_rank}.pt")
+
+
+# resumed under DDP with a loader worker from the end of epoch 0: the first iterator of the resumed fit draws its
+# indices before Lightning's set_epoch, which must not make it replay epoch 0's order
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+for name, ckpt in (("straight", None), ("resumed", f"{out}/ckpt/epoch=0.ckpt")):
+    L.seed_everything(0, verbose=False)
+    dm = Toy(meta_per_class=5, val_fraction=0.0, batch_size=10, meta_batch_size=10, num_workers=1, seed=5)
+    model = Recorder()
+    callbacks = [ModelCheckpoint(dirpath=f"{out}/ckpt", filename="{epoch}", save_top_k=-1)] if ckpt is None else []
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                        enable_checkpointing=ckpt is None, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    torch.save({"seen": model.seen}, f"{out}/{name}_rank{trainer.global_rank}.pt")

@@ -50,6 +50,9 @@ def test_ddp_training_order_follows_the_datamodule_seed_and_ranks_draw_their_own
         last = [(loss, size) for r in (r0, r1) for loss, size in r["losses"][-1]]
         mean = sum(loss * size for loss, size in last) / sum(size for _, size in last)
         assert r0["logged_loss"] == r1["logged_loss"] == pytest.approx(mean, rel=1e-5)
+    for rank in (0, 1):  # resumed after epoch 0 with a worker: epochs 1 and 2 as the uninterrupted run's
+        straight, resumed = (torch.load(tmp_path / f"{name}_rank{rank}.pt")["seen"] for name in ("straight", "resumed"))
+        assert len(straight) == 3 and resumed == straight[1:]
     a, b, c = runs["a"], runs["b"], runs["c"]
     assert [r["seen"] for r in a] == [r["seen"] for r in b]  # another seed_everything: the same order
     assert [r["seen"][0] for r in a] != [r["seen"][0] for r in c]  # another datamodule seed: another order

@@ -8,7 +8,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_reweight.callbacks._data import fit_epoch, loader_uses_sampler
+from lightning_reweight._progress import fit_epoch
+from lightning_reweight.callbacks._data import loader_uses_sampler
 from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.functional.longtail import class_balanced_sample_weights
 from lightning_reweight.samplers import DeferredWeightedSampler

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
+from lightning_reweight._progress import fit_epoch
 from lightning_reweight.data._checks import as_labels, check_choice, check_int, check_real, generator
 from lightning_reweight.data.indexed import IndexedDataset, RelabeledSubset
 from lightning_reweight.data.longtail import IMBALANCE_PROFILES, class_counts, long_tailed_indices
@@ -285,6 +286,9 @@ class ReweightDataModule(L.LightningDataModule):
             # (and Lightning leaves a DistributedSampler alone, setting its epoch each epoch)
             sampler = DistributedSampler(self.train_dataset, **trainer.distributed_sampler_kwargs,
                                          shuffle=not trainer.overfit_batches, seed=self._seed(_SHUFFLE_STREAM))
+            # the first iterator of a fit (with workers it draws at once) comes before Lightning's set_epoch, on a
+            # resume before it restores its epoch counters: give the sampler the epoch it draws for
+            sampler.set_epoch(fit_epoch(trainer, training_started=False))
             return self._loader(self.train_dataset, self.batch_size, sampler=sampler,
                                 generator=self._worker_generator(_WORKER_SEED_STREAM))
         if sampler is None:
