@@ -85,3 +85,25 @@ trainer = L.Trainer(max_epochs=1, max_steps=1, accelerator="cpu", devices=2, str
 trainer.fit(model, train)
 seen["meta_after"] = {k: v.clone() for k, v in strategy.weight_net.state_dict().items()}
 torch.save(seen, f"{out}/mwn_sgd_step_rank{trainer.global_rank}.pt")
+
+# resumed under DDP: a meta loader with its own generator (as the datamodule's), 3 meta batches per meta epoch;
+# each rank must resume its own meta order (the checkpoint used to hold rank 0's generator only), and the sample
+# history must hold both ranks' visits once (rank 0's sums were loaded on both ranks)
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+for name, ckpt in (("straight", None), ("resumed", f"{out}/ckpt/epoch=0.ckpt")):
+    L.seed_everything(0, verbose=False)
+    train, meta = loaders()
+    meta = DataLoader(meta.dataset, batch_size=30, shuffle=True, generator=torch.Generator().manual_seed(7))
+    model = module()
+    cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad="finite_diff")
+    callbacks = [cb] + ([ModelCheckpoint(dirpath=f"{out}/ckpt", filename="{epoch}", save_top_k=-1)] if ckpt is None
+                        else [])
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", callbacks=callbacks, logger=False,
+                        enable_checkpointing=ckpt is None, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(model, train, ckpt_path=ckpt)
+    scores = cb.sample_scores()
+    torch.save({"model": flat(model).clone(), "visits": scores["visits"], "percentile": scores["percentile"]},
+               f"{out}/{name}_rank{trainer.global_rank}.pt")

@@ -497,6 +497,14 @@ def test_ddp_two_processes_identical_meta_net(tmp_path):
     torch.testing.assert_close(after, mean, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(after, total, rtol=1e-4, atol=1e-6)  # the check tells a mean from a sum
 
+    # resumed after epoch 0 under DDP: the uninterrupted run's parameters and sample history, on both ranks
+    for rank in (0, 1):
+        straight, resumed = (torch.load(tmp_path / f"{n}_rank{rank}.pt", weights_only=True)
+                             for n in ("straight", "resumed"))
+        assert torch.equal(resumed["model"], straight["model"])
+        assert bool((straight["visits"] == 3).all()) and torch.equal(resumed["visits"], straight["visits"])
+        torch.testing.assert_close(resumed["percentile"], straight["percentile"])
+
 
 def test_fsdp_and_deepspeed_refused_at_setup():
     from lightning.pytorch.strategies import FSDPStrategy

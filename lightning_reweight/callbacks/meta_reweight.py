@@ -620,6 +620,20 @@ class MetaReweight(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # Lightning saves rank 0's state dict; the per-rank parts are gathered first (a collective: Lightning
+        # dumps a checkpoint on every rank): each rank's meta-loader order, the sample history summed over ranks
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        gen_states, history = self._meta_gen_state, None
+        if self._history is not None:
+            history = self._history.metric_state_cpu()
+        if world > 1 and trainer is not None:
+            if gen_states is not None:
+                gathered = trainer.strategy.all_gather(gen_states.to(trainer.strategy.root_device, torch.long))
+                gen_states = gathered.cpu().to(torch.uint8)  # (world, n): row r is rank r's
+            if history is not None:
+                summed = trainer.strategy.reduce(history["sums"].to(trainer.strategy.root_device), reduce_op="sum")
+                history = {"sums": summed.cpu(), "summed_over_ranks": True}
         return {
             "epoch_records": self._epoch_records(),
             "strategy": {k: v.detach().cpu() for k, v in self.strategy.state_dict().items()},
@@ -627,10 +641,10 @@ class MetaReweight(Callback):
             "meta_steps": self._meta_steps,
             "meta_epoch": self._meta_epoch,
             "meta_pos": self._meta_pos,
-            "meta_generator_state": self._meta_gen_state,
+            "meta_generator_state": gen_states,
             "auroc_history": list(self.auroc_history),
             "sample_auroc_history": list(self.sample_auroc_history),
-            "sample_history": None if self._history is None else self._history.metric_state_cpu(),
+            "sample_history": history,
         }
 
     @override
@@ -642,10 +656,17 @@ class MetaReweight(Callback):
         self._meta_pos = int(state_dict["meta_pos"])
         self._pending_epoch_records = state_dict.get("epoch_records")
         gen_state = state_dict.get("meta_generator_state")
-        self._meta_gen_state = None if gen_state is None else torch.as_tensor(gen_state, dtype=torch.uint8).clone()
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        if gen_state is not None:
+            gen_state = torch.as_tensor(gen_state, dtype=torch.uint8)
+            if gen_state.dim() == 2:  # one row per rank (saved under DDP)
+                gen_state = gen_state[min(rank, gen_state.shape[0] - 1)]
+        self._meta_gen_state = None if gen_state is None else gen_state.clone()
         self._restore_meta_gen = gen_state is not None
         self.auroc_history = list(state_dict.get("auroc_history", []))
         self.sample_auroc_history = list(state_dict.get("sample_auroc_history", []))
         history = state_dict.get("sample_history")
         self._history = None if history is None else SampleWeightHistory.from_state(history)
+        if history is not None and history.get("summed_over_ranks") and rank > 0:
+            self._history.sums.zero_()  # rank 0 holds every rank's sums; the next collective adds them up again
         self._meta_iter = None
