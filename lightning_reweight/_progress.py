@@ -1,4 +1,4 @@
-"""Lightning's epoch as a training loader draws it, also on a resume (used by samplers that depend on the epoch)."""
+"""Lightning's loop state as the training data needs it (the epoch a loader draws for; sharding across processes)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,13 @@ def fit_epoch(trainer: Any, training_started: bool) -> int:
         and bool(getattr(batches, "is_last_batch", False))
     )
     return int(progress.processed) + int(last_batch_done)
+
+
+def shards_training_data(trainer: Any) -> bool:
+    """Whether Lightning would shard the training loader across processes (a ``DistributedSampler``)."""
+    return (
+        trainer is not None
+        and trainer.world_size > 1
+        and trainer.distributed_sampler_kwargs is not None
+        and getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
+    )

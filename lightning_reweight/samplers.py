@@ -6,17 +6,20 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 __all__ = ["DeferredWeightedSampler"]
 
 
-class DeferredWeightedSampler(Sampler[int]):
+class DeferredWeightedSampler(DistributedSampler):
     """Shuffle before ``start_epoch``; from it on, draw with replacement proportionally to ``weights``.
 
-    Every epoch yields ``num_samples`` indices from a generator seeded with ``seed + epoch``, so all DDP ranks
-    build the same list (Lightning's ``DistributedSamplerWrapper`` then gives each rank its share) and a run
-    resumed from an epoch's end (or its last batch) draws what the uninterrupted run drew. A run resumed mid-epoch
+    Every epoch draws ``num_samples`` indices from a generator seeded with ``seed + epoch``, so all DDP ranks
+    build the same list, and a run resumed from an epoch's end (or its last batch) draws what the uninterrupted run
+    drew. With ``num_replicas > 1`` each rank yields its share of that list (every ``num_replicas``-th index from
+    ``rank``, the list padded by its start to a multiple, as ``DistributedSampler`` does); being a
+    ``DistributedSampler``, Lightning then leaves it in place instead of wrapping it in a sampler that reshuffles
+    each share with ``seed_everything``'s seed and an epoch of its own. A run resumed mid-epoch
     draws that epoch's list from its start again: Lightning restarts a loader that cannot save its position.
 
     The epoch is read when the indices are drawn: from ``epoch_source()`` when given, else from the value passed to
@@ -31,6 +34,8 @@ class DeferredWeightedSampler(Sampler[int]):
         start_epoch: first epoch that samples by ``weights``.
         seed: base seed of the per-epoch generator.
         epoch_source: optional callable returning the current epoch.
+        num_replicas: processes sharing the list (DDP world size).
+        rank: this process's rank among them.
 
     Example:
         >>> import torch
@@ -49,9 +54,14 @@ class DeferredWeightedSampler(Sampler[int]):
         start_epoch: int = 0,
         seed: int = 0,
         epoch_source: Callable[[], int] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
+        # no DistributedSampler.__init__ (it wants a dataset and a process group): the type is what Lightning reads
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
         if weights is not None:
             weights = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
             if weights.shape != (num_samples,):
@@ -64,6 +74,10 @@ class DeferredWeightedSampler(Sampler[int]):
         self.seed = int(seed)
         self.epoch = 0
         self.epoch_source = epoch_source
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.shuffle = True
+        self.drop_last = False
 
     def set_epoch(self, epoch: int) -> None:
         """Record the epoch (Lightning calls this on a loader's sampler); ``epoch_source`` takes precedence."""
@@ -86,7 +100,10 @@ class DeferredWeightedSampler(Sampler[int]):
             idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
         else:
             idx = torch.randperm(self.num_samples, generator=g)
+        if self.num_replicas > 1:  # this rank's share of the list all ranks drew
+            total = len(self) * self.num_replicas
+            idx = torch.cat([idx, idx[: total - self.num_samples]])[self.rank : total : self.num_replicas]
         return iter(idx.tolist())
 
     def __len__(self) -> int:
-        return self.num_samples
+        return -(-self.num_samples // self.num_replicas)  # ceil: every rank the same number of indices

@@ -210,7 +210,9 @@ class Indices(L.Callback):
         self.seen.setdefault(str(trainer.current_epoch), []).extend(batch[2].tolist())
 
     def on_train_end(self, trainer, pl_module):
-        Path(f"{self.out}.{trainer.global_rank}").write_text(json.dumps(self.seen))
+        (drs,) = [c for c in trainer.callbacks if isinstance(c, DeferredResampling)]
+        record = {**self.seen, "seed": drs.state_dict()["seed"]}
+        Path(f"{self.out}.{trainer.global_rank}").write_text(json.dumps(record))
 
 
 @pytest.mark.ddp
@@ -224,6 +226,16 @@ def test_drs_ddp_gloo_two_processes(tmp_path):
     targets = torch.cat([torch.full((n,), c) for c, n in enumerate([300, 60, 12])])
     for epoch in ("0", "1"):  # shards of one shared permutation: together every sample exactly once
         assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(372))
+    # each rank's batches are its stride of the list the sampler draws for the epoch (no reshuffle by a wrapper
+    # seeded with seed_everything): the list recomputed here from the broadcast seed
+    seed = seen[0]["seed"]
+    assert seen[1]["seed"] == seed
+    weights = torch.tensor(cb_weights([300, 60, 12], 0.9999), dtype=torch.float64)[targets]
+    for epoch in range(4):
+        g = torch.Generator().manual_seed(seed + epoch)
+        full = torch.randperm(372, generator=g) if epoch < 2 else torch.multinomial(weights, 372, True, generator=g)
+        for rank in (0, 1):
+            assert seen[rank][str(epoch)] == full[rank::2].tolist()
     drawn = torch.tensor(seen[0]["2"] + seen[0]["3"] + seen[1]["2"] + seen[1]["3"])
     freq = torch.bincount(targets[drawn], minlength=3).double() / drawn.numel()
     expected = drs_class_probabilities([300, 60, 12], 0.9999)
@@ -474,3 +486,16 @@ def test_drs_refuses_an_empty_class_wherever_it_is(tmp_path, counts):
     dm.num_classes = 3
     with pytest.raises(ValueError, match=r"DeferredResampling: class\(es\) \[\d\] have no training samples"):
         trainer_for(tmp_path, 1, [DeferredResampling(0)]).fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), dm)
+
+
+def test_the_sampler_splits_its_list_between_ranks():
+    """Each rank yields every world-size-th index of the shared list (padded by its start to a multiple)."""
+    from lightning_reweight.samplers import DeferredWeightedSampler
+
+    shares = [list(DeferredWeightedSampler(7, seed=3, num_replicas=3, rank=r)) for r in range(3)]
+    full = torch.randperm(7, generator=torch.Generator().manual_seed(3)).tolist()
+    padded = full + full[:2]  # 9 = 3 x ceil(7 / 3)
+    assert shares == [padded[r::3] for r in range(3)] and all(len(s) == 3 for s in shares)
+    assert len(DeferredWeightedSampler(7, num_replicas=3, rank=1)) == 3
+    with pytest.raises(ValueError, match="0 <= rank < num_replicas"):
+        DeferredWeightedSampler(7, num_replicas=2, rank=2)

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_reweight._progress import fit_epoch
+from lightning_reweight._progress import fit_epoch, shards_training_data
 from lightning_reweight.callbacks._data import loader_uses_sampler
 from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.functional.longtail import class_balanced_sample_weights
@@ -33,9 +33,9 @@ class DeferredResampling(Callback):
     exactly at ``start_epoch``, also right after a resume, when Lightning builds the loader iterator (and a loader
     with workers draws its first indices) before the loop updates ``current_epoch``. ``on_train_start`` checks that
     the training loader really uses the sampler; the datamodule's own sampler is put back after the fit, also
-    after one that failed. Under DDP Lightning wraps it in a
-    ``DistributedSamplerWrapper`` that re-reads it every epoch; all ranks draw the same list (the seed is broadcast
-    from rank 0) and each takes its share.
+    after one that failed. Under DDP all ranks draw the same list (the seed is broadcast from rank 0) and each
+    yields its share (the sampler is a ``DistributedSampler``, which Lightning leaves in place: its order follows
+    ``seed``, not ``seed_everything``).
 
     Needs a datamodule with ``train_sampler`` (settable) and ``train_targets`` (the label of every training
     sample, aligned with dataset indices), as :class:`~lightning_reweight.data.ReweightDataModule` provides.
@@ -106,8 +106,10 @@ class DeferredResampling(Callback):
         seed = self._seed if self._seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
         seed = int(trainer.strategy.broadcast(seed, src=0))
         self._seed = seed
+        shares = trainer.distributed_sampler_kwargs if shards_training_data(trainer) else None
         self._sampler = DeferredWeightedSampler(
-            targets.numel(), weights, self.start_epoch, seed=seed, epoch_source=_TrainerEpoch(trainer)
+            targets.numel(), weights, self.start_epoch, seed=seed, epoch_source=_TrainerEpoch(trainer),
+            num_replicas=shares["num_replicas"] if shares else 1, rank=shares["rank"] if shares else 0,
         )
         self._previous_sampler, self._datamodule, self._trainer = current, dm, trainer
         dm.train_sampler = self._sampler

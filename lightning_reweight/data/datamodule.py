@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
-from lightning_reweight._progress import fit_epoch
+from lightning_reweight._progress import fit_epoch, shards_training_data
 from lightning_reweight.data._checks import as_labels, check_choice, check_int, check_real, generator
 from lightning_reweight.data.indexed import IndexedDataset, RelabeledSubset
 from lightning_reweight.data.longtail import IMBALANCE_PROFILES, class_counts, long_tailed_indices
@@ -34,16 +34,6 @@ _SET_BY_SETUP = frozenset({
 
 def _stage_seed(seed: int, stream: int) -> int:
     return (seed * 1_000_003 + stream) % (2**63 - 1)
-
-
-def _shards(trainer: Any) -> bool:
-    """Whether Lightning would shard the training loader with a DistributedSampler under ``trainer``."""
-    return (
-        trainer is not None
-        and trainer.world_size > 1
-        and trainer.distributed_sampler_kwargs is not None
-        and getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
-    )
 
 
 class ReweightDataModule(L.LightningDataModule):
@@ -281,7 +271,7 @@ class ReweightDataModule(L.LightningDataModule):
         self._require_setup()
         sampler = self.train_sampler
         trainer = getattr(self, "trainer", None)
-        if sampler is None and _shards(trainer):
+        if sampler is None and shards_training_data(trainer):
             # Lightning would inject a DistributedSampler seeded by seed_everything; this one is seeded by ``seed``
             # (and Lightning leaves a DistributedSampler alone, setting its epoch each epoch)
             sampler = DistributedSampler(self.train_dataset, **trainer.distributed_sampler_kwargs,
