@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+from torch import distributed as dist
 from torch.utils.data import DistributedSampler
 
 __all__ = ["DeferredWeightedSampler"]
@@ -34,8 +35,8 @@ class DeferredWeightedSampler(DistributedSampler):
         start_epoch: first epoch that samples by ``weights``.
         seed: base seed of the per-epoch generator.
         epoch_source: optional callable returning the current epoch.
-        num_replicas: processes sharing the list (DDP world size).
-        rank: this process's rank among them.
+        num_replicas: processes sharing the list (DDP world size); ``None``: the initialised process group's, else 1.
+        rank: this process's rank among them; ``None``: the process group's, else 0.
 
     Example:
         >>> import torch
@@ -54,13 +55,13 @@ class DeferredWeightedSampler(DistributedSampler):
         start_epoch: int = 0,
         seed: int = 0,
         epoch_source: Callable[[], int] | None = None,
-        num_replicas: int = 1,
-        rank: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         # no DistributedSampler.__init__ (it wants a dataset and a process group): the type is what Lightning reads
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
+        if num_replicas is not None and rank is not None and (num_replicas < 1 or not 0 <= rank < num_replicas):
             raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
         if weights is not None:
             weights = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
@@ -74,8 +75,7 @@ class DeferredWeightedSampler(DistributedSampler):
         self.seed = int(seed)
         self.epoch = 0
         self.epoch_source = epoch_source
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
+        self._num_replicas, self._rank = num_replicas, rank
         self.shuffle = True
         self.drop_last = False
 
@@ -100,10 +100,25 @@ class DeferredWeightedSampler(DistributedSampler):
             idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
         else:
             idx = torch.randperm(self.num_samples, generator=g)
-        if self.num_replicas > 1:  # this rank's share of the list all ranks drew
-            total = len(self) * self.num_replicas
-            idx = torch.cat([idx, idx[: total - self.num_samples]])[self.rank : total : self.num_replicas]
+        replicas, rank = self.num_replicas, self.rank
+        if replicas > 1:  # this rank's share of the list all ranks drew, padded by repeating it to a multiple
+            total = len(self) * replicas
+            idx = idx.repeat(-(-total // self.num_samples))[:total][rank:total:replicas]
         return iter(idx.tolist())
+
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        """Processes sharing the list: as given, else the initialised process group's size, else 1."""
+        if self._num_replicas is not None:
+            return int(self._num_replicas)
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        """This process's rank among them: as given, else the process group's, else 0."""
+        if self._rank is not None:
+            return int(self._rank)
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.num_replicas)  # ceil: every rank the same number of indices

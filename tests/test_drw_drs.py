@@ -499,3 +499,21 @@ def test_the_sampler_splits_its_list_between_ranks():
     assert len(DeferredWeightedSampler(7, num_replicas=3, rank=1)) == 3
     with pytest.raises(ValueError, match="0 <= rank < num_replicas"):
         DeferredWeightedSampler(7, num_replicas=2, rank=2)
+    # fewer samples than ranks: every rank still gets its one index (the list repeated to the padded length)
+    assert [list(DeferredWeightedSampler(1, num_replicas=4, rank=r)) for r in range(4)] == [[0]] * 4
+
+
+def test_the_sampler_used_directly_takes_the_process_groups_ranks(monkeypatch):
+    """Used without DRS in a DDP run (Lightning leaves a DistributedSampler in place), it must still split the
+    list between the ranks: without explicit num_replicas/rank it reads the initialised process group."""
+    import lightning_reweight.samplers as samplers
+
+    monkeypatch.setattr(samplers.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(samplers.dist, "get_world_size", lambda: 2)
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(samplers.dist, "get_rank", lambda rank=rank: rank)
+        shares.append(list(samplers.DeferredWeightedSampler(10, seed=4)))
+    full = torch.randperm(10, generator=torch.Generator().manual_seed(4)).tolist()
+    assert shares == [full[0::2], full[1::2]]
+    assert list(samplers.DeferredWeightedSampler(10, seed=4, num_replicas=1, rank=0)) == full  # explicit wins

@@ -1046,3 +1046,30 @@ def test_a_forward_that_updates_its_own_buffers_is_replayed_from_the_pre_forward
         trainer(1, [MetaReweight(Gap(), meta_dataloader=meta, hypergrad="finite_diff")],
                 limit_train_batches=2).fit(model, train)
     assert len(gaps) == 6 and max(gaps) < 1e-6  # the replay is the training forward, to rounding
+
+
+
+def test_a_single_process_checkpoint_resumed_under_ddp_gives_other_ranks_their_own_meta_order():
+    """A checkpoint with one generator state (single device, or saved before the states were gathered) was restored
+    on every rank (all ranks then drew rank 0's meta batches), and its sample history loaded on every rank (visits
+    counted once per rank). Rank 0 takes them; the other ranks reseed and start their history empty. After an
+    exception (OnExceptionCheckpoint runs on the failing rank alone) no collective is attempted."""
+    import types
+
+    train, meta = loaders()
+    meta = DataLoader(meta.dataset, batch_size=30, shuffle=True, generator=torch.Generator().manual_seed(7))
+    cb = MetaReweight(L2RW(), meta_dataloader=meta)
+    trainer(1, [cb], limit_train_batches=2).fit(module(), train)
+    saved = cb.state_dict()
+    assert saved["meta_generator_state"].dim() == 1 and saved["sample_history"]["sums"][:, 0].sum() == 80
+    for rank in (0, 1):
+        resumed = MetaReweight(L2RW(), meta_dataloader=meta)
+        resumed._trainer = types.SimpleNamespace(global_rank=rank, world_size=2)
+        resumed.load_state_dict(saved)
+        if rank == 0:
+            assert torch.equal(resumed._meta_gen_state, saved["meta_generator_state"])
+            assert torch.equal(resumed._history.sums, saved["sample_history"]["sums"])
+        else:
+            assert resumed._meta_gen_state is None and not resumed._history.sums.any()
+    cb._trainer = types.SimpleNamespace(global_rank=1, world_size=2, interrupted=True)  # no strategy: no collective
+    assert cb.state_dict()["meta_generator_state"].dim() == 1

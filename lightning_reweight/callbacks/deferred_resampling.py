@@ -109,6 +109,7 @@ class DeferredResampling(Callback):
         shares = trainer.distributed_sampler_kwargs if shards_training_data(trainer) else None
         self._sampler = DeferredWeightedSampler(
             targets.numel(), weights, self.start_epoch, seed=seed, epoch_source=_TrainerEpoch(trainer),
+            # explicit: 1 process when Lightning does not shard (use_distributed_sampler=False: every rank the list)
             num_replicas=shares["num_replicas"] if shares else 1, rank=shares["rank"] if shares else 0,
         )
         self._previous_sampler, self._datamodule, self._trainer = current, dm, trainer

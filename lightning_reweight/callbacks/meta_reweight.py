@@ -620,10 +620,12 @@ class MetaReweight(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """The meta state for a checkpoint; under DDP a collective (call it on every rank, as Lightning does)."""
         # Lightning saves rank 0's state dict; the per-rank parts are gathered first (a collective: Lightning
-        # dumps a checkpoint on every rank): each rank's meta-loader order, the sample history summed over ranks
+        # dumps a checkpoint on every rank): each rank's meta-loader order, the sample history summed over ranks.
+        # Not after an exception (OnExceptionCheckpoint runs on the failing rank alone): this rank's state then
         trainer = self._trainer
-        world = trainer.world_size if trainer is not None else 1
+        world = trainer.world_size if trainer is not None and not trainer.interrupted else 1
         gen_states, history = self._meta_gen_state, None
         if self._history is not None:
             history = self._history.metric_state_cpu()
@@ -657,16 +659,20 @@ class MetaReweight(Callback):
         self._pending_epoch_records = state_dict.get("epoch_records")
         gen_state = state_dict.get("meta_generator_state")
         rank = self._trainer.global_rank if self._trainer is not None else 0
+        world = self._trainer.world_size if self._trainer is not None else 1
         if gen_state is not None:
             gen_state = torch.as_tensor(gen_state, dtype=torch.uint8)
-            if gen_state.dim() == 2:  # one row per rank (saved under DDP)
-                gen_state = gen_state[min(rank, gen_state.shape[0] - 1)]
+            if gen_state.dim() == 1:  # one process's state: rank 0's; the other ranks reseed as a new run does
+                gen_state = gen_state if rank == 0 else None
+            else:  # one row per rank (saved under DDP); ranks beyond them reseed
+                gen_state = gen_state[rank] if rank < gen_state.shape[0] else None
         self._meta_gen_state = None if gen_state is None else gen_state.clone()
         self._restore_meta_gen = gen_state is not None
         self.auroc_history = list(state_dict.get("auroc_history", []))
         self.sample_auroc_history = list(state_dict.get("sample_auroc_history", []))
         history = state_dict.get("sample_history")
         self._history = None if history is None else SampleWeightHistory.from_state(history)
-        if history is not None and history.get("summed_over_ranks") and rank > 0:
-            self._history.sums.zero_()  # rank 0 holds every rank's sums; the next collective adds them up again
+        if history is not None and world > 1 and rank > 0:
+            # rank 0 holds the saved sums (every rank's, or one process's); the next collective adds them up again
+            self._history.sums.zero_()
         self._meta_iter = None
