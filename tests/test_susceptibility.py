@@ -1131,3 +1131,28 @@ def test_subset_accuracy_reads_the_batch_through_the_modules_hook(tmp_path):
         Hooked(MLP(5, 3, hidden=(16,)), num_classes=3), datamodule=WithScores())
     logged = monitor.logged_history[-1]
     assert 0.0 <= logged["memorization/train_acc_noisy"] <= 1.0 and 0.0 <= logged["memorization/train_acc_clean"] <= 1
+
+
+def test_unreadable_train_batches_say_that_no_targets_were_found(tmp_path):
+    """Dict batches without the module's hook: the warning said the batches carried no indices, not that the
+    monitor could not read them at all."""
+    from logging_data import NoisyBlobs
+
+    from lightning_reweight.classifier import ReweightClassifier
+    from lightning_reweight.models import MLP
+
+    class Dicts(NoisyBlobs):
+        def train_dataloader(self):
+            x, y, i = self.train_dataset.tensors
+            rows = [{"x": x[k], "y": y[k]} for k in range(len(y))]
+            return torch.utils.data.DataLoader(rows, batch_size=16)
+
+    class DictModule(ReweightClassifier):
+        def per_sample_loss(self, batch):
+            return torch.nn.functional.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+
+    with pytest.warns(UserWarning, match="subset accuracy disabled .*no targets found in the train batches"):
+        L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                  enable_model_summary=False, default_root_dir=tmp_path,
+                  callbacks=[SusceptibilityMonitor(batch_size=16)]).fit(
+            DictModule(MLP(5, 3, hidden=(8,)), num_classes=3), datamodule=Dicts())

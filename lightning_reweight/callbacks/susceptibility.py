@@ -532,7 +532,9 @@ class SusceptibilityMonitor(Callback):
         except TypeError as err:
             targets, indices, reason = None, None, str(err)
         else:
-            reason = "the train batches carry no dataset indices (third element)"
+            reason = ("the train batches carry no dataset indices (third element)" if targets is not None else
+                      "no targets found in the train batches: (inputs, targets[, indices]) tuples, or override the "
+                      "module's batch_targets_and_indices(batch)")
         if indices is None or targets is None:
             rank_zero_warn(f"SusceptibilityMonitor: noisy/clean subset accuracy disabled ({reason})")
             self.teardown(trainer, pl_module, "fit")
