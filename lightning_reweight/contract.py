@@ -318,9 +318,9 @@ class ReweightingMixin:
         return self._combined_weights(losses, batch, *self.batch_targets_and_indices(batch))
 
     def _combined_weights(self, losses: Tensor, batch: Any, targets: Tensor | None, indices: Tensor | None) -> Tensor:
-        check_per_sample_losses(losses)
-        if isinstance(targets, Tensor) and targets.dim() == 1:  # (B, T) targets: per-token losses are the user's
-            check_per_sample_losses(losses, targets.shape[0])
+        # against the batch's length only for 1-D targets: with (B, T) targets per-token losses are the user's
+        per_sample = isinstance(targets, Tensor) and targets.dim() == 1
+        check_per_sample_losses(losses, targets.shape[0] if per_sample else None)
         weights = None
         if self.weightings:
             context = WeightingContext(module=self, batch=batch, targets=targets, indices=indices)
