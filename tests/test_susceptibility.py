@@ -926,6 +926,43 @@ def test_select_models_compares_with_the_exact_mean():
     assert select_models([0.901] * 3, [0.25, 0.5, 0.75], names=["a", "b", "c"]).preferred == ("a",)
 
 
+def test_select_models_places_decimal_values_as_their_decimals_would_be():
+    """Reference: the decimals themselves, in exact rationals. The binary float of 0.6 lies below the exact mean
+    of the binary floats of 0.3, 0.6 and 0.9, so an exact float comparison called the middle model low accuracy
+    (and, for zeta, low zeta), against the documented tie rule."""
+    from fractions import Fraction
+
+    assert select_models([0.3, 0.6, 0.9], [0.1, 0.2, 0.3]).quadrants[1] == "high_acc_high_zeta"
+    assert select_models([3 / 10, 6 / 10, 9 / 10], [0.5, 0.5, 0.5]).quadrants[1] == "high_acc_high_zeta"
+    assert select_models([0.9, 0.6, 0.3], [0.3, 0.6, 0.9], names="abc").quadrant_of("b") == "high_acc_high_zeta"
+    rng = torch.Generator().manual_seed(1)
+    checked_ties = 0
+    for _ in range(2000):
+        n = int(torch.randint(2, 8, (1,), generator=rng))
+        acc_k = torch.randint(0, 101, (n,), generator=rng).tolist()  # accuracies in hundredths
+        zeta_k = torch.randint(0, 301, (n,), generator=rng).tolist()
+        last = n * acc_k[0] - sum(acc_k[:-1])  # the last value that puts the first model exactly at the mean
+        if 0 <= last <= 100:
+            acc_k[-1] = last
+        acc = [k / 100 for k in acc_k]
+        zeta = [k / 100 for k in zeta_k]
+        sel = select_models(acc, zeta)
+        acc_mean = Fraction(sum(acc_k), 100 * n)
+        zeta_mean = Fraction(sum(zeta_k), 100 * n)
+        for i in range(n):
+            high = Fraction(acc_k[i], 100) >= acc_mean
+            low = Fraction(zeta_k[i], 100) < zeta_mean
+            checked_ties += Fraction(acc_k[i], 100) == acc_mean
+            expected = ("high_acc" if high else "low_acc") + ("_low_zeta" if low else "_high_zeta")
+            assert sel.quadrants[i] == expected, (acc_k, zeta_k, i)
+    assert checked_ties > 100
+
+
+def test_select_models_refuses_a_mapping():
+    with pytest.raises(TypeError, match="mapping"):
+        select_models({1: 0.9, 2: 0.8}, [0.1, 0.2])
+
+
 def test_select_models_validates():
     with pytest.raises(ValueError, match="susceptibility"):
         select_models([0.1, 0.2], [0.3])
@@ -955,6 +992,17 @@ def test_plot_model_selection(tmp_path):
     vertices = shading.get_paths()[0].vertices
     assert vertices[:, 0].min() == pytest.approx(ax.get_xlim()[0])
     assert vertices[:, 1].max() == pytest.approx(ax.get_ylim()[1])
+    # built without pyplot (no global figure per call), and a user's axes keep autoscaling afterwards
+    import matplotlib.pyplot as plt
+
+    open_figures = len(plt.get_fignums())
+    for _ in range(3):
+        plot_model_selection(select_models([0.9, 0.5], [0.1, 0.5]))
+    assert len(plt.get_fignums()) == open_figures
+    user_fig, user_ax = plt.subplots()
+    plot_model_selection(select_models([0.9, 0.5], [0.1, 0.5]), ax=user_ax)
+    assert user_ax.get_autoscalex_on() and user_ax.get_autoscaley_on()
+    plt.close(user_fig)
 
 
 # ---------------------------------------------------------------------------- review of the monitor as a user

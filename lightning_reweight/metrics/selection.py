@@ -8,7 +8,8 @@ the training set without being able to fit random labels quickly, so they fit th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -38,6 +39,13 @@ class ModelSelection:
         quadrants: each model's quadrant (one of :data:`QUADRANTS`).
         preferred: names of the models in the preferred quadrant (high accuracy, low ``zeta``), best train
             accuracy first.
+
+    Example:
+        >>> sel = select_models([0.9, 0.5], [0.1, 0.5], names=["a", "b"])
+        >>> sel.accuracy_threshold, sel.quadrants
+        (0.7, ('high_acc_low_zeta', 'low_acc_high_zeta'))
+        >>> sel.as_dict()["models"][0]["quadrant"]
+        'high_acc_low_zeta'
     """
 
     names: tuple[str, ...]
@@ -73,7 +81,9 @@ def select_models(
     """Place each model in a quadrant split at the mean train accuracy and the mean susceptibility.
 
     A model is "high accuracy" when its train accuracy is at least the mean, and "low zeta" when its
-    susceptibility is strictly below the mean (both compared exactly, not against a rounded mean). The preferred
+    susceptibility is below the mean. A model *at* a mean counts as high accuracy and as high ``zeta``; "at" allows
+    the rounding of the inputs (a few units in the last place of the largest value), so that the middle of
+    ``[0.3, 0.6, 0.9]`` is at the mean although its binary float is not exactly the binary floats' mean. The preferred
     models are those with high train accuracy and low ``zeta``. That quadrant can be empty: whenever accuracy and
     ``zeta`` rise together across the models (as they often do over the checkpoints of one run), or all ``zeta``
     are equal. The preferred set is then empty; the rule gives no pick, and the high-accuracy model with the lowest
@@ -89,12 +99,20 @@ def select_models(
 
     Raises:
         ValueError: when the sequences are empty, their lengths differ, or a value is not finite.
+        TypeError: when a mapping is given (its keys would be read as the values): pass ``list(d.values())`` and
+            ``names=list(d)``.
 
     Example:
         >>> sel = select_models([0.9, 0.95, 0.5, 0.6], [0.1, 0.8, 0.2, 0.9], names=["a", "b", "c", "d"])
         >>> sel.preferred, sel.quadrant_of("b")
         (('a',), 'high_acc_high_zeta')
     """
+    for what, values in (("train_accuracy", train_accuracy), ("susceptibility", susceptibility)):
+        if isinstance(values, Mapping):
+            raise TypeError(
+                f"{what} is a mapping; pass its values in order and its keys as names: "
+                "select_models(list(acc.values()), [zeta[k] for k in acc], names=list(acc))"
+            )
     acc = [float(a) for a in train_accuracy]
     zeta = [float(z) for z in susceptibility]
     if not acc:
@@ -115,12 +133,11 @@ def select_models(
             )
     acc_t = math.fsum(acc) / len(acc)  # the reported thresholds (rounded means)
     zeta_t = math.fsum(zeta) / len(zeta)
-    # compared exactly: a * n >= sum(acc) in rationals (a rounded mean can land above a model exactly at it)
-    acc_sum, zeta_sum, n = sum(map(Fraction, acc)), sum(map(Fraction, zeta)), len(acc)
+    above_acc, below_zeta = _versus_mean(acc), _versus_mean(zeta)
     quadrants = []
-    for a, z in zip(acc, zeta):
-        high = Fraction(a) * n >= acc_sum
-        low = Fraction(z) * n < zeta_sum
+    for a, z in zip(above_acc, below_zeta):
+        high = a >= 0
+        low = z < 0
         quadrants.append(
             ("high_acc" if high else "low_acc") + ("_low_zeta" if low else "_high_zeta")
         )
@@ -136,6 +153,24 @@ def select_models(
         quadrants=tuple(quadrants),
         preferred=tuple(labels[i] for i in preferred),
     )
+
+
+def _versus_mean(values: list[float]) -> list[int]:
+    """``+1`` / ``0`` / ``-1``: each value above, at or below the mean, "at" allowing the inputs' rounding.
+
+    Compared in rationals (``v * n`` against the exact sum; a rounded mean can land above a value exactly at it),
+    with a tolerance of ``4 n`` units of roundoff of the largest magnitude: decimal inputs such as 0.3, 0.6, 0.9
+    are each off their decimal by up to half a unit in the last place, so ``n * 0.6`` and their sum differ by a
+    few such units.
+    """
+    n = len(values)
+    total = sum(map(Fraction, values))
+    tol = Fraction(4 * n * sys.float_info.epsilon) * max(Fraction(abs(v)) for v in values)
+    out = []
+    for v in values:
+        gap = Fraction(v) * n - total
+        out.append(0 if abs(gap) <= tol else (1 if gap > 0 else -1))
+    return out
 
 
 def susceptibility_from_checkpoint(checkpoint: str | Path | dict[str, Any], prefix: str = "memorization") -> float:
@@ -177,21 +212,31 @@ def plot_model_selection(selection: ModelSelection, ax: Any = None, *, annotate:
         annotate: write each model's name next to its point.
 
     Returns:
-        The matplotlib ``Figure``.
+        The matplotlib ``Figure`` (built without pyplot: save it with ``fig.savefig``, or show it in a notebook
+        by making it the cell's value).
 
     Raises:
         ImportError: when matplotlib is not installed (``pip install "lightning-reweight[plot]"``).
+
+    Example:
+        >>> sel = select_models([0.9, 0.95, 0.5, 0.6], [0.1, 0.8, 0.2, 0.9], names=["a", "b", "c", "d"])
+        >>> fig = plot_model_selection(sel)
+        >>> fig.axes[0].get_xlabel()
+        'susceptibility zeta'
     """
     try:
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global figure list, the user's backend untouched
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             'plot_model_selection needs matplotlib: pip install "lightning-reweight[plot]"'
         ) from err
+    user_axes = ax is not None
     if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 4))
+        fig = Figure(figsize=(5, 4))
+        ax = fig.add_subplot()
     else:
         fig = ax.figure
+    autoscale = (ax.get_autoscalex_on(), ax.get_autoscaley_on())
     colours = {
         QUADRANTS[0]: "tab:green",
         QUADRANTS[1]: "tab:orange",
@@ -225,4 +270,7 @@ def plot_model_selection(selection: ModelSelection, ax: Any = None, *, annotate:
     ax.set_ylabel("train accuracy")
     ax.set_title("model selection: prefer high accuracy, low zeta")
     ax.legend(fontsize=8)
+    if user_axes:  # freezing the limits above must not outlive this call on a user's axes
+        ax.set_autoscalex_on(autoscale[0])
+        ax.set_autoscaley_on(autoscale[1])
     return fig
