@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import lightning as L
 import pytest
@@ -385,3 +386,70 @@ def test_bf16_mixed_trainer(tmp_path):
     assert crit.log_u.dtype == torch.float32 and torch.isfinite(crit.log_u)
     assert torch.isfinite(model.last_sample_weights).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- review of the losses as a user
+
+
+def test_an_erm_stage_ends_u_run_even_when_the_same_lam_returns():
+    """lam -> None -> lam kept the first stage's u: the first weights of the new DRO stage were scaled by the ratio
+    of the old statistic to the new one (a second fit, or fine-tuning a DRO checkpoint with an ERM warm-up)."""
+    crit = AttentionalDROLoss(lam=1.0, gamma=0.45)
+    crit.sample_weights(torch.full((8,), 0.05))  # the earlier DRO stage: small losses
+    crit.lam = None
+    crit.sample_weights(torch.full((8,), 2.0))  # an ERM training step
+    state = {k: v.clone() for k, v in crit.state_dict().items()}
+    crit.lam = 1.0
+    w = crit.sample_weights(torch.tensor([1.0, 2.0, 3.0]))
+    # a fresh u is this batch's own statistic: the weights are exactly softmax(l) * B, mean 1
+    expected = torch.softmax(torch.tensor([1.0, 2.0, 3.0]), 0) * 3
+    assert torch.allclose(w, expected, rtol=1e-6)
+    # the mark is in the buffers: a checkpoint taken after the ERM steps resumes into a fresh start too
+    resumed = AttentionalDROLoss(lam=1.0, gamma=0.45)
+    resumed.load_state_dict(state)
+    assert torch.allclose(resumed.sample_weights(torch.tensor([1.0, 2.0, 3.0])), expected, rtol=1e-6)
+    # an ERM step in eval mode (validation) leaves u's run alone
+    crit = AttentionalDROLoss(lam=1.0, gamma=0.5)
+    crit.sample_weights(torch.tensor([0.0, 0.0]))  # u = 1
+    crit.eval()
+    crit.lam = None
+    crit.sample_weights(torch.full((2,), 5.0))
+    crit.train()
+    crit.lam = 1.0
+    crit.sample_weights(torch.tensor([1.0, 1.0]))
+    assert float(crit.u) == pytest.approx(0.5 * 1.0 + 0.5 * math.e, rel=1e-6)
+
+
+def test_torch_compile_follows_a_lam_schedule():
+    """A compiled loss crashed at the second change of lam (Dynamo traced the float32 rounding of lam)."""
+    torch.manual_seed(0)
+    crit, ref = AttentionalDROLoss(lam=None, gamma=0.9), AttentionalDROLoss(lam=None, gamma=0.9)
+    compiled = torch.compile(crit, backend="eager")
+    for lam in [None, 1.0, 1.0, 2.0, 0.3, None, 0.3]:
+        crit.lam = ref.lam = lam
+        logits, y = torch.randn(8, 4), torch.randint(0, 4, (8,))
+        assert torch.allclose(compiled(logits, y), ref(logits, y), rtol=1e-6)
+
+
+def test_shape_errors_name_the_expected_shapes():
+    crit = AttentionalDROLoss(lam=1.0)
+    with pytest.raises(ValueError, match=r"\(B, C\)"):
+        crit(torch.randn(4), torch.tensor(1))
+
+
+def test_sync_dist_false_under_a_process_group_warns(tmp_path):
+    """Under Lightning's DDP the buffer broadcast resets every rank's u to rank 0's before each step, so
+    sync_dist=False gives a hybrid u; the loss now says so when it first updates u inside a process group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        crit = AttentionalDROLoss(lam=1.0, sync_dist=False)
+        with pytest.warns(UserWarning, match=r"sync_dist=False\) under DDP"):
+            crit.sample_weights(torch.tensor([1.0, 2.0]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            crit.sample_weights(torch.tensor([1.0, 2.0]))  # once
+            AttentionalDROLoss(lam=1.0).sample_weights(torch.tensor([1.0, 2.0]))  # the default is silent
+    finally:
+        dist.destroy_process_group()

@@ -184,3 +184,33 @@ def test_loss_waiting_for_counts_takes_them_from_a_state_dict():
     logits, target = torch.randn(8, 10), torch.arange(8)
     ref, _ = reference_ldam(logits, target, CIFAR10_LT_100, 0.5, 30.0, class_balanced_weights(CIFAR10_LT_100))
     assert torch.allclose(later(logits, target).double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5)
+
+
+def test_integer_targets_of_any_width_give_the_long_target_loss():
+    """uint8 targets indexed the margins as a boolean mask (a confusing shape error, or scatter's dtype error)."""
+    loss = LDAMLoss([100, 10, 1], reduction="none")
+    logits = torch.randn(4, 3)
+    y = torch.tensor([0, 2, 1, 2])
+    # reference: the formula with long targets
+    z = logits.clone()
+    z[torch.arange(4), y] -= loss.margins[y]
+    reference = nn.functional.cross_entropy(30.0 * z, y, reduction="none")
+    for dtype in (torch.uint8, torch.int32, torch.int16):
+        assert torch.allclose(loss(logits, y.to(dtype)), reference, rtol=1e-6)
+    with pytest.raises(ValueError, match="integer class indices"):
+        loss(logits, y.float())
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"s": math.nan}, {"s": math.inf}, {"max_m": math.inf}, {"max_m": math.nan}, {"weight": [1, math.nan, 1]}]
+)
+def test_non_finite_arguments_are_refused(kwargs):
+    """They made every loss value nan (or every margin inf) without a word."""
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        LDAMLoss([5, 3, 1], **kwargs)
+
+
+def test_counts_that_are_not_integers_are_kept_as_given():
+    loss = LDAMLoss([3.5, 2.0])
+    assert loss.cls_num_list == (3.5, 2)
+    assert torch.allclose(loss.margins, ldam_margins([3.5, 2.0], 0.5))

@@ -66,3 +66,10 @@ def test_counts_given_later():
     fresh = LogitAdjustedLoss(tau=0.5)
     fresh.load_state_dict(loss.state_dict())
     assert torch.equal(fresh.offsets, loss.offsets)
+
+
+@pytest.mark.parametrize("tau", [math.nan, math.inf])
+def test_non_finite_tau_is_refused(tau):
+    """It made every offset, and so every loss value, nan."""
+    with pytest.raises(ValueError, match="tau"):
+        LogitAdjustedLoss([3, 1], tau=tau)

@@ -7,6 +7,7 @@ counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -67,8 +68,8 @@ def ldam_margins(cls_num_list: ClassCounts, max_m: float = 0.5) -> Tensor:
         >>> ldam_margins([10000, 625, 16], max_m=0.5)  # n^(1/4) = 10, 5, 2
         tensor([0.1000, 0.2000, 0.5000])
     """
-    if max_m <= 0:
-        raise ValueError(f"max_m must be positive, got {max_m}")
+    if not (max_m > 0 and math.isfinite(max_m)):
+        raise ValueError(f"max_m must be a positive number, got {max_m}")
     counts = check_class_counts(cls_num_list)
     margins = counts.pow(-0.25)
     return (margins * (max_m / margins.max())).float()

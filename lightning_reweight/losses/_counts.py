@@ -31,8 +31,9 @@ class ClassCountLoss(Float32Buffers):
 
     def __init__(self) -> None:
         super().__init__()
-        #: the class counts the buffers were built from (``None`` until they are known)
-        self.cls_num_list: tuple[int, ...] | None = None
+        #: the class counts the buffers were built from (``None`` until they are known; non-integer values, e.g.
+        #: priors, are kept as given)
+        self.cls_num_list: tuple[float, ...] | None = None
         #: built without counts: they come from the training data (``ReweightClassifier`` refreshes them every fit)
         self.counts_from_data = True
         for name in self.count_buffers:
@@ -73,7 +74,7 @@ class ClassCountLoss(Float32Buffers):
         device = next((b.device for b in self._buffers.values() if b is not None), None)
         for name, value in built.items():
             self._buffers[name] = value if device is None else value.to(device)
-        self.cls_num_list = tuple(int(n) for n in counts.tolist())
+        self.cls_num_list = tuple(int(n) if n.is_integer() else n for n in counts.tolist())
 
     def _require_counts(self) -> None:
         if not self.has_class_counts:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_reweight.contract import WeightingContext, check_per_sample_losses
@@ -18,7 +18,6 @@ from lightning_reweight.losses._fp32 import Float32Buffers
 __all__ = ["AttentionalDROLoss"]
 
 
-@functools.lru_cache(maxsize=64)
 def _as_float32(value: float) -> float:
     """``value`` rounded to float32, as a Python float (what a float32 buffer holding it reads back as)."""
     return struct.unpack("f", struct.pack("f", value))[0]
@@ -42,7 +41,8 @@ class AttentionalDROLoss(Float32Buffers):
     ``1/gamma`` inflation of the first steps); updates use detached values (no graph kept across steps); ``u``
     is saved in checkpoints; under DDP the batch statistic is taken over all ranks, so ``u`` is identical on
     every rank. When ``lam`` changes (e.g. by :class:`~lightning_reweight.callbacks.DROSchedule`), ``u`` is
-    re-initialised from the next batch, since ``exp(l / lam)`` changes scale.
+    re-initialised from the next batch, since ``exp(l / lam)`` changes scale; so it is after a training step with
+    ``lam = None`` (an ERM stage ends ``u``'s run, even when the next stage uses the same ``lam``).
 
     Two ways to use it, both update ``u`` exactly once per training step:
 
@@ -65,7 +65,9 @@ class AttentionalDROLoss(Float32Buffers):
         base_loss: per-sample loss on ``(logits, targets)`` with ``reduction="none"`` (default cross-entropy).
             Class weights (``nn.CrossEntropyLoss(weight=...)``, ``LDAMLoss(weight=...)``) multiply the loss inside
             the exponential, as in the paper's recipes.
-        sync_dist: take the batch statistic over all DDP ranks when ``torch.distributed`` is initialised.
+        sync_dist: take the batch statistic over all DDP ranks when ``torch.distributed`` is initialised. Keep
+            it on under Lightning's DDP: with ``sync_dist=False`` DDP's buffer broadcast resets every rank's ``u``
+            to rank 0's before each step (a warning says so).
 
     Example:
         >>> import torch
@@ -109,6 +111,7 @@ class AttentionalDROLoss(Float32Buffers):
         self._const_key: tuple[Any, ...] | None = None
         self._const: tuple[Tensor, ...] = ()
         self._u_lam: float | None = None
+        self._warned_local = False
 
     # ------------------------------------------------------------------ hyperparameters
     @property
@@ -123,6 +126,9 @@ class AttentionalDROLoss(Float32Buffers):
             if value == 0.0 or not math.isfinite(value):
                 raise ValueError(f"lam must be a finite non-zero number or None (plain ERM), got {value}")
         self._lam = value
+        # u_lam is a float32 buffer: the step compares the value it can hold (rounded here, not in the step,
+        # which torch.compile traces)
+        self._lam32 = None if value is None else _as_float32(value)
 
     @property
     def u(self) -> Tensor:
@@ -145,7 +151,16 @@ class AttentionalDROLoss(Float32Buffers):
             raise ValueError("AttentionalDROLoss got an empty batch: its weights softmax(l / lam) need a sample")
         with torch.no_grad():
             dist = torch.distributed
-            distributed = update and self.sync_dist and dist.is_available() and dist.is_initialized()
+            in_group = dist.is_available() and dist.is_initialized()
+            distributed = update and self.sync_dist and in_group
+            if update and in_group and not self.sync_dist and not self._warned_local:
+                self._warned_local = True
+                rank_zero_warn(
+                    "AttentionalDROLoss(sync_dist=False) under DDP: Lightning's DDP broadcasts the module's buffers "
+                    "from rank 0 before every forward (broadcast_buffers=True), so each rank's u restarts from "
+                    "rank 0's at every step: u is neither per rank nor global. Keep sync_dist=True (u over all "
+                    "ranks' batches, identical everywhere)"
+                )
             n = 1 if distributed else losses.numel()  # log_mean_exp already divides by the global count
             inv_lam, c_fresh, c_decay, c_new = self._constants(lam, n, losses.device)
             z = losses.float() * inv_lam
@@ -155,7 +170,7 @@ class AttentionalDROLoss(Float32Buffers):
                 m = z.amax()
                 lse = (z - m).exp_().sum().log_().add_(m)  # logsumexp, in fewer kernels than torch.logsumexp
             # the batch statistic log mean exp(l / lam) is lse - log n
-            lam32 = _as_float32(lam)  # u_lam is a float32 buffer: compare the value it can hold
+            lam32 = self._lam32
             fresh = self._u_lam != lam32
             if fresh or self.gamma == 1.0:  # u starts (again) from this batch; gamma = 1: u is the batch's alone
                 log_u = lse + c_fresh
@@ -192,6 +207,19 @@ class AttentionalDROLoss(Float32Buffers):
         lse, log_n, lam = self._last
         return (lse - log_n) * lam
 
+    def _erm_step(self) -> None:
+        """A training step with ``lam = None`` ends ``u``'s run: a later DRO stage starts it afresh.
+
+        Without this, ``lam -> None -> lam`` (a second fit of a module whose first fit ended in the DRO stage, or a
+        checkpoint fine-tuned with an ERM warm-up) would carry the old ``u`` into the new stage, and its first
+        weights would be scaled by the ratio of the old statistic to the new one. Marked in the buffers, so a
+        checkpoint taken after ERM steps resumes into a fresh start too.
+        """
+        if self.training and self._u_lam is not None:
+            self.initialised.fill_(False)
+            self.u_lam.fill_(math.nan)
+            self._u_lam = None
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._sync_host_state()
@@ -213,6 +241,7 @@ class AttentionalDROLoss(Float32Buffers):
         """
         check_per_sample_losses(losses)
         if self.lam is None:
+            self._erm_step()
             return torch.ones_like(losses, dtype=torch.float32).detach()
         weights = self._log_weights(losses, update=self.training).exp_()
         if self.training and context is not None:
@@ -221,8 +250,14 @@ class AttentionalDROLoss(Float32Buffers):
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The attentional loss ``sum_i p_i l_i`` of the base loss's per-sample values (fp32 scalar)."""
+        if logits.dim() != 2 or targets.dim() != 1:
+            raise ValueError(
+                f"AttentionalDROLoss takes logits of shape (B, C) and targets of shape (B,), got "
+                f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+            )
         losses = check_per_sample_losses(self.base_loss(logits, targets), targets.shape[0])
         if self.lam is None:
+            self._erm_step()
             return losses.float().mean()
         return (self.sample_weights(losses) * losses.float()).mean()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -69,10 +70,10 @@ class LDAMLoss(ClassCountLoss):
         reduction: Literal["mean", "sum", "none"] = "mean",
     ) -> None:
         super().__init__()
-        if s <= 0:
-            raise ValueError(f"s must be positive, got {s}")
-        if max_m <= 0:
-            raise ValueError(f"max_m must be positive, got {max_m}")
+        if not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"s must be a positive number, got {s}")
+        if not (max_m > 0 and math.isfinite(max_m)):
+            raise ValueError(f"max_m must be a positive number, got {max_m}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.max_m = float(max_m)
@@ -83,8 +84,8 @@ class LDAMLoss(ClassCountLoss):
             w = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
             if w.dim() != 1:
                 raise ValueError(f"weight must be 1-D (one per class), got shape {tuple(w.shape)}")
-            if bool((w < 0).any()):
-                raise ValueError("weight must be non-negative")
+            if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise ValueError(f"weight must be finite and non-negative, got {w.tolist()}")
             self._given_weight = w
         self._init_counts(cls_num_list)
 
@@ -108,6 +109,10 @@ class LDAMLoss(ClassCountLoss):
         self._require_counts()
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits must have shape (B, {self.num_classes}), got {tuple(logits.shape)}")
+        if target.dtype != torch.long:  # e.g. uint8 targets: indexing with them would be a boolean mask
+            if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+                raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+            target = target.long()
         z = logits.float()
         margin = self.margins.to(z.device)[target]
         z = z.scatter_add(1, target.unsqueeze(1), -margin.unsqueeze(1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -51,6 +52,8 @@ class LogitAdjustedLoss(ClassCountLoss):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if not math.isfinite(tau):
+            raise ValueError(f"tau must be a finite number, got {tau}")
         self.tau = float(tau)
         self.reduction = reduction
         self._init_counts(cls_num_list)
