@@ -58,6 +58,43 @@ def build_optimizer(
     raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {name!r}")
 
 
+def _check_optimization(
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    milestones: Any,
+    gamma: float,
+    warmup_epochs: int,
+) -> None:
+    """The optimizer and scheduler arguments, checked when the module is built (not first at ``fit``)."""
+    for name, value, ok, need in (
+        ("lr", lr, lr > 0, "positive"),
+        ("momentum", momentum, momentum >= 0, ">= 0"),
+        ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+        ("gamma", gamma, gamma > 0, "positive (a negative factor would turn the lr negative)"),
+    ):
+        if not (ok and math.isfinite(value)):
+            raise ValueError(f"{name} must be {need}, got {value}")
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov=True needs a momentum > 0")
+    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, (list, tuple)):
+        raise ValueError(f"milestones must be a list or tuple of epochs, got {milestones!r}")
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in milestones):
+        raise ValueError(f"milestones must be non-negative integer epochs, got {milestones!r}")
+
+
+def _check_logits(logits: Tensor, num_classes: int) -> Tensor:
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise ValueError(
+            f"the backbone gives logits of shape {tuple(logits.shape)}, but ReweightClassifier(num_classes="
+            f"{num_classes}) expects (B, {num_classes}): set num_classes to the backbone's number of outputs"
+        )
+    return logits
+
+
 class ReweightClassifier(ReweightingMixin, L.LightningModule):
     """Classification with any backbone and any per-sample criterion, reduced through the contract.
 
@@ -73,7 +110,7 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
     The backbone and the criterion are modules, not hyperparameters: reload a checkpoint with
     ``ReweightClassifier.load_from_checkpoint(path, backbone=..., criterion=...)`` (the same kinds as trained; their
     weights and buffers come from the checkpoint). Without ``criterion=`` an ABSGD or LDAM checkpoint reloads with
-    cross-entropy, and Lightning warns about the criterion's unexpected keys.
+    cross-entropy; the criterion's entries of the checkpoint are then dropped, with a warning naming them.
 
     Args:
         backbone: the network mapping inputs to logits.
@@ -123,6 +160,13 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
             raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
         if scheduler not in _SCHEDULERS:
             raise ValueError(f"scheduler must be one of {_SCHEDULERS}, got {scheduler!r}")
+        _check_optimization(lr, momentum, weight_decay, nesterov, milestones, gamma, warmup_epochs)
+        if scheduler in ("multistep", "warmup_multistep") and not milestones:
+            rank_zero_warn(
+                f'ReweightClassifier(scheduler="{scheduler}") without milestones: the lr never decays'
+                + (" after the warm-up" if scheduler == "warmup_multistep" else "")
+                + " (pass milestones=(e1, e2, ...))"
+            )
         self.save_hyperparameters(ignore=["backbone", "criterion"])
         self.backbone = backbone
         self.num_classes = num_classes
@@ -151,8 +195,21 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         ``trainer.datamodule.train_class_counts``: at every ``fit`` (the training data defines them), and at the
         other stages when it has neither counts nor values loaded from a checkpoint. Counts given explicitly are
         kept, with a warning when they differ from the datamodule's (counts typed by hand drift from the data).
+
+        Raises:
+            ValueError: when the datamodule has more classes than ``num_classes``, or a criterion's counts name
+                another number of classes (a datamodule with fewer classes only warns).
         """
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != self.num_classes:
+            message = (
+                f"ReweightClassifier(num_classes={self.num_classes}) but the datamodule has {data_classes} classes: "
+                f"build the module with num_classes={data_classes} (and a backbone with as many outputs)"
+            )
+            if data_classes > self.num_classes:  # labels beyond the logits: every step would fail or mislead
+                raise ValueError(message)
+            rank_zero_warn(message)
         data_counts = getattr(datamodule, "train_class_counts", None)
         for loss in (self.criterion, getattr(self.criterion, "base_loss", None)):
             if isinstance(loss, ClassCountLoss) and loss.counts_from_data:
@@ -161,6 +218,12 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
                     loss.to(self.device)
                 continue
             counts = getattr(loss, "cls_num_list", None)
+            if counts is not None and len(counts) != self.num_classes:
+                raise ValueError(
+                    f"{type(loss).__name__} was built for {len(counts)} classes (cls_num_list={list(counts)}), but "
+                    f"ReweightClassifier has num_classes={self.num_classes}: pass one count per class, or "
+                    "cls_num_list=None to have the datamodule's counts filled in"
+                )
             if stage == "fit" and counts is not None and data_counts is not None:
                 if [int(n) for n in counts] != [int(n) for n in data_counts]:
                     rank_zero_warn(
@@ -207,7 +270,8 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
     def per_sample_loss(self, batch: Any) -> Tensor:
         """Per-sample criterion values of ``batch``, shape ``(B,)``."""
         x, y, _ = split_batch(batch)
-        return check_per_sample_losses(self._per_sample_criterion(self(x), y), y.shape[0])
+        logits = _check_logits(self(x), self.num_classes)
+        return check_per_sample_losses(self._per_sample_criterion(logits, y), y.shape[0])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Per-sample losses reduced through :meth:`reweight`."""
@@ -219,7 +283,7 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
 
     def _eval_step(self, batch: Any, acc: MulticlassAccuracy, bacc: BalancedAccuracy, stage: str) -> None:
         x, y, _ = split_batch(batch)
-        preds = self(x).argmax(dim=1)
+        preds = _check_logits(self(x), self.num_classes).argmax(dim=1)
         acc.update(preds, y)
         bacc.update(preds, y)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True)

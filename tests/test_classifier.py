@@ -257,3 +257,56 @@ def test_count_based_criterion_without_counts_takes_the_datamodules(tmp_path):
         L.Trainer(**trainer_kw).test(loaded, datamodule=balanced, verbose=False)
         for name, buf in criterion.named_buffers():
             assert torch.equal(dict(loaded.criterion.named_buffers())[name], buf)
+
+
+# ---------------------------------------------------------------------------- review as a user: bad arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scheduler": "multistep", "milestones": (2,), "gamma": 0.0}, "gamma"),
+        ({"scheduler": "multistep", "milestones": (2,), "gamma": -1.0}, "gamma"),
+        ({"lr": -0.1}, "lr"),
+        ({"lr": 0.0}, "lr"),
+        ({"momentum": -1.0}, "momentum"),
+        ({"weight_decay": -1e-4}, "weight_decay"),
+        ({"momentum": 0.0, "nesterov": True}, "nesterov"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"milestones": 5}, "milestones"),
+        ({"milestones": (2.5,)}, "milestones"),
+    ],
+)
+def test_optimization_arguments_are_checked_when_the_module_is_built(kwargs, match):
+    """They used to pass __init__ and fail only in configure_optimizers (after the data was set up); a
+    non-positive multistep gamma was never refused and trained with lr 0 or a negative lr (gradient ascent)."""
+    with pytest.raises(ValueError, match=match):
+        ReweightClassifier(MLP(64, 10, hidden=(8,)), 10, **kwargs)
+
+
+@pytest.mark.parametrize("scheduler", ["multistep", "warmup_multistep"])
+def test_a_step_schedule_without_milestones_warns(scheduler):
+    with pytest.warns(UserWarning, match="never decays"):
+        ReweightClassifier(MLP(64, 10, hidden=(8,)), 10, scheduler=scheduler)
+
+
+def _fit_one_batch(model, dm):
+    L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, accelerator="cpu").fit(model, datamodule=dm)
+
+
+def test_num_classes_is_checked_against_the_data_and_the_backbone():
+    """num_classes=5 on 10-class digits trained silently (and failed only at test, in torchmetrics' words); a
+    backbone with 3 outputs and num_classes=4 trained and tested silently."""
+    from lightning_reweight.data import DigitsDataModule
+    from lightning_reweight.losses import LDAMLoss
+
+    dm = DigitsDataModule(meta_per_class=0)
+    with pytest.raises(ValueError, match=r"num_classes=5\) but the datamodule has 10 classes"):
+        _fit_one_batch(ReweightClassifier(MLP(64, 5, hidden=(8,)), 5), dm)
+    with pytest.warns(UserWarning, match=r"num_classes=12\) but the datamodule has 10 classes"):
+        _fit_one_batch(ReweightClassifier(MLP(64, 12, hidden=(8,)), 12), dm)
+    with pytest.raises(ValueError, match=r"logits of shape \(100, 3\).*num_classes=10"):
+        _fit_one_batch(ReweightClassifier(MLP(64, 3, hidden=(8,)), 10), dm)
+    with pytest.raises(ValueError, match=r"built for 5 classes"):
+        _fit_one_batch(ReweightClassifier(MLP(64, 10, hidden=(8,)), 10, criterion=LDAMLoss([9] * 5, reduction="none")), dm)
