@@ -67,8 +67,8 @@ class DeferredWeightedSampler(DistributedSampler):
             weights = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
             if weights.shape != (num_samples,):
                 raise ValueError(f"weights must have shape ({num_samples},), got {tuple(weights.shape)}")
-            if bool((weights < 0).any()) or not float(weights.sum()) > 0:
-                raise ValueError("weights must be non-negative with a positive sum")
+            if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+                raise ValueError("weights must be finite and non-negative with a positive sum")
         self.num_samples = int(num_samples)
         self.weights = weights
         self.start_epoch = int(start_epoch)

@@ -309,4 +309,5 @@ def test_num_classes_is_checked_against_the_data_and_the_backbone():
     with pytest.raises(ValueError, match=r"logits of shape \(100, 3\).*num_classes=10"):
         _fit_one_batch(ReweightClassifier(MLP(64, 3, hidden=(8,)), 10), dm)
     with pytest.raises(ValueError, match=r"built for 5 classes"):
-        _fit_one_batch(ReweightClassifier(MLP(64, 10, hidden=(8,)), 10, criterion=LDAMLoss([9] * 5, reduction="none")), dm)
+        ldam = LDAMLoss([9] * 5, reduction="none")
+        _fit_one_batch(ReweightClassifier(MLP(64, 10, hidden=(8,)), 10, criterion=ldam), dm)

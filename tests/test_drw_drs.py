@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -517,3 +518,13 @@ def test_the_sampler_used_directly_takes_the_process_groups_ranks(monkeypatch):
     full = torch.randperm(10, generator=torch.Generator().manual_seed(4)).tolist()
     assert shares == [full[0::2], full[1::2]]
     assert list(samplers.DeferredWeightedSampler(10, seed=4, num_replicas=1, rank=0)) == full  # explicit wins
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan, -1.0])
+def test_the_sampler_refuses_weights_it_could_never_draw_from(bad):
+    """An inf weight was accepted and failed only once weighted sampling started (epoch 160 of 200), in torch's
+    words ("invalid multinomial distribution")."""
+    from lightning_reweight.samplers import DeferredWeightedSampler
+
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        DeferredWeightedSampler(3, [1.0, bad, 1.0], start_epoch=1)

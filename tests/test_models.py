@@ -1,5 +1,6 @@
 """Reference backbones against hand counts and formulas."""
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -65,3 +66,18 @@ def test_normalized_linear_on_token_features_normalises_each_vector():
     per_token = torch.stack([head(x[:, t]) for t in range(5)], dim=1)
     torch.testing.assert_close(out, per_token)
     assert float(out.abs().max()) <= 1 + 1e-6
+
+
+def test_bad_sizes_are_refused_when_the_model_is_built():
+    """ResNetCifar(num_blocks=0) built and failed in forward with a matmul shape error; NormalizedLinear(0, 3)
+    raised ZeroDivisionError."""
+    with pytest.raises(ValueError, match="num_blocks"):
+        ResNetCifar(num_blocks=0)
+    with pytest.raises(ValueError, match="in_features"):
+        NormalizedLinear(0, 3)
+
+
+def test_resnet32_takes_grey_images():
+    model = resnet32(num_classes=4, in_channels=1)
+    assert model.conv1.in_channels == 1
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 4)

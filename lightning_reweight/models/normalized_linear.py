@@ -29,6 +29,8 @@ class NormalizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"need in_features >= 1 and out_features >= 1, got {in_features}, {out_features}")
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))

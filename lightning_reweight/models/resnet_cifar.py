@@ -57,6 +57,11 @@ class ResNetCifar(nn.Module):
         self, num_blocks: int = 5, num_classes: int = 10, normalized_head: bool = False, in_channels: int = 3
     ) -> None:
         super().__init__()
+        if num_blocks < 1 or num_classes < 2 or in_channels < 1:
+            raise ValueError(
+                f"need num_blocks >= 1, num_classes >= 2 and in_channels >= 1, got {num_blocks}, {num_classes}, "
+                f"{in_channels}"
+            )
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         stages = []
@@ -85,6 +90,21 @@ class ResNetCifar(nn.Module):
         return self.linear(self.features(x))
 
 
-def resnet32(num_classes: int = 10, normalized_head: bool = False) -> ResNetCifar:
-    """ResNet-32 for 32x32 inputs (about 0.46M parameters)."""
-    return ResNetCifar(5, num_classes, normalized_head)
+def resnet32(num_classes: int = 10, normalized_head: bool = False, in_channels: int = 3) -> ResNetCifar:
+    """ResNet-32 for 32x32 inputs (about 0.46M parameters).
+
+    Args:
+        num_classes: output classes.
+        normalized_head: cosine logits (:class:`NormalizedLinear`, for LDAM) instead of ``nn.Linear``.
+        in_channels: input channels (3 for CIFAR, 1 for grey images).
+
+    Returns:
+        A :class:`ResNetCifar` with 5 blocks per stage.
+
+    Example:
+        >>> import torch
+        >>> model = resnet32(num_classes=100, in_channels=1)
+        >>> model(torch.zeros(2, 1, 32, 32)).shape, sum(p.numel() for p in model.parameters()) // 1000
+        (torch.Size([2, 100]), 469)
+    """
+    return ResNetCifar(5, num_classes, normalized_head, in_channels)
