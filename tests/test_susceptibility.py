@@ -1204,3 +1204,28 @@ def test_unreadable_train_batches_say_that_no_targets_were_found(tmp_path):
                   enable_model_summary=False, default_root_dir=tmp_path,
                   callbacks=[SusceptibilityMonitor(batch_size=16)]).fit(
             DictModule(MLP(5, 3, hidden=(8,)), num_classes=3), datamodule=Dicts())
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: torch.optim.SGD(m.head.parameters(), lr=0.1, momentum=0.9),  # the plain-SGD route
+    lambda m: torch.optim.Adam(m.head.parameters(), lr=0.1),  # the generic route
+])
+def test_a_frozen_parameter_the_forward_writes_is_restored(make):
+    """The plain-SGD route restored only the stepped parameters: a frozen Embedding(max_norm=...) table, which the
+    forward renormalises in place, stayed modified after the probe."""
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6, max_norm=0.5)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.emb(x).mean(1))
+
+    torch.manual_seed(1)
+    model = Bag()
+    model.emb.weight.requires_grad_(False)
+    before = model.emb.weight.detach().clone()
+    susceptibility_step(model, make(model), torch.randint(0, 20, (8, 4)), torch.randint(0, 3, (8,)))
+    assert torch.equal(model.emb.weight, before)

@@ -290,8 +290,10 @@ def susceptibility_losses(
     fwd = forward if forward is not None else model
     if is_plain_sgd(optimizer):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        _, buffers = _tensors_of(model, None)
-        with preserved_rng(), _restored_values(params + buffers):
+        # every parameter is restored, not only the stepped ones: a forward may write a frozen one in place
+        # (Embedding(max_norm=...) renormalises its rows)
+        every_param, buffers = _tensors_of(model, optimizer)
+        with preserved_rng(), _restored_values(every_param + buffers):
             return _losses(fwd, loss_fn, inputs, random_targets, lambda loss: _sgd_step(optimizer, params, loss))
     with preserved_training_state(model, optimizer) as params:
         return _losses(fwd, loss_fn, inputs, random_targets, lambda loss: _optimizer_step(optimizer, params, loss))
