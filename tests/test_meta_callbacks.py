@@ -818,6 +818,48 @@ def test_several_optimizers_are_refused():
         trainer(1, [MetaReweight(L2RW(), meta_dataloader=meta)]).fit(model, train)
 
 
+@pytest.mark.parametrize("strategy", [L2RW, MetaWeightNet])
+def test_a_closure_optimizer_is_refused(strategy):
+    """Lightning re-runs training_step inside LBFGS's closure: every re-evaluation ran a meta step with a new meta
+    batch (10 meta steps for 2 optimizer steps), silently."""
+
+    class WithLBFGS(ReweightClassifier):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=5)
+
+    train, meta = loaders()
+    torch.manual_seed(0)
+    model = WithLBFGS(MLP(64, 4, hidden=(16,)), num_classes=4)
+    with pytest.raises(ValueError, match="needs a closure"):
+        trainer(1, [MetaReweight(strategy(), meta_dataloader=meta)]).fit(model, train)
+
+
+def test_delayed_meta_net_under_manual_accumulation_warns_and_counts_only_updates_run():
+    """Manual optimization stepping every 2 batches: the first batch's delayed meta update is dropped (no optimizer
+    step followed it) and the second one's virtual step uses both batches' gradient. It was silent, and meta_steps
+    counted the dropped updates too."""
+
+    class Accumulating(ReweightClassifier):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            self.manual_backward(self.reweight(self.per_sample_loss(batch), batch))
+            if batch_idx % 2 == 1:
+                opt.step()
+                opt.zero_grad()
+
+    train, meta = loaders()
+    torch.manual_seed(0)
+    model = Accumulating(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+    cb = MetaReweight(MetaWeightNet(hidden=8, delayed=True), meta_dataloader=meta, hypergrad="forward")
+    with pytest.warns(UserWarning, match="accumulates gradients over batches"):
+        trainer(1, [cb]).fit(model, train)
+    assert len(train) == 6 and cb.state_dict()["meta_steps"] == 3  # one meta update per optimizer step
+
+
 class LrSpy(L2RW):
     def __init__(self):
         super().__init__()

@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.contract import WeightingContext
+from lightning_reweight.functional.susceptibility import needs_closure
 from lightning_reweight.meta.base import MetaStrategy
 from lightning_reweight.meta.engine import (
     FD_SCALES,
@@ -50,7 +51,10 @@ class MetaReweight(Callback):
     weights with its current meta-net; during warm-up weights are uniform. A *delayed* strategy
     (``MetaWeightNet(delayed=True)``) weights the batch with its current meta-net and runs its meta update in
     ``on_before_optimizer_step``, taking the virtual step from the real gradient (unscaled, not yet clipped; under
-    DDP the ranks' average); it needs ``accumulate_grad_batches=1``.
+    DDP the ranks' average); it needs one backward per optimizer step: ``accumulate_grad_batches=1``, and under
+    manual optimization no accumulation over batches (a batch without an optimizer step drops its meta update,
+    with a warning). Optimizers whose step needs a closure (LBFGS) are refused: Lightning re-runs
+    ``training_step`` inside the closure, which would run a meta step per re-evaluation.
 
     Exactness and side effects: extra forwards run on cloned buffers, in fp32 (autocast off), inside a forked
     RNG; the training batch's extra forwards replay the RNG state saved in ``on_train_batch_start``, which
@@ -173,6 +177,7 @@ class MetaReweight(Callback):
         self._meta_gen_state: Tensor | None = None
         self._restore_meta_gen = False
         self._meta_steps = 0
+        self._warned_dropped = False
         self._lr_scale_cache: tuple[Any, list[float] | None] | None = None
         self._rng: RNGState | None = None
         self._buffers: dict[str, Tensor] | None = None
@@ -248,6 +253,12 @@ class MetaReweight(Callback):
                 f"MetaReweight needs exactly one optimizer (its parameter groups set the virtual step), got "
                 f"{len(trainer.optimizers)}: put the parameters in one optimizer with a parameter group each"
             )
+        if needs_closure(trainer.optimizers[0]):
+            raise ValueError(
+                f"MetaReweight cannot drive {type(trainer.optimizers[0]).__name__}: its step needs a closure, and "
+                "Lightning re-runs training_step inside it, so every re-evaluation would run a meta step (and MW-Net "
+                "a meta update) with a new meta batch. Use a first-order optimizer (SGD, Adam, ...)"
+            )
         low = {p.dtype for p in pl_module.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
         if low and self.hypergrad == "finite_diff":
             rank_zero_warn(
@@ -316,12 +327,12 @@ class MetaReweight(Callback):
         if not self._losses_checked:  # once per fit: the meta step assumes losses == per_sample_loss(batch)
             self._losses_checked = True
             self._check_losses(trainer, problem, losses)
-        if delayed:  # weights of the current meta-net; its update waits for the real gradient
+        if delayed:  # weights of the current meta-net; its update waits for the real gradient (counted there)
             weights = self.strategy.weights(losses.detach())
             self._pending = (problem, self._virtual_lr(trainer))
         else:
             weights = self.strategy.meta_weights(problem, self._virtual_lr(trainer)).detach()
-        self._meta_steps += 1
+            self._meta_steps += 1
         if context.indices is not None:
             if self.track_noise_auroc and self._noise_mask is not None:
                 self._auroc.update(weights, self._noise_mask_on(weights.device)[context.indices.to(weights.device)])
@@ -405,11 +416,19 @@ class MetaReweight(Callback):
         if present and not bool(torch.stack([torch.isfinite(g).all() for g in present]).all()):  # one sync
             return  # an fp16 overflow: the optimizer skips this step, and so does the meta-net
         self.strategy.meta_update(problem, lr, grads)
+        self._meta_steps += 1
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._pending is not None and not pl_module.automatic_optimization and not self._warned_dropped:
+            self._warned_dropped = True
+            rank_zero_warn(
+                f"a delayed {type(self.strategy).__name__} ran no meta update for batch {batch_idx}: no optimizer "
+                "step followed its backward. If training_step accumulates gradients over batches, the next meta "
+                "update takes its virtual step from the accumulated gradient of several batches: use delayed=False"
+            )
         self._pending = None  # a step without an optimizer step (skipped loss) drops its delayed meta update
         self._early = None
         self._epoch_batches += 1  # here, not at batch start: the module's own hook may skip the batch
