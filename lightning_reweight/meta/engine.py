@@ -40,7 +40,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["HYPERGRADS", "MetaProblem", "RNGState", "capture_rng"]
 
-HYPERGRADS = ("second_order", "forward", "finite_diff")
+#: The hypergradient routes: double backward (the reference), forward-mode JVP (exact), finite difference.
+HYPERGRADS: tuple[str, ...] = ("second_order", "forward", "finite_diff")
 #: the hypergradient routes (a type for signatures and config parsers)
 Hypergrad = Literal["finite_diff", "forward", "second_order"]
 #: which parameters' norm scales the finite-difference step

@@ -36,7 +36,7 @@ class ModelSelection:
         susceptibility: their susceptibilities ``zeta``.
         accuracy_threshold: the mean train accuracy.
         susceptibility_threshold: the mean ``zeta``.
-        quadrants: each model's quadrant (one of :data:`QUADRANTS`).
+        quadrants: each model's quadrant (one of :data:`~lightning_reweight.metrics.selection.QUADRANTS`).
         preferred: names of the models in the preferred quadrant (high accuracy, low ``zeta``), best train
             accuracy first.
 
