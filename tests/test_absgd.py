@@ -243,6 +243,32 @@ def test_schedule_lam_at_and_validation():
         DROSchedule().setup(None, plain, "fit")
 
 
+def test_schedule_without_lam_takes_the_losss_own():
+    """DROSchedule's default lam was 1.0: AttentionalDROLoss(lam=-3.0) + DROSchedule(start_epoch=1) trained with
+    lam = +1 from epoch 1 (the label-noise setting's sign flipped), without a word."""
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(pl_module.criterion.lam)
+
+    def fit(criterion, schedule):
+        torch.manual_seed(0)
+        model = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=criterion, lr=0.1)
+        L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[schedule, Record()]).fit(model, _loader())
+
+    fit(AttentionalDROLoss(lam=-3.0), DROSchedule(start_epoch=1))
+    assert seen == [None, -3.0, -3.0]
+    with pytest.raises(ValueError, match=r"DROSchedule\(lam=...\)"):
+        fit(AttentionalDROLoss(lam=None), DROSchedule(start_epoch=1))
+    seen.clear()
+    with pytest.warns(UserWarning, match="of the other sign"):
+        fit(AttentionalDROLoss(lam=-3.0), DROSchedule(start_epoch=1, lam=2.0))
+    assert seen == [None, 2.0, 2.0]
+
+
 # ---------------------------------------------------------------------------------------------- resume
 def _loader():
     g = torch.Generator().manual_seed(0)

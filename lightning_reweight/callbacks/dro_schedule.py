@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_reweight.callbacks._schedule import warn_if_never_reached
@@ -27,7 +28,11 @@ class DROSchedule(Callback):
 
     Args:
         start_epoch: first epoch of the DRO stage (0: from the start).
-        lam: the DRO temperature of that stage (non-zero; negative for label noise).
+        lam: the DRO temperature of that stage (non-zero; negative for label noise). ``None`` (default): the
+            ``lam`` the loss was built with (``AttentionalDROLoss(lam=-3.0)`` + ``DROSchedule(start_epoch=5)`` is
+            ERM, then ``-3``), taken when the callback is first set up; a loss built with ``lam=None`` then needs
+            it here. An explicit ``lam`` of the other sign than the loss's own is used, with a warning (the sign
+            chooses between hard-sample focus and label-noise robustness).
         lam_schedule: optional ``{epoch: lam}`` overrides from those epochs on (epochs ``>= start_epoch``).
 
     Example:
@@ -36,27 +41,37 @@ class DROSchedule(Callback):
         [None, None, 5.0, 5.0, 3.0]
     """
 
-    def __init__(self, start_epoch: int = 0, lam: float = 1.0, lam_schedule: dict[int, float] | None = None) -> None:
+    def __init__(
+        self, start_epoch: int = 0, lam: float | None = None, lam_schedule: dict[int, float] | None = None
+    ) -> None:
         super().__init__()
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
-        values = [lam, *(lam_schedule or {}).values()]
+        values = [*([] if lam is None else [lam]), *(lam_schedule or {}).values()]
         if any(v is None or not math.isfinite(float(v)) or float(v) == 0.0 for v in values):
             raise ValueError(f"lam and the lam_schedule values must be finite non-zero numbers, got {values}")
         early = [e for e in (lam_schedule or {}) if int(e) < start_epoch]
         if early:
             raise ValueError(f"lam_schedule epochs {early} come before start_epoch={start_epoch}; remove them")
         self._start_epoch = int(start_epoch)
-        self._lam = float(lam)
+        self._lam: float | None = None if lam is None else float(lam)
         self._schedule = {int(e): float(v) for e, v in sorted((lam_schedule or {}).items())}
         self._losses: list[AttentionalDROLoss] = []
         self._current: float | None = None
+        self._warned_sign = False
 
     def lam_at(self, epoch: int) -> float | None:
-        """The ``lam`` used during ``epoch`` (``None``: plain ERM)."""
+        """The ``lam`` used during ``epoch`` (``None``: plain ERM).
+
+        Raises:
+            RuntimeError: for an epoch of the DRO stage while ``lam`` is still to be taken from the loss (before
+                the callback's ``setup``).
+        """
         if epoch < self._start_epoch:
             return None
         lam = self._lam
+        if lam is None:
+            raise RuntimeError("DROSchedule(lam=None) takes the loss's lam in setup; it is not known yet")
         for e, v in self._schedule.items():
             if e <= epoch:
                 lam = v
@@ -70,6 +85,28 @@ class DROSchedule(Callback):
                 "DROSchedule found no AttentionalDROLoss in the LightningModule: pass one as the criterion, e.g. "
                 "ReweightClassifier(backbone, num_classes, criterion=AttentionalDROLoss(lam=None)), or keep it as "
                 "an attribute (submodule) of your module"
+            )
+        if self._losses:
+            self._resolve_lam()
+
+    def _resolve_lam(self) -> None:
+        """``lam=None``: the losses' own ``lam`` (kept from the first setup on); an explicit one: check its sign."""
+        own = {loss.lam for loss in self._losses}
+        if self._lam is None:
+            if None in own or len(own) != 1:
+                raise ValueError(
+                    f"DROSchedule(lam=None) uses the lam the AttentionalDROLoss was built with, but the losses have "
+                    f"lam {sorted(own, key=str)}: pass the DRO stage's temperature, DROSchedule(lam=...)"
+                )
+            self._lam = own.pop()
+            return
+        flipped = sorted(v for v in own if v is not None and (v > 0) != (self._lam > 0))
+        if flipped and not self._warned_sign:
+            self._warned_sign = True
+            rank_zero_warn(
+                f"DROSchedule(lam={self._lam}) replaces the AttentionalDROLoss's own lam {flipped[0]}, of the other "
+                "sign (lam > 0 focuses on hard samples, lam < 0 down-weights them, for label noise); pass "
+                "DROSchedule(lam=None) to use the loss's"
             )
 
     def _apply(self, trainer: Trainer) -> None:
@@ -96,6 +133,8 @@ class DROSchedule(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._current = state_dict.get("current")
+        if self._lam is None and state_dict.get("lam") is not None:  # the resolved lam of the checkpointed run
+            self._lam = float(state_dict["lam"])
 
     def benchmark_metrics(self) -> dict[str, Any]:
         """What the benchmark runner records for this callback: the schedule."""
