@@ -528,3 +528,25 @@ def test_the_sampler_refuses_weights_it_could_never_draw_from(bad):
 
     with pytest.raises(ValueError, match="finite and non-negative"):
         DeferredWeightedSampler(3, [1.0, bad, 1.0], start_epoch=1)
+
+
+def test_criterion_mode_warns_when_it_replaces_the_criterions_own_class_weights(tmp_path):
+    """LDAMLoss(weight=[0.5, 1, 4]) + DeferredReweighting(mode="criterion") trained with ones, then DRW's weights:
+    the explicit weights were dropped without a word."""
+    import warnings
+
+    from lightning_reweight.losses import LDAMLoss
+
+    def fit(criterion):
+        torch.manual_seed(0)
+        model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3, criterion=criterion)
+        trainer_for(tmp_path, 1, [DeferredReweighting(1, BETA, "criterion", COUNTS)],
+                    enable_checkpointing=False).fit(model, TinyDataModule())
+        return model
+
+    with pytest.warns(UserWarning, match=r"replaces the criterion's own class weights \[0.5, 1.0, 4.0\]"):
+        model = fit(LDAMLoss(COUNTS, weight=[0.5, 1.0, 4.0], reduction="none"))
+    assert torch.equal(model.criterion.weight, torch.ones(3))  # as documented: ones before start_epoch
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*own class weights.*")
+        fit(LDAMLoss(COUNTS, reduction="none"))  # no weights of its own: silent

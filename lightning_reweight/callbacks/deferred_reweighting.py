@@ -249,8 +249,22 @@ class DeferredReweighting(Callback):
                 f"{type(target).__name__} was built for {list(counts)}: pass the same counts to both (or neither, "
                 "to use the datamodule's train_class_counts)"
             )
+        if self.mode == "criterion":
+            self._warn_if_replacing_own_weights(pl_module)
         # a run resumed mid-epoch gets no on_train_epoch_start for that epoch: apply its state here too
         self._apply_epoch(trainer, pl_module)
+
+    def _warn_if_replacing_own_weights(self, pl_module: LightningModule) -> None:
+        """The criterion came with class weights of its own (neither ones nor this callback's): they are replaced."""
+        weight = self._weight_buffer(pl_module).detach().float().cpu()
+        if torch.allclose(weight, torch.ones_like(weight)) or torch.allclose(weight, self.class_weights()):
+            return
+        rank_zero_warn(
+            f"DeferredReweighting(mode='criterion') replaces the criterion's own class weights "
+            f"{[round(float(w), 4) for w in weight]} (ones before start_epoch={self.start_epoch}, class-balanced "
+            "weights from it on); to combine them with DRW's, use mode='weighting' (its weights multiply the "
+            "criterion's weighted per-sample losses)"
+        )
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
