@@ -1125,8 +1125,9 @@ def test_values_are_logged_on_lightnings_step_axis_with_two_optimizers(tmp_path)
     torch.manual_seed(0)
     model = TwoOptimizers(MLP(6, 4, hidden=(8,)), num_classes=4)
     logger = Capture()
-    _trainer(tmp_path, [SusceptibilityMonitor(batch_size=32)], 2, logger=logger, log_every_n_steps=1).fit(
-        model, datamodule=_NoisyDM())
+    with pytest.warns(UserWarning, match="steps only the first of the 2 optimizers"):
+        _trainer(tmp_path, [SusceptibilityMonitor(batch_size=32)], 2, logger=logger, log_every_n_steps=1).fit(
+            model, datamodule=_NoisyDM())
     batches = len(_NoisyDM().train_dataloader())
     assert logger.steps["train_loss"] == list(range(2 * batches))  # Lightning's axis: one step per batch
     assert logger.steps["memorization/zeta"] == [0, batches]  # each epoch's start, on that axis (not 2x)

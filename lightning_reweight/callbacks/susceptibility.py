@@ -284,6 +284,12 @@ class SusceptibilityMonitor(Callback):
                 f"SusceptibilityMonitor cannot probe with {type(trainer.optimizers[0]).__name__}: its step needs a "
                 "closure (it re-evaluates the loss several times), which one probe step does not define"
             )
+        if len(trainer.optimizers) > 1:
+            rank_zero_warn(
+                f"SusceptibilityMonitor steps only the first of the {len(trainer.optimizers)} optimizers in its probe: "
+                "the parameters of the others stay fixed, so zeta measures how fast those of optimizer 0 fit random "
+                "labels"
+            )
         if self.num_classes is None:
             n = getattr(pl_module, "num_classes", None)
             if n is None:
