@@ -105,7 +105,9 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
 
     Logs ``train/loss``, ``val/acc``, ``val/balanced_acc``, ``test/acc`` and ``test/balanced_acc``
     (balanced accuracy = mean per-class recall over the classes present in the evaluated targets,
-    :class:`~lightning_reweight.metrics.BalancedAccuracy`).
+    :class:`~lightning_reweight.metrics.BalancedAccuracy`). With several validation or test loaders (e.g. a clean
+    and a noisy validation set) each has its own metrics, logged as ``val/acc/dataloader_idx_<k>`` (Lightning's
+    suffix).
 
     The backbone and the criterion are modules, not hyperparameters: reload a checkpoint with
     ``ReweightClassifier.load_from_checkpoint(path, backbone=..., criterion=...)`` (the same kinds as trained; their
@@ -187,6 +189,7 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
         self.val_bacc = BalancedAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_bacc = BalancedAccuracy(num_classes)
+        self._more_eval_metrics = nn.ModuleDict()  # the metrics of evaluation loaders after the first
 
     def setup(self, stage: str) -> None:
         """Give a count-based criterion (LDAM, logit adjustment) the datamodule's class counts, or check them.
@@ -281,21 +284,39 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
             self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=losses.shape[0], sync_dist=True)
         return loss
 
-    def _eval_step(self, batch: Any, acc: MulticlassAccuracy, bacc: BalancedAccuracy, stage: str) -> None:
+    def _eval_metrics(self, stage: str, dataloader_idx: int) -> tuple[tuple[Any, str], tuple[Any, str]]:
+        """The metrics of one evaluation loader with their attribute names (Lightning's ``metric_attribute``).
+
+        The module's attributes for loader 0; a pair created on first use for each further loader.
+        """
+        if dataloader_idx == 0:
+            return (getattr(self, f"{stage}_acc"), f"{stage}_acc"), (getattr(self, f"{stage}_bacc"), f"{stage}_bacc")
+        key = f"{stage}_{dataloader_idx}"
+        if key not in self._more_eval_metrics:  # a second loader (e.g. clean and noisy validation sets)
+            pair = nn.ModuleList(
+                [MulticlassAccuracy(self.num_classes, average="micro"), BalancedAccuracy(self.num_classes)]
+            )
+            self._more_eval_metrics[key] = pair.to(self.device)
+        acc, bacc = self._more_eval_metrics[key]
+        return (acc, f"_more_eval_metrics.{key}.0"), (bacc, f"_more_eval_metrics.{key}.1")
+
+    def _eval_step(self, batch: Any, stage: str, dataloader_idx: int) -> None:
+        (acc, acc_name), (bacc, bacc_name) = self._eval_metrics(stage, dataloader_idx)
         x, y, _ = split_batch(batch)
         preds = _check_logits(self(x), self.num_classes).argmax(dim=1)
         acc.update(preds, y)
         bacc.update(preds, y)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True)
-        self.log(f"{stage}/balanced_acc", bacc, on_step=False, on_epoch=True)
+        # with several loaders Lightning appends "/dataloader_idx_<k>" to the keys
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, metric_attribute=acc_name)
+        self.log(f"{stage}/balanced_acc", bacc, on_step=False, on_epoch=True, metric_attribute=bacc_name)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Accuracy and balanced accuracy."""
-        self._eval_step(batch, self.val_acc, self.val_bacc, "val")
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Accuracy and balanced accuracy (per loader when there are several)."""
+        self._eval_step(batch, "val", dataloader_idx)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Accuracy and balanced accuracy."""
-        self._eval_step(batch, self.test_acc, self.test_bacc, "test")
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Accuracy and balanced accuracy (per loader when there are several)."""
+        self._eval_step(batch, "test", dataloader_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Logits of a batch ``(inputs, ...)`` or of bare inputs (``trainer.predict``, CLI ``predict``)."""

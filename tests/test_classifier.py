@@ -311,3 +311,28 @@ def test_num_classes_is_checked_against_the_data_and_the_backbone():
     with pytest.raises(ValueError, match=r"built for 5 classes"):
         ldam = LDAMLoss([9] * 5, reduction="none")
         _fit_one_batch(ReweightClassifier(MLP(64, 10, hidden=(8,)), 10, criterion=ldam), dm)
+
+
+def test_several_validation_loaders_get_their_own_metrics():
+    """Clean and noisy validation sets side by side: Lightning refused the module (no dataloader_idx argument)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(60, 1, 8, 8)
+    y = torch.randint(0, 10, (60,))
+    y_other = (y + 3) % 10
+    model = ReweightClassifier(MLP(64, 10, hidden=(8,)), 10)
+    train = DataLoader(TensorDataset(x, y, torch.arange(60)), batch_size=20)
+    vals = [DataLoader(TensorDataset(x, y), batch_size=25), DataLoader(TensorDataset(x, y_other), batch_size=25)]
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(model, train, vals)
+    with torch.no_grad():
+        preds = model(x).argmax(1)
+    metrics = trainer.callback_metrics
+    for k, labels in enumerate((y, y_other)):  # reference: the accuracy of the final model's predictions
+        assert float(metrics[f"val/acc/dataloader_idx_{k}"]) == pytest.approx(float((preds == labels).float().mean()))
+        recalls = [float((preds[labels == c] == c).float().mean()) for c in labels.unique()]
+        assert float(metrics[f"val/balanced_acc/dataloader_idx_{k}"]) == pytest.approx(sum(recalls) / len(recalls))
+    # the extra metrics add nothing to checkpoints: a module that never saw two loaders loads them strictly
+    ReweightClassifier(MLP(64, 10, hidden=(8,)), 10).load_state_dict(model.state_dict())
