@@ -20,6 +20,7 @@ from lightning_reweight.contract import WeightingContext
 from lightning_reweight.functional.susceptibility import needs_closure
 from lightning_reweight.meta.base import MetaStrategy
 from lightning_reweight.meta.engine import (
+    FD_EPS,
     FD_SCALES,
     HYPERGRADS,
     FdScale,
@@ -77,7 +78,7 @@ class MetaReweight(Callback):
             largest group lr when the first is 0). With several parameter groups each parameter's virtual step is
             scaled by its group's lr relative to that one, as the real step is; parameters the optimizer does not
             train (or trains at lr 0) are not moved. One optimizer only (several are refused at fit start).
-        fd_eps: relative finite-difference step.
+        fd_eps: relative finite-difference step (default :data:`~lightning_reweight.meta.engine.FD_EPS`).
         fd_scale: ``"all"`` (default) or ``"moved"``: which parameters' norm scales the finite-difference step
             (``"moved"`` for models with large tables a batch barely touches, such as embeddings; a warning
             says when).
@@ -112,7 +113,7 @@ class MetaReweight(Callback):
         meta_interval: int = 1,
         warmup_epochs: int = 0,
         virtual_lr: float | None = None,
-        fd_eps: float = 1e-3,
+        fd_eps: float = FD_EPS,
         fd_scale: FdScale = "all",
         meta_seed: int = 0,
         track_noise_auroc: bool = True,
@@ -610,6 +611,8 @@ class MetaReweight(Callback):
             "weight_auroc": hist[-1] if hist else None,
             "weight_auroc_mean": sum(hist) / len(hist) if hist else None,
             "meta_steps": self._meta_steps,
+            "hypergrad": self.hypergrad,
+            "fd_eps": self.fd_eps if self.hypergrad == "finite_diff" else None,
             **{f"sample_auroc_{key}": value for key, value in self._sample_aurocs().items()},
         }
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_reweight.meta.engine import FdScale, Hypergrad, MetaProblem
+from lightning_reweight.meta.engine import FD_EPS, FdScale, Hypergrad, MetaProblem
 from lightning_reweight.meta.l2rw import l2rw_from_alignment
 
 __all__ = ["l2rw_weights"]
@@ -24,7 +24,7 @@ def l2rw_weights(
     hypergrad: Hypergrad = "forward",
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     lr: float = 1.0,
-    fd_eps: float = 1e-3,
+    fd_eps: float = FD_EPS,
     fd_scale: FdScale = "all",
 ) -> Tensor:
     """The L2RW weights of one training batch against one clean meta batch.
@@ -44,7 +44,8 @@ def l2rw_weights(
             ``"second_order"`` (double backward through the virtual step).
         loss_fn: per-sample loss ``(logits, targets) -> (B,)``; default cross-entropy. The meta loss is its mean.
         lr: virtual-step size (only used by ``"second_order"``; it scales ``u`` and cancels in ``w``).
-        fd_eps: relative finite-difference step (``"finite_diff"``).
+        fd_eps: relative finite-difference step (``"finite_diff"``; default
+            :data:`~lightning_reweight.meta.engine.FD_EPS`).
         fd_scale: ``"all"`` or ``"moved"``: the parameters whose norm scales the finite-difference step (see
             :class:`~lightning_reweight.meta.MetaProblem`).
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["HYPERGRADS", "MetaProblem", "RNGState", "capture_rng"]
+__all__ = ["FD_EPS", "HYPERGRADS", "MetaProblem", "RNGState", "capture_rng"]
 
 #: The hypergradient routes: double backward (the reference), forward-mode JVP (exact), finite difference.
 HYPERGRADS: tuple[str, ...] = ("second_order", "forward", "finite_diff")
@@ -46,6 +46,9 @@ HYPERGRADS: tuple[str, ...] = ("second_order", "forward", "finite_diff")
 Hypergrad = Literal["finite_diff", "forward", "second_order"]
 #: which parameters' norm scales the finite-difference step
 FdScale = Literal["all", "moved"]
+#: The default relative finite-difference step (``|h d| = FD_EPS * max(|theta|, 1)``). 1e-3 was 5-10 times less
+#: accurate on trained models (``benchmarks/fd_accuracy.py``); fp32 rounding of the losses takes over below ~3e-5.
+FD_EPS = 1e-4
 
 #: ``(cpu_state, cuda_state_or_None, cuda_device_index_or_None)``
 RNGState = tuple[Tensor, "Tensor | None", "int | None"]
@@ -128,7 +131,7 @@ class MetaProblem:
         buffers: the module's buffers saved just before the training forward, by name (a forward that updates a
             buffer it reads, like ``spectral_norm``'s power iteration, would otherwise be replayed one update
             later); defaults to the buffers as they are when each forward runs.
-        fd_eps: relative finite-difference step: ``|h d| = fd_eps * max(|theta|, 1)``.
+        fd_eps: relative finite-difference step: ``|h d| = fd_eps * max(|theta|, 1)`` (default :data:`FD_EPS`).
         fd_scale: which ``|theta|`` sets the step: ``"all"`` (every trainable parameter; the default) or
             ``"moved"`` (only the entries the direction moves, ``d != 0``): for models where a batch touches a small
             part of the parameters (embedding tables), whose full norm would make the step far too large.
@@ -158,7 +161,7 @@ class MetaProblem:
     losses: Tensor | None = None
     rng_state: RNGState | None = None
     buffers: dict[str, Tensor] | None = None
-    fd_eps: float = 1e-3
+    fd_eps: float = FD_EPS
     fd_scale: FdScale = "all"
     lr_scale: Sequence[float] | None = None
     reduce: Callable[[list[Tensor]], list[Tensor]] | None = None
@@ -171,8 +174,8 @@ class MetaProblem:
     def __post_init__(self) -> None:
         if self.hypergrad not in HYPERGRADS:
             raise ValueError(f"hypergrad must be one of {HYPERGRADS}, got {self.hypergrad!r}")
-        if self.fd_eps <= 0:
-            raise ValueError(f"fd_eps must be positive, got {self.fd_eps}")
+        if not (self.fd_eps > 0 and math.isfinite(self.fd_eps)):
+            raise ValueError(f"fd_eps must be a positive number, got {self.fd_eps}")
         if self.fd_scale not in FD_SCALES:
             raise ValueError(f"fd_scale must be one of {FD_SCALES}, got {self.fd_scale!r}")
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
