@@ -170,16 +170,18 @@ def test_prepared_finite_difference_does_not_reuse_autocast_losses():
     torch.testing.assert_close(early.alignment(), ref, rtol=1e-5, atol=1e-6)
 
 
-def textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr, scale=None):
+def textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr, scale=None, normalize=False):
     """Meta-Weight-Net's meta gradient written out: virtual step (each parameter's lr ``lr * scale``), meta loss,
-    backward to phi."""
+    backward to phi. ``normalize``: the virtual step's loss is ``sum_i V_i l_i / sum_j V_j`` (the official
+    WRN-28-10 / class-imbalance scripts) instead of ``sum_i V_i l_i / B``."""
     m = copy.deepcopy(model)
     names = [n for n, _ in m.named_parameters()]
     params = list(m.parameters())
     bufs = {n: b.clone() for n, b in m.named_buffers()}
     losses = F.cross_entropy(m(x), y, reduction="none")
     v = mwn.weight_net(losses.detach())
-    grads = torch.autograd.grad((v * losses).sum() / len(y), params, create_graph=True)
+    total = v.sum() if normalize else len(y)
+    grads = torch.autograd.grad((v * losses).sum() / total, params, create_graph=True)
     scale = [1.0] * len(params) if scale is None else scale
     virtual = {n: p - lr * r * g for n, p, g, r in zip(names, params, grads, scale)}
     meta = F.cross_entropy(functional_call(m, {**virtual, **bufs}, (mx,)), my)
@@ -417,8 +419,44 @@ def test_per_parameter_learning_rates_reach_the_virtual_step_and_the_alignment()
     for hypergrad in ("forward", "second_order"):
         got = flat(mwn.meta_gradient(problem(model, hypergrad, x, y, mx, my, lr_scale=scale), lr))
         assert rel(got, textbook) < 1e-5
+    # the delayed route (virtual step from the real backward's gradient) moves each parameter with its own lr too
+    torch.manual_seed(3)
+    delayed = MetaWeightNet(hidden=16, delayed=True)
+    m = copy.deepcopy(model)
+    losses = F.cross_entropy(m(x), y, reduction="none")
+    step = torch.autograd.grad((delayed.weight_net(losses.detach()) * losses).mean(), list(m.parameters()))
+    for hypergrad in ("forward", "finite_diff"):
+        got = flat(delayed.meta_gradient(problem(model, hypergrad, x, y, mx, my, lr_scale=scale), lr,
+                                         step_gradient=step))
+        assert rel(got, textbook) < (1e-5 if hypergrad == "forward" else 0.05), hypergrad
     with pytest.raises(ValueError, match="lr_scale"):
         problem(model, "forward", x, y, mx, my, lr_scale=[1.0])
+
+
+def test_normalised_mwnet_meta_gradient_matches_textbook():
+    """normalize=True takes its virtual step with V_i / sum_j V_j (the official normalised scripts), not V_i / B:
+    only the weights were checked before."""
+    model = small_cnn()
+    x, y, mx, my = data(16, 12)
+    torch.manual_seed(3)
+    mwn = MetaWeightNet(hidden=16, normalize=True)
+    lr = 0.5
+    ref = flat(textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr, normalize=True))
+    assert rel(flat(textbook_mwnet_gradient(model, mwn, x, y, mx, my, lr)), ref) > 0.05  # the two differ here
+    for hypergrad in ("second_order", "forward", "finite_diff"):
+        got = flat(mwn.meta_gradient(problem(model, hypergrad, x, y, mx, my), lr))
+        assert rel(got, ref) < (0.05 if hypergrad == "finite_diff" else 1e-5), hypergrad
+
+
+@pytest.mark.parametrize("hypergrad", ["second_order", "forward", "finite_diff"])
+def test_alignment_at_lr_is_lr_times_the_alignment(hypergrad):
+    """``-dL_meta/d eps_i`` at ``eps = 0`` of a virtual step of size lr is exactly lr * u_i (theta' = theta there)."""
+    model = small_cnn()
+    x, y, mx, my = data(16, 12)
+    ref = reference_alignment(model, x, y, mx, my)
+    lr = 0.3
+    got = problem(model, hypergrad, x, y, mx, my).alignment_at_lr(lr)
+    assert rel(got, lr * ref) < (0.05 if hypergrad == "finite_diff" else 1e-5)
 
 
 # ---------------------------------------------------------------------------- models users bring (engine review)
