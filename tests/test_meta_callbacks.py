@@ -1068,6 +1068,23 @@ def test_losses_that_are_not_per_sample_loss_replayed_are_an_error(make, strateg
         trainer(1, [MetaReweight(strategy(), meta_dataloader=meta)]).fit(make(), train)
 
 
+class SlightlyScaledLosses(ReweightClassifier):
+    """reweight() gets per_sample_loss(batch) * 1.001: a small systematic difference (like a little label
+    smoothing), far above fp32 rounding."""
+
+    def training_step(self, batch, batch_idx):
+        return self.reweight(self.per_sample_loss(batch) * 1.001, batch)
+
+
+def test_a_small_systematic_loss_difference_is_caught_in_fp32():
+    """The fp32 tolerance is rounding-sized (1e-4 relative): a 1e-3 difference is an error, not let through."""
+    train, meta = loaders()
+    torch.manual_seed(0)
+    model = SlightlyScaledLosses(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+    with pytest.raises(ValueError, match=r"not per_sample_loss\(batch\) replayed at the same parameters"):
+        trainer(1, [MetaReweight(L2RW(), meta_dataloader=meta)]).fit(model, train)
+
+
 @pytest.mark.parametrize("strategy", [L2RW, MetaWeightNet])
 def test_a_forward_that_updates_its_own_buffers_is_replayed_from_the_pre_forward_buffers(strategy):
     """spectral_norm's power iteration updates a buffer the forward reads: the replays cloned the buffers after the

@@ -228,11 +228,36 @@ def test_sgd_route_equals_optimizer_step_route(sgd_kwargs, warm):
     torch.manual_seed(5)
     fast = susceptibility_step(net, sgd, x, y)
     _assert_same(before, _snapshot(net, sgd))
+    generic_before = _snapshot(net, generic)
     torch.manual_seed(5)
     slow = susceptibility_step(net, generic, x, y)
     _assert_same(before, _snapshot(net, sgd))
+    _assert_same(generic_before, _snapshot(net, generic))  # the generic route's optimizer is untouched too
     assert float(slow) != 0.0
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.Adam(p, lr=0.01),
+    lambda p: torch.optim.AdamW(p, lr=0.01, amsgrad=True),
+    lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9),
+])
+def test_a_fresh_optimizer_has_no_state_after_the_probe(make):
+    """The monitor's first probe runs before the first training step: an optimizer that creates its state in its
+    first step (Adam's moments and step counter) must not start training with the probe's."""
+    net = _net()
+    opt = make(net.parameters())
+    twin = copy.deepcopy(net)
+    twin_opt = make(twin.parameters())
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 6, generator=g), torch.randint(4, (24,), generator=g)
+    drop = susceptibility_step(net, opt, x, y)
+    assert len(opt.state) == 0 and float(drop) != 0.0
+    for model, o in ((net, opt), (twin, twin_opt)):  # the first real step is the one the unprobed twin takes
+        o.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters()))
 
 
 def test_sgd_with_step_hooks_is_stepped_for_real():
@@ -1131,6 +1156,33 @@ def test_values_are_logged_on_lightnings_step_axis_with_two_optimizers(tmp_path)
     batches = len(_NoisyDM().train_dataloader())
     assert logger.steps["train_loss"] == list(range(2 * batches))  # Lightning's axis: one step per batch
     assert logger.steps["memorization/zeta"] == [0, batches]  # each epoch's start, on that axis (not 2x)
+
+
+def test_each_input_keeps_its_random_label_for_the_whole_run(tmp_path, monkeypatch):
+    """zeta averages drops on one randomly labelled set: an input's random label is drawn once for the run. Read
+    from what the probe is handed each epoch (inputs matched to the training set by value), independently of how
+    the monitor picks its batches; a monitor redrawing the labels every epoch passed every other test."""
+    import lightning_reweight.callbacks.susceptibility as module
+
+    real = module.susceptibility_losses
+    seen = []
+
+    def recording(model, optimizer, inputs, random_targets, **kwargs):
+        seen.append((inputs.detach().cpu().clone(), random_targets.detach().cpu().clone()))
+        return real(model, optimizer, inputs, random_targets, **kwargs)
+
+    monkeypatch.setattr(module, "susceptibility_losses", recording)
+    _fit(tmp_path, [SusceptibilityMonitor(batch_size=32)], epochs=4)
+    train_x = _NoisyDM().train_dataset.tensors[0]
+    label_of: dict[int, int] = {}
+    repeats = 0
+    for inputs, targets in seen:
+        rows = [int(torch.nonzero((train_x == row).all(dim=1)).flatten()[0]) for row in inputs]
+        for index, label in zip(rows, targets.tolist()):
+            repeats += index in label_of
+            assert label_of.setdefault(index, label) == label, (index, label_of[index], label)
+    assert len(seen) == 4 and repeats >= 32  # inputs recur across epochs, so the check has teeth
+    assert len(set(label_of.values())) > 1
 
 
 def test_a_non_finite_probe_is_skipped_not_poisoning_zeta(tmp_path, monkeypatch):
