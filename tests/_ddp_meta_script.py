@@ -86,6 +86,31 @@ trainer.fit(model, train)
 seen["meta_after"] = {k: v.clone() for k, v in strategy.weight_net.state_dict().items()}
 torch.save(seen, f"{out}/mwn_sgd_step_rank{trainer.global_rank}.pt")
 
+# one L2RW step per fast route: each rank records its batch, meta batch and weights, so the test can check that
+# the alignment used the meta gradient averaged over the ranks' meta batches
+for hypergrad in ("forward", "finite_diff"):
+    L.seed_everything(0, verbose=False)
+    train, meta = loaders()
+    model = module()
+    cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad=hypergrad)
+    seen = {}
+
+    class RecordL2RW(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.update(model_init={k: v.clone() for k, v in pl_module.state_dict().items()},
+                        batch=[t.clone() for t in batch])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen["weights"] = pl_module.last_sample_weights.detach().clone()
+
+    draw = cb._next_meta_batch
+    cb._next_meta_batch = lambda t, draw=draw: seen.setdefault("meta_batch", [x.clone() for x in draw(t)])
+    trainer = L.Trainer(max_epochs=1, max_steps=1, accelerator="cpu", devices=2, strategy="ddp",
+                        callbacks=[RecordL2RW(), cb], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, train)
+    torch.save(seen, f"{out}/l2rw_{hypergrad}_step_rank{trainer.global_rank}.pt")
+
 # resumed under DDP: a meta loader with its own generator (as the datamodule's), 3 meta batches per meta epoch;
 # each rank must resume its own meta order (the checkpoint used to hold rank 0's generator only), and the sample
 # history must hold both ranks' visits once (rank 0's sums were loaded on both ranks)

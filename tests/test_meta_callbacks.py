@@ -497,6 +497,34 @@ def test_ddp_two_processes_identical_meta_net(tmp_path):
     torch.testing.assert_close(after, mean, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(after, total, rtol=1e-4, atol=1e-6)  # the check tells a mean from a sum
 
+    # L2RW: u_i = <grad l_i, mean of the ranks' meta gradients>, recomputed here by a per-sample loop
+    for hypergrad in ("forward", "finite_diff"):
+        recs = [torch.load(tmp_path / f"l2rw_{hypergrad}_step_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        ref = module()
+        ref.load_state_dict(recs[0]["model_init"])
+        params = list(ref.parameters())
+        meta_grads = []
+        for rec in recs:
+            mx, my = rec["meta_batch"][:2]
+            meta_grads.append(torch.autograd.grad(F.cross_entropy(ref(mx), my), params))
+        mean_meta = [(a + b) / 2 for a, b in zip(*meta_grads)]
+        for rank, rec in enumerate(recs):
+            x, y = rec["batch"][:2]
+            losses = F.cross_entropy(ref(x), y, reduction="none")
+
+            def expected(meta_grad, losses=losses):
+                u = torch.stack([sum((a * b).sum() for a, b in zip(
+                    torch.autograd.grad(losses[i], params, retain_graph=True), meta_grad)) for i in range(len(losses))])
+                w = u.clamp_min(0)
+                return w * len(w) / w.sum()
+
+            want, own = expected(mean_meta), expected(meta_grads[rank])
+            got = rec["weights"]
+            to_mean = float((got - want).norm() / want.norm())
+            to_own = float((got - own).norm() / own.norm())
+            assert to_mean < (1e-4 if hypergrad == "forward" else 1e-2), (hypergrad, rank, to_mean)
+            assert to_own > 3 * to_mean, (hypergrad, rank, to_own, to_mean)  # the mean, not the rank's own
+
     # resumed after epoch 0 under DDP: the uninterrupted run's parameters and sample history, on both ranks
     for rank in (0, 1):
         straight, resumed = (torch.load(tmp_path / f"{n}_rank{rank}.pt", weights_only=True)
