@@ -86,6 +86,20 @@ trainer.fit(model, train)
 seen["meta_after"] = {k: v.clone() for k, v in strategy.weight_net.state_dict().items()}
 torch.save(seen, f"{out}/mwn_sgd_step_rank{trainer.global_rank}.pt")
 
+class RecordL2RW(L.Callback):
+    """The rank's model before its first step, the batch, and the weights it got."""
+
+    def __init__(self, seen: dict) -> None:
+        self.seen = seen
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.update(model_init={k: v.clone() for k, v in pl_module.state_dict().items()},
+                         batch=[t.clone() for t in batch])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen["weights"] = pl_module.last_sample_weights.detach().clone()
+
+
 # one L2RW step per fast route: each rank records its batch, meta batch and weights, so the test can check that
 # the alignment used the meta gradient averaged over the ranks' meta batches
 for hypergrad in ("forward", "finite_diff"):
@@ -94,19 +108,10 @@ for hypergrad in ("forward", "finite_diff"):
     model = module()
     cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad=hypergrad)
     seen = {}
-
-    class RecordL2RW(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.update(model_init={k: v.clone() for k, v in pl_module.state_dict().items()},
-                        batch=[t.clone() for t in batch])
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen["weights"] = pl_module.last_sample_weights.detach().clone()
-
     draw = cb._next_meta_batch
-    cb._next_meta_batch = lambda t, draw=draw: seen.setdefault("meta_batch", [x.clone() for x in draw(t)])
+    cb._next_meta_batch = lambda t, draw=draw, seen=seen: seen.setdefault("meta_batch", [x.clone() for x in draw(t)])
     trainer = L.Trainer(max_epochs=1, max_steps=1, accelerator="cpu", devices=2, strategy="ddp",
-                        callbacks=[RecordL2RW(), cb], logger=False, enable_checkpointing=False,
+                        callbacks=[RecordL2RW(seen), cb], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, train)
     torch.save(seen, f"{out}/l2rw_{hypergrad}_step_rank{trainer.global_rank}.pt")

@@ -512,7 +512,7 @@ def test_ddp_two_processes_identical_meta_net(tmp_path):
             x, y = rec["batch"][:2]
             losses = F.cross_entropy(ref(x), y, reduction="none")
 
-            def expected(meta_grad, losses=losses):
+            def expected(meta_grad, losses=losses, params=params):
                 u = torch.stack([sum((a * b).sum() for a, b in zip(
                     torch.autograd.grad(losses[i], params, retain_graph=True), meta_grad)) for i in range(len(losses))])
                 w = u.clamp_min(0)
