@@ -21,6 +21,8 @@ def main(paths: list[str], best: bool = False) -> str:
     records: dict[tuple[str, str, int], dict] = {}
     for f in files:
         for r in json.loads(f.read_text()).get("records", []):
+            if not {"method", "scenario", "seed"} <= r.keys():  # another benchmark's records (fd_accuracy.json)
+                continue
             if not best or "best_test_acc" in r:
                 records.setdefault((r["method"], r["scenario"], r["seed"]), r)
     rows = summarise(records.values())
