@@ -457,10 +457,14 @@ def test_torch_compile_follows_a_lam_schedule():
         assert torch.allclose(compiled(logits, y), ref(logits, y), rtol=1e-6)
 
 
-def test_shape_errors_name_the_expected_shapes():
-    crit = AttentionalDROLoss(lam=1.0)
-    with pytest.raises(ValueError, match=r"\(B, C\)"):
+def test_shape_errors_name_the_expected_shapes_and_soft_targets_work():
+    crit = AttentionalDROLoss(lam=1.0, gamma=1.0)
+    with pytest.raises(ValueError, match=r"targets of shape \(B,\)"):
         crit(torch.randn(4), torch.tensor(1))
+    # probability targets (mixup, label smoothing by hand) are the base loss's business: softmax(l) weighting
+    logits, soft = torch.randn(6, 3), torch.softmax(torch.randn(6, 3), 1)
+    l = nn.functional.cross_entropy(logits, soft, reduction="none")
+    assert torch.allclose(crit(logits, soft), (torch.softmax(l, 0) * l).sum())
 
 
 def test_sync_dist_false_under_a_process_group_warns(tmp_path):

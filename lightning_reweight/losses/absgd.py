@@ -33,7 +33,7 @@ class AttentionalDROLoss(Float32Buffers):
     updated once per training step, **before** the weights of that step are computed; with ``gamma = 1`` and
     ``alpha = 1`` the weights are exactly ``softmax(l / lam)``. ``lam > 0`` focuses on hard samples (class
     imbalance); ``lam < 0`` down-weights high-loss samples (label noise); ``lam = None`` is plain ERM (uniform
-    weights, ``u`` untouched). ``alpha`` scales the normaliser (``sum p ~ 1 / alpha``).
+    weights; a training step ends ``u``'s run, see below). ``alpha`` scales the normaliser (``sum p ~ 1 / alpha``).
 
     Compared with the reference code: ``u`` is kept as ``log u`` in an fp32 buffer and updated with
     ``logaddexp`` (no overflow for any finite loss and ``lam != 0``; inputs may be fp32, bf16 or fp16); the
@@ -250,10 +250,10 @@ class AttentionalDROLoss(Float32Buffers):
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The attentional loss ``sum_i p_i l_i`` of the base loss's per-sample values (fp32 scalar)."""
-        if logits.dim() != 2 or targets.dim() != 1:
+        if targets.dim() == 0:  # one sample without a batch dimension (class-index or probability targets are (B, ...))
             raise ValueError(
-                f"AttentionalDROLoss takes logits of shape (B, C) and targets of shape (B,), got "
-                f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+                f"AttentionalDROLoss takes a batch: targets of shape (B,) (class indices) or (B, C) (probabilities), "
+                f"got a 0-d target with logits of shape {tuple(logits.shape)}"
             )
         losses = check_per_sample_losses(self.base_loss(logits, targets), targets.shape[0])
         if self.lam is None:
