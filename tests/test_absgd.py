@@ -10,6 +10,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -269,6 +270,44 @@ def test_schedule_without_lam_takes_the_losss_own():
     assert seen == [None, 2.0, 2.0]
 
 
+def test_schedule_without_lam_follows_the_built_lam_across_fits_resumes_and_evaluation(tmp_path):
+    """The loss's lam is the schedule's to change: a second fit with a new DROSchedule() read the lam the first
+    schedule had left (its last lam_schedule value, or None after an ERM-only fit), a resumed run of a loss built
+    with lam=None failed although the checkpoint holds the resolved lam, and trainer.validate raised."""
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(pl_module.criterion.lam)
+
+    def trainer_(epochs, callbacks, **kw):
+        return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[*callbacks, Record()], **kw)
+
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=5.0), lr=0.1)
+    trainer_(3, [DROSchedule(start_epoch=1, lam_schedule={2: 0.5})], enable_checkpointing=False).fit(model, _loader())
+    assert seen == [None, 5.0, 0.5] and model.criterion.lam == 0.5
+    seen.clear()
+    trainer_(2, [DROSchedule(start_epoch=1)], enable_checkpointing=False).fit(model, _loader())  # refit
+    assert seen == [None, 5.0]
+    seen.clear()
+    trainer_(1, [DROSchedule(start_epoch=5)], enable_checkpointing=False).fit(model, _loader())  # ends in ERM
+    trainer_(2, [DROSchedule(start_epoch=1)], enable_checkpointing=False).fit(model, _loader())
+    assert seen == [None, None, 5.0]
+    trainer_(1, [DROSchedule()], enable_checkpointing=False).validate(model, _loader(), verbose=False)
+    # resume: the first run resolved lam from its loss; the resumed module's loss was built with lam=None
+    seen.clear()
+    torch.manual_seed(0)
+    first = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=-2.0), lr=0.1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    trainer_(2, [DROSchedule(start_epoch=1), ckpt]).fit(first, _loader())
+    second = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=None), lr=0.1)
+    trainer_(3, [DROSchedule(start_epoch=1)], enable_checkpointing=False).fit(
+        second, _loader(), ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert seen == [None, -2.0, -2.0]
+
+
 # ---------------------------------------------------------------------------------------------- resume
 def _loader():
     g = torch.Generator().manual_seed(0)
@@ -463,8 +502,8 @@ def test_shape_errors_name_the_expected_shapes_and_soft_targets_work():
         crit(torch.randn(4), torch.tensor(1))
     # probability targets (mixup, label smoothing by hand) are the base loss's business: softmax(l) weighting
     logits, soft = torch.randn(6, 3), torch.softmax(torch.randn(6, 3), 1)
-    l = nn.functional.cross_entropy(logits, soft, reduction="none")
-    assert torch.allclose(crit(logits, soft), (torch.softmax(l, 0) * l).sum())
+    losses = nn.functional.cross_entropy(logits, soft, reduction="none")
+    assert torch.allclose(crit(logits, soft), (torch.softmax(losses, 0) * losses).sum())
 
 
 def test_sync_dist_false_under_a_process_group_warns(tmp_path):

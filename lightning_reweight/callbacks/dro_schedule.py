@@ -30,9 +30,10 @@ class DROSchedule(Callback):
         start_epoch: first epoch of the DRO stage (0: from the start).
         lam: the DRO temperature of that stage (non-zero; negative for label noise). ``None`` (default): the
             ``lam`` the loss was built with (``AttentionalDROLoss(lam=-3.0)`` + ``DROSchedule(start_epoch=5)`` is
-            ERM, then ``-3``), taken when the callback is first set up; a loss built with ``lam=None`` then needs
-            it here. An explicit ``lam`` of the other sign than the loss's own is used, with a warning (the sign
-            chooses between hard-sample focus and label-noise robustness).
+            ERM, then ``-3``; the loss's ``built_lam``, which the schedule does not change), or the one of the run
+            a checkpoint resumes; a loss built with ``lam=None`` otherwise needs it here. An explicit ``lam`` of
+            the other sign than the loss's own is used, with a warning (the sign chooses between hard-sample focus
+            and label-noise robustness).
         lam_schedule: optional ``{epoch: lam}`` overrides from those epochs on (epochs ``>= start_epoch``).
 
     Example:
@@ -80,34 +81,29 @@ class DROSchedule(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._losses = [m for m in pl_module.modules() if isinstance(m, AttentionalDROLoss)]
-        if stage == "fit" and not self._losses:
+        if stage != "fit":
+            return
+        if not self._losses:
             raise ValueError(
                 "DROSchedule found no AttentionalDROLoss in the LightningModule: pass one as the criterion, e.g. "
-                "ReweightClassifier(backbone, num_classes, criterion=AttentionalDROLoss(lam=None)), or keep it as "
+                "ReweightClassifier(backbone, num_classes, criterion=AttentionalDROLoss(lam=-1.0)), or keep it as "
                 "an attribute (submodule) of your module"
             )
-        if self._losses:
-            self._resolve_lam()
-
-    def _resolve_lam(self) -> None:
-        """``lam=None``: the losses' own ``lam`` (kept from the first setup on); an explicit one: check its sign."""
-        own = {loss.lam for loss in self._losses}
-        if self._lam is None:
-            if None in own or len(own) != 1:
-                raise ValueError(
-                    f"DROSchedule(lam=None) uses the lam the AttentionalDROLoss was built with, but the losses have "
-                    f"lam {sorted(own, key=str)}: pass the DRO stage's temperature, DROSchedule(lam=...)"
-                )
-            self._lam = own.pop()
-            return
-        flipped = sorted(v for v in own if v is not None and (v > 0) != (self._lam > 0))
-        if flipped and not self._warned_sign:
-            self._warned_sign = True
-            rank_zero_warn(
-                f"DROSchedule(lam={self._lam}) replaces the AttentionalDROLoss's own lam {flipped[0]}, of the other "
-                "sign (lam > 0 focuses on hard samples, lam < 0 down-weights them, for label noise); pass "
-                "DROSchedule(lam=None) to use the loss's"
+        if self._lam is None:  # the losses' own lam, as built (the schedule of an earlier fit changed .lam)
+            built = {loss.built_lam for loss in self._losses}
+            if len(built) == 1 and None not in built:
+                self._lam = built.pop()
+        elif not self._warned_sign:
+            flipped = sorted(
+                v for v in (loss.built_lam for loss in self._losses) if v is not None and (v > 0) != (self._lam > 0)
             )
+            if flipped:
+                self._warned_sign = True
+                rank_zero_warn(
+                    f"DROSchedule(lam={self._lam}) replaces the AttentionalDROLoss's own lam {flipped[0]}, of the "
+                    "other sign (lam > 0 focuses on hard samples, lam < 0 down-weights them, for label noise); pass "
+                    "DROSchedule(lam=None) to use the loss's"
+                )
 
     def _apply(self, trainer: Trainer) -> None:
         self._current = self.lam_at(trainer.current_epoch)
@@ -116,6 +112,12 @@ class DROSchedule(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._lam is None:  # after a checkpoint's restore, which brings the resolved lam of the run it resumes
+            built = sorted({str(loss.built_lam) for loss in self._losses})
+            raise ValueError(
+                f"DROSchedule(lam=None) uses the lam the AttentionalDROLoss was built with, but the losses were built "
+                f"with lam {built}: pass the DRO stage's temperature, DROSchedule(lam=...)"
+            )
         warn_if_never_reached(trainer, self._start_epoch, "DROSchedule")
         self._apply(trainer)
 

@@ -96,6 +96,8 @@ class AttentionalDROLoss(Float32Buffers):
         if not (alpha > 0.0 and math.isfinite(alpha)):
             raise ValueError(f"alpha must be a positive number, got {alpha}")
         self.lam = lam
+        #: the ``lam`` given to the constructor (schedules change :attr:`lam`; ``DROSchedule(lam=None)`` reads this)
+        self.built_lam: float | None = self.lam
         self.gamma = float(gamma)
         self.alpha = float(alpha)
         self.sync_dist = sync_dist
