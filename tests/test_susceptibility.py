@@ -1282,3 +1282,37 @@ def test_a_frozen_parameter_the_forward_writes_is_restored(make):
     before = model.emb.weight.detach().clone()
     susceptibility_step(model, make(model), torch.randint(0, 20, (8, 4)), torch.randint(0, 3, (8,)))
     assert torch.equal(model.emb.weight, before)
+
+
+def test_the_sgd_route_copies_no_frozen_backbone(monkeypatch):
+    """Restoring every parameter (to cover an in-place-written frozen embedding) copied a frozen backbone on every
+    probe (a linear probe on a large frozen network paid about three times the probe's cost): only the stepped
+    parameters, the buffers and the parameters a forward writes in place are saved."""
+    import lightning_reweight.functional.susceptibility as module
+
+    saved = []
+    real = module._restored_values
+
+    def recording(tensors):
+        saved.extend(id(t) for t in tensors)
+        return real(tensors)
+
+    monkeypatch.setattr(module, "_restored_values", recording)
+    torch.manual_seed(0)
+    backbone, emb, head = nn.Linear(6, 6), nn.Embedding(10, 6, max_norm=1.0), nn.Linear(6, 3)
+    for p in [*backbone.parameters(), emb.weight]:
+        p.requires_grad_(False)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.emb, self.head = backbone, emb, head
+
+        def forward(self, x):
+            return self.head(self.backbone(x[:, :6].float()) + self.emb(x[:, 6].long()))
+
+    net = Net()
+    x = torch.cat([torch.randn(8, 6), torch.randint(0, 10, (8, 1)).float()], 1)
+    susceptibility_step(net, torch.optim.SGD(head.parameters(), lr=0.1), x, torch.randint(3, (8,)))
+    assert {id(p) for p in head.parameters()} | {id(emb.weight)} <= set(saved)
+    assert not {id(p) for p in backbone.parameters()} & set(saved)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_reweight._layers import rewrites_own_weights
 from lightning_reweight.functional._sgd import is_plain_sgd, sgd_update_
 
 __all__ = [
@@ -86,14 +87,19 @@ def _snapshot_value(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
 
 
-def _tensors_of(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[list[Tensor], list[Tensor]]:
-    """Every parameter (the model's and the optimizer's, once each) and every buffer of ``model``.
+def _tensors_of(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Every parameter (the model's and the optimizer's, once each), every buffer, the in-place-written parameters.
 
-    One walk over the module tree, remembering modules by identity: ``nn.Module.modules()`` hashes every module,
-    and some (torchmetrics metrics) hash their whole state; repeated walks were a visible share of the probe's cost.
+    The last are the parameters ``model``'s forward writes in place
+    (:func:`~lightning_reweight._layers.rewrites_own_weights`). One walk over the module tree, remembering modules
+    by identity: ``nn.Module.modules()`` hashes every module, and some (torchmetrics metrics) hash their whole
+    state; repeated walks were a visible share of the probe's cost.
     """
     params: dict[int, Tensor] = {}
     buffers: dict[int, Tensor] = {}
+    rewritten: list[Tensor] = []
     seen: set[int] = set()
     stack = [model]
     while stack:
@@ -104,6 +110,8 @@ def _tensors_of(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tu
         for p in module._parameters.values():
             if p is not None:
                 params.setdefault(id(p), p)
+        if rewrites_own_weights(module):
+            rewritten.extend(p for p in module._parameters.values() if p is not None)
         for b in module._buffers.values():
             if b is not None:
                 buffers.setdefault(id(b), b)
@@ -112,7 +120,7 @@ def _tensors_of(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tu
         for group in optimizer.param_groups:
             for p in group["params"]:
                 params.setdefault(id(p), p)
-    return list(params.values()), list(buffers.values())
+    return list(params.values()), list(buffers.values()), rewritten
 
 
 @contextlib.contextmanager
@@ -156,7 +164,7 @@ def preserved_training_state(
         >>> bool(torch.equal(net.weight, before))
         True
     """
-    param_list, buffer_list = _tensors_of(model, optimizer)
+    param_list, buffer_list, _ = _tensors_of(model, optimizer)
     grads = [p.grad for p in param_list]
     opt_state: dict[Any, dict[str, tuple[Any, Any]]] = {}
     groups: list[dict[str, Any]] = []
@@ -290,10 +298,12 @@ def susceptibility_losses(
     fwd = forward if forward is not None else model
     if is_plain_sgd(optimizer):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        # every parameter is restored, not only the stepped ones: a forward may write a frozen one in place
-        # (Embedding(max_norm=...) renormalises its rows)
-        every_param, buffers = _tensors_of(model, optimizer)
-        with preserved_rng(), _restored_values(every_param + buffers):
+        # the stepped parameters, and frozen ones the forward writes in place (Embedding(max_norm=...) renormalises
+        # its rows); other frozen parameters (a frozen backbone) are not copied
+        _, buffers, rewritten = _tensors_of(model, None)
+        stepped = {id(p) for p in params}
+        restored = params + [p for p in rewritten if id(p) not in stepped]
+        with preserved_rng(), _restored_values(restored + buffers):
             return _losses(fwd, loss_fn, inputs, random_targets, lambda loss: _sgd_step(optimizer, params, loss))
     with preserved_training_state(model, optimizer) as params:
         return _losses(fwd, loss_fn, inputs, random_targets, lambda loss: _optimizer_step(optimizer, params, loss))

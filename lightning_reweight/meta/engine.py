@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_reweight._layers import rewrites_own_weights
+
 __all__ = ["FD_EPS", "HYPERGRADS", "MetaProblem", "RNGState", "capture_rng"]
 
 #: The hypergradient routes: double backward (the reference), forward-mode JVP (exact), finite difference.
@@ -205,7 +207,7 @@ class MetaProblem:
         self._shared_modules = modules if paths > len(modules) else None
         # layers that write their weights in place during the forward (Embedding(max_norm=...) renormalises rows):
         # the extra forwards get copies, not the model's own tensors
-        self._copy_params = any(isinstance(m, nn.Embedding) and m.max_norm is not None for m in modules)
+        self._copy_params = any(rewrites_own_weights(m) for m in modules)
 
     # ----------------------------------------------------------------- plumbing
     def _scaled(self, tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -1,0 +1,20 @@
+"""What the probes must know about layers (private)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["rewrites_own_weights"]
+
+
+def rewrites_own_weights(module: nn.Module) -> bool:
+    """Whether ``module``'s forward writes its own weights in place.
+
+    ``Embedding(max_norm=...)`` and ``EmbeddingBag(max_norm=...)`` renormalise the rows they look up: a probe that
+    runs extra forwards must give them copies, or restore them, even when they are frozen.
+
+    Example:
+        >>> rewrites_own_weights(nn.Embedding(5, 2, max_norm=1.0)), rewrites_own_weights(nn.Embedding(5, 2))
+        (True, False)
+    """
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None
