@@ -533,3 +533,39 @@ def test_the_finite_difference_norm_is_the_float64_norm_of_all_tensors():
     tensors = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g) * 1e3, torch.zeros(2)]
     expected = math.sqrt(math.fsum(float(v) ** 2 for t in tensors for v in t.double().flatten()))
     assert _norm(tensors) == pytest.approx(expected, rel=1e-14) and _norm([]) == 0.0
+
+
+def test_finite_difference_forwards_run_without_tf32(monkeypatch):
+    """TF32 (cuDNN's default for CUDA convolutions, matmuls under set_float32_matmul_precision("high")) rounds to
+    10 mantissa bits, coarser than the perturbation: with TF32 on, the finite difference's forwards and its
+    l(theta) run with TF32 off, and the training forward's (TF32) losses are not reused. Emulated on CPU: the
+    flags are plain settings here, and the engine is told that the device would use them."""
+    import lightning_reweight.meta.engine as engine
+
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = small_cnn()
+
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return self.net(x)
+
+    model = Spy()
+    x, y, mx, my = data()
+    ref = reference_alignment(model, x, y, mx, my)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    monkeypatch.setattr(engine, "_tf32_enabled", lambda device_type: True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        wrong = F.cross_entropy(model(x), y, reduction="none") + 1.0  # what a TF32 forward's rounding would be
+        seen.clear()
+        fd = problem(model, "finite_diff", x, y, mx, my, losses=wrong).alignment()
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert (False, False) in seen  # the shifted forward and l(theta)
+    assert rel(fd, ref) < 0.05  # l(theta) recomputed, not the training forward's

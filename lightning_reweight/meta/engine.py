@@ -114,6 +114,24 @@ def _norm(a: Sequence[Tensor]) -> float:
     return math.sqrt(float(sum(torch.stack([(x.double() ** 2).sum() for x in a]).tolist())))
 
 
+def _tf32_enabled(device_type: str) -> bool:
+    """Whether CUDA matmuls or convolutions may run in TF32 (cuDNN's default for convolutions)."""
+    return device_type == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """TF32 off for CUDA matmuls and cuDNN convolutions; the caller's settings back on exit."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
 @dataclass
 class MetaProblem:
     """One training batch, one meta batch, a module and its losses: the engine's input.
@@ -198,6 +216,7 @@ class MetaProblem:
         # losses computed under autocast (bf16/fp16 matmuls, even if the loss itself is fp32) cannot stand in
         # for l(theta) in an fp32 finite difference
         self._autocast = torch.is_autocast_enabled(self._params[0].device.type)
+        self._tf32 = _tf32_enabled(self._params[0].device.type)
         self._train_call = _Call(self.module, self.train_loss)
         self._meta_call = _Call(self.module, self.meta_loss)
         modules = list(self.module.modules())
@@ -233,6 +252,19 @@ class MetaProblem:
     def _fp32(self) -> Iterator[None]:
         device = self._params[0].device.type
         with torch.autocast(device_type=device, enabled=False):
+            yield
+
+    @contextlib.contextmanager
+    def _full_fp32(self) -> Iterator[None]:
+        """No TF32 (CUDA matmuls and convolutions): the finite difference's forwards and their ``l(theta)``.
+
+        TF32 keeps 10 mantissa bits (relative rounding ~5e-4), coarser than the perturbation ``fd_eps`` makes;
+        the exact routes' extra passes keep the user's setting (their error is rounding-sized either way).
+        """
+        if not self._tf32:
+            yield
+            return
+        with _no_tf32():
             yield
 
     def _replay(self) -> None:
@@ -332,13 +364,13 @@ class MetaProblem:
         """The training losses at ``theta`` in fp32, detached (the training forward's, or recomputed)."""
         base = self._base_losses()
         if base is None:
-            with self._forked(), torch.no_grad():
+            with self._forked(), self._full_fp32(), torch.no_grad():
                 base = self.train_losses_at(self._theta())
         return base
 
     def _base_losses(self) -> Tensor | None:
-        """The training forward's losses, when they can stand in for ``l(theta)`` in fp32."""
-        if self.losses is None or self.losses.dtype != torch.float32 or self._autocast:
+        """The training forward's losses, when they can stand in for ``l(theta)`` in fp32 (not under TF32 either)."""
+        if self.losses is None or self.losses.dtype != torch.float32 or self._autocast or self._tf32:
             return None
         return self.losses.detach()
 
@@ -409,7 +441,7 @@ class MetaProblem:
             _MOVED_SHARE_CHECKED.add(self.module)
             _check_moved_share(theta, direction)
         h = self.fd_eps * max(_norm(theta) if moved is None else moved, 1.0) / d_norm
-        with self._forked(), torch.no_grad():
+        with self._forked(), self._full_fp32(), torch.no_grad():
             return self.train_losses_at([t + h * d.to(t.dtype) for t, d in zip(theta, direction)]), h
 
     def _fd_finish(self, shift: tuple[Tensor, float] | None) -> Tensor:
