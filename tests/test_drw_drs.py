@@ -550,3 +550,10 @@ def test_criterion_mode_warns_when_it_replaces_the_criterions_own_class_weights(
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*own class weights.*")
         fit(LDAMLoss(COUNTS, reduction="none"))  # no weights of its own: silent
+        # a second fit of the same module with a new callback and another beta: the buffer holds the weights the
+        # first callback wrote, which are not the criterion's own
+        torch.manual_seed(0)
+        model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3, criterion=LDAMLoss(COUNTS, reduction="none"))
+        for beta, epochs in ((BETA, 2), (0.9, 1)):
+            trainer_for(tmp_path, epochs, [DeferredReweighting(1, beta, "criterion", COUNTS)],
+                        enable_checkpointing=False).fit(model, TinyDataModule())

@@ -20,6 +20,8 @@ from lightning_reweight.losses._counts import ClassCountLoss
 __all__ = ["ClassWeighting", "DeferredReweighting"]
 
 _MODES = ("weighting", "criterion")
+#: the attribute of a criterion holding the class weights a DeferredReweighting wrote last (not its own weights)
+_WRITTEN = "_drw_written_weights"
 
 
 class ClassWeighting:
@@ -237,6 +239,7 @@ class DeferredReweighting(Callback):
             buffer = self._weight_buffer(pl_module)
             with torch.no_grad():
                 buffer.copy_(self.class_weights() if self._active else torch.ones(buffer.numel()))
+            setattr(self._criterion_target(pl_module), _WRITTEN, buffer.detach().float().cpu().clone())
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -257,7 +260,9 @@ class DeferredReweighting(Callback):
     def _warn_if_replacing_own_weights(self, pl_module: LightningModule) -> None:
         """The criterion came with class weights of its own (neither ones nor this callback's): they are replaced."""
         weight = self._weight_buffer(pl_module).detach().float().cpu()
-        if torch.allclose(weight, torch.ones_like(weight)) or torch.allclose(weight, self.class_weights()):
+        written = getattr(self._criterion_target(pl_module), _WRITTEN, None)  # by a DRW callback, in an earlier fit
+        ours = [torch.ones_like(weight), self.class_weights(), *([] if written is None else [written])]
+        if any(w.shape == weight.shape and torch.allclose(weight, w) for w in ours):
             return
         rank_zero_warn(
             f"DeferredReweighting(mode='criterion') replaces the criterion's own class weights "

@@ -427,8 +427,9 @@ class MetaReweight(Callback):
             self._warned_dropped = True
             rank_zero_warn(
                 f"a delayed {type(self.strategy).__name__} ran no meta update for batch {batch_idx}: no optimizer "
-                "step followed its backward. If training_step accumulates gradients over batches, the next meta "
-                "update takes its virtual step from the accumulated gradient of several batches: use delayed=False"
+                "step followed its backward (a skipped batch, or gradients accumulated by hand). If training_step "
+                "accumulates gradients over batches, the next meta update takes its virtual step from the "
+                "accumulated gradient of several batches: use delayed=False"
             )
         self._pending = None  # a step without an optimizer step (skipped loss) drops its delayed meta update
         self._early = None

@@ -212,8 +212,8 @@ def plot_model_selection(selection: ModelSelection, ax: Any = None, *, annotate:
         annotate: write each model's name next to its point.
 
     Returns:
-        The matplotlib ``Figure`` (built without pyplot: save it with ``fig.savefig``, or show it in a notebook
-        by making it the cell's value).
+        The matplotlib ``Figure`` (built without pyplot, so it is not in pyplot's figure list: save it with
+        ``fig.savefig(path)``, or log it with a logger that takes figures).
 
     Raises:
         ImportError: when matplotlib is not installed (``pip install "lightning-reweight[plot]"``).
