@@ -293,3 +293,13 @@ def test_quiet_keeps_the_librarys_own_warnings():
     # Lightning's own stay quiet (ReweightClassifier defines validation_step, the run has no validation data)
     assert not any("validation_step" in m for m in messages)
     assert all("lightning_reweight" in str(w.filename) for w in caught), [str(w.filename) for w in caught]
+
+
+def test_test_curve_takes_each_best_at_its_own_epoch():
+    """The best balanced accuracy is the maximum of its own curve, not the value at the best-accuracy epoch."""
+    from lightning_reweight.bench.test_curve import TestCurve
+
+    curve = TestCurve()
+    curve.acc, curve.balanced_acc = [50.0, 60.0, 55.0], [70.0, 40.0, 65.0]
+    assert curve.best() == {"best_test_acc": 60.0, "best_epoch": 1, "best_test_balanced_acc": 70.0,
+                            "best_balanced_epoch": 0}

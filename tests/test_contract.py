@@ -118,8 +118,12 @@ def test_wrong_weight_shape_and_non_source_rejected():
 def test_split_batch_layouts():
     x, y, idx = split_batch(_batch(with_idx=False))
     assert idx is None and x.shape == (6, 4)
+    x3, y3, idx3 = split_batch((x, y, torch.arange(6)))
+    assert x3 is x and y3 is y and torch.equal(idx3, torch.arange(6))
     with pytest.raises(TypeError, match="batch"):
         split_batch({"x": 1})
+    with pytest.raises(TypeError, match="length 4"):  # an extra element: which one holds the indices is unknown
+        split_batch((x, y, torch.arange(6), torch.zeros(6)))
 
 
 def test_mean_scale_and_statistics():

@@ -1160,3 +1160,13 @@ def test_a_single_process_checkpoint_resumed_under_ddp_gives_other_ranks_their_o
             assert resumed._meta_gen_state is None and not resumed._history.sums.any()
     cb._trainer = types.SimpleNamespace(global_rank=1, world_size=2, interrupted=True)  # no strategy: no collective
     assert cb.state_dict()["meta_generator_state"].dim() == 1
+
+
+def test_weight_function_figure_every_n_epochs():
+    """plot_every_n_epochs=2 over 3 epochs: one figure, after the second epoch (epoch index 1)."""
+    train, meta = loaders()
+    cb = MetaReweight(MetaWeightNet(hidden=4), meta_dataloader=meta, plot_every_n_epochs=2)
+    epochs = []
+    cb._log_weight_function = lambda trainer: epochs.append(trainer.current_epoch)
+    trainer(3, [cb], limit_train_batches=2).fit(module(), train)
+    assert epochs == [1]

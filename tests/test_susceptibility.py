@@ -572,24 +572,29 @@ def test_subset_accuracy_is_validated():
         SusceptibilityMonitor(subset_accuracy="eval")
 
 
-class _HalfWeights:
-    """Weight 2 for even dataset indices, 0 for odd ones."""
+class _MaskWeights:
+    """3 (noisy) or 1 (clean), times 1 or 2 by index parity: the two subsets' means differ (so a swap shows)."""
+
+    def __init__(self, mask):
+        self.mask = mask
 
     def sample_weights(self, losses, context):
-        return 2.0 * (context.indices % 2 == 0).float()
+        idx = context.indices
+        return (1.0 + 2.0 * self.mask[idx].float()) * (1.0 + (idx % 2).float())
 
 
 def test_weight_means_split_by_noise_mask(tmp_path):
     dm = _NoisyDM()
     model = _module()
-    model.attach_weighting("half", _HalfWeights())
+    model.attach_weighting("by_mask", _MaskWeights(dm.noise_mask))
     monitor = SusceptibilityMonitor(batch_size=16, subset_accuracy="off")
     trainer = _trainer(tmp_path, [monitor], epochs=1)
     trainer.fit(model, datamodule=dm)
     assert "memorization/train_acc_noisy" not in trainer.callback_metrics
     idx = torch.arange(96)
-    w = 2.0 * (idx % 2 == 0).float()
     m = dm.noise_mask
+    w = (1.0 + 2.0 * m.float()) * (1.0 + (idx % 2).float())
+    assert w[m].mean() > 2 * w[~m].mean()  # a swap of the two would show
     assert float(trainer.callback_metrics["memorization/weight_mean_noisy"]) == pytest.approx(w[m].mean().item())
     assert float(trainer.callback_metrics["memorization/weight_mean_clean"]) == pytest.approx(w[~m].mean().item())
 
