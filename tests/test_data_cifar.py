@@ -119,3 +119,35 @@ def test_data_dir_with_tilde_is_expanded(cifar10_dir, monkeypatch):
     assert dm.data_dir == str(root)
     assert len(dm.train_dataset) == 100
     assert torch.equal(dm.clean_train_targets, labels[dm.train_indices])
+
+
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # the published statistics
+
+
+@pytest.mark.parametrize("which", ["cifar10", "cifar100"])
+def test_evaluation_images_are_not_augmented_and_use_the_datasets_statistics(which, cifar10_dir, cifar100_dir):
+    """With augment=True only training and meta images are cropped and flipped: validation and test images are
+    the stored pixels, normalised with the dataset's own channel statistics (read back through torchvision, the
+    on-disk format's reference)."""
+    make, root, mean, std = {
+        "cifar10": (CIFAR10DataModule, cifar10_dir[0], CIFAR10_MEAN, CIFAR10_STD),
+        "cifar100": (CIFAR100DataModule, cifar100_dir[0], CIFAR100_MEAN, CIFAR100_STD),
+    }[which]
+    dm = make(data_dir=str(root), verify_checksums=False, augment=True, val_fraction=0.2, meta_per_class=1)
+    dm.setup()
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def stored(dataset, index):
+        return torch.tensor(dataset.data[index], dtype=torch.float32).permute(2, 0, 1) / 255
+
+    pool = dm.train_dataset.dataset.dataset
+    raw_test = dm.test_dataset.dataset  # torchvision's reader of the test pickle (without the md5 check)
+    assert isinstance(raw_test, torchvision.datasets.CIFAR10) and not raw_test.train
+    for i in range(4):
+        x = dm.val_dataset[i][0]
+        assert torch.allclose(x * std + mean, stored(pool, int(dm.val_indices[i])), atol=1e-5)
+        assert torch.equal(dm.val_dataset[i][0], x)
+        t = dm.test_dataset[i][0]
+        assert torch.allclose(t * std + mean, stored(raw_test, i), atol=1e-5)
+    # the meta images are augmented (two reads of the same image differ for some of them)
+    assert any(not torch.equal(dm.meta_dataset[i][0], dm.meta_dataset[i][0]) for i in range(10))
