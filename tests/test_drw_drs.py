@@ -217,11 +217,19 @@ class Indices(L.Callback):
 
 
 @pytest.mark.ddp
+class RankSeeds(L.Callback):
+    """Different global random states per rank before DRS draws its seed (as under torchrun without a common seed;
+    ddp_fork hands every rank the parent's state, which would hide a missing broadcast)."""
+
+    def setup(self, trainer, pl_module, stage):
+        torch.manual_seed(100 + trainer.global_rank)
+
+
 def test_drs_ddp_gloo_two_processes(tmp_path):
     out = str(tmp_path / "seen")
     trainer = L.Trainer(max_epochs=4, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[DeferredResampling(start_epoch=2, beta=0.9999), Indices(out)])
+                        callbacks=[RankSeeds(), DeferredResampling(start_epoch=2, beta=0.9999), Indices(out)])
     trainer.fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule([300, 60, 12], 31))
     seen = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     targets = torch.cat([torch.full((n,), c) for c, n in enumerate([300, 60, 12])])
