@@ -851,6 +851,9 @@ def test_ddp_ranks_agree_on_zeta(tmp_path, monkeypatch):
 
     def recorded(*args, **kwargs):
         before, after = probe(*args, **kwargs)
+        # the ranks' own probes are identical here (same parameters, same batch): a rank-dependent offset makes
+        # their mean differ from each rank's own value, so the check below sees the reduction over ranks
+        before = before + 0.1 * torch.distributed.get_rank()
         _LOCAL_PROBES.append((float(before), float(after)))
         return before, after
 
@@ -867,6 +870,7 @@ def test_ddp_ranks_agree_on_zeta(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = _Recording(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)
     dm = _NoisyDM()
+    model.attach_weighting("by_mask", _MaskWeights(dm.noise_mask))  # weight means over both ranks' samples
     x, y, _ = dm.train_dataset.tensors
     with torch.no_grad():
         correct = copy.deepcopy(model).eval()(x).argmax(1) == y
@@ -896,6 +900,12 @@ def test_ddp_ranks_agree_on_zeta(tmp_path, monkeypatch):
     assert {k: r0[k] for k in ("drops", "zeta", "logged", "eval_pass")} == {
         k: r1[k] for k in ("drops", "zeta", "logged", "eval_pass")
     }
+    # the weight means are over both ranks' samples: every training sample once per epoch
+    m = dm.noise_mask
+    w = (1.0 + 2.0 * m.float()) * (1.0 + (torch.arange(96) % 2).float())
+    for logged in r0["logged"]:
+        assert logged["memorization/weight_mean_noisy"] == pytest.approx(w[m].mean().item())
+        assert logged["memorization/weight_mean_clean"] == pytest.approx(w[~m].mean().item())
     # default route: the counts of each rank's training forwards, summed over ranks, per epoch
     for logged in r0["logged"]:
         records = r0["records"][logged["epoch"]] + r1["records"][logged["epoch"]]
