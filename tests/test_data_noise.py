@@ -168,3 +168,10 @@ def test_datamodule_takes_cifar10_asymmetric_noise_and_pin_memory():
     assert set(flipped.tolist()) == {2, 3, 4, 5, 9} and len(flipped) == 5 * 19  # half of 38 per source class
     assert all(loader.pin_memory for loader in (dm.train_dataloader(), dm.meta_dataloader(), dm.val_dataloader()))
     assert not Ten().pin_memory
+    # a training sampler set by the user (or DRS), plain or batched, keeps it too
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    n = len(dm.train_dataset)
+    for sampler in (SequentialSampler(range(n)), BatchSampler(SequentialSampler(range(n)), 8, False)):
+        dm.train_sampler = sampler
+        assert dm.train_dataloader().pin_memory
