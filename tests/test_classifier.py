@@ -336,3 +336,41 @@ def test_several_validation_loaders_get_their_own_metrics():
         assert float(metrics[f"val/balanced_acc/dataloader_idx_{k}"]) == pytest.approx(sum(recalls) / len(recalls))
     # the extra metrics add nothing to checkpoints: a module that never saw two loaders loads them strictly
     ReweightClassifier(MLP(64, 10, hidden=(8,)), 10).load_state_dict(model.state_dict())
+
+
+class _StepLosses(L.Callback):
+    def __init__(self, out):
+        self.out = out
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append((float(outputs["loss"]), int(batch[1].shape[0])))
+
+    def on_train_end(self, trainer, pl_module):
+        import json
+
+        with open(f"{self.out}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump({"steps": self.steps, "train_loss": float(trainer.callback_metrics["train/loss"])}, f)
+
+
+@pytest.mark.ddp
+def test_train_loss_is_the_mean_over_every_ranks_batches(tmp_path):
+    """train/loss (an epoch value) is reduced over the ranks: each rank used to log the mean of its own half."""
+    import json
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(90, 1, 8, 8), torch.randint(0, 10, (90,))
+    model = ReweightClassifier(MLP(64, 10, hidden=(8,)), 10, lr=0.05)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[_StepLosses(str(tmp_path))])
+    trainer.fit(model, DataLoader(TensorDataset(x, y, torch.arange(90)), batch_size=20))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = ranks[0]["steps"] + ranks[1]["steps"]
+    overall = sum(loss * n for loss, n in steps) / sum(n for _, n in steps)
+    own = [sum(loss * n for loss, n in r["steps"]) / sum(n for _, n in r["steps"]) for r in ranks]
+    assert abs(own[0] - own[1]) > 1e-3  # the ranks' own means differ, so the check tells them from the overall
+    for r in ranks:
+        assert r["train_loss"] == pytest.approx(overall, rel=1e-5)
