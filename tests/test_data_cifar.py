@@ -89,6 +89,15 @@ def test_checksums_missing_files_and_prepare_data(cifar10_dir, tmp_path):
         dm.setup()
     with pytest.raises(TypeError, match="download"):
         CIFAR10DataModule(download="yes")
+    # one file missing, the class-name file included: named, with the download hint (not torchvision's error)
+    import shutil
+
+    for name in ("batches.meta", "test_batch"):
+        partial = tmp_path / f"without_{name}"
+        shutil.copytree(root, partial)
+        (partial / "cifar-10-batches-py" / name).unlink()
+        with pytest.raises(FileNotFoundError, match=rf"missing: {name}\). Pass download=True"):
+            CIFAR10DataModule(data_dir=str(partial), verify_checksums=False).setup()
 
 
 def test_cifar100_fine_labels(cifar100_dir):
