@@ -296,6 +296,13 @@ def test_schedule_without_lam_follows_the_built_lam_across_fits_resumes_and_eval
     trainer_(2, [DROSchedule(start_epoch=1)], enable_checkpointing=False).fit(model, _loader())
     assert seen == [None, None, 5.0]
     trainer_(1, [DROSchedule()], enable_checkpointing=False).validate(model, _loader(), verbose=False)
+    # one callback object reused for another module: each fit takes that module's built lam
+    seen.clear()
+    schedule = DROSchedule(start_epoch=1)
+    for lam in (4.0, -4.0):
+        other = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=lam), lr=0.1)
+        trainer_(2, [schedule], enable_checkpointing=False).fit(other, _loader())
+    assert seen == [None, 4.0, None, -4.0]
     # resume: the first run resolved lam from its loss; the resumed module's loss was built with lam=None
     seen.clear()
     torch.manual_seed(0)

@@ -55,6 +55,7 @@ class DROSchedule(Callback):
         if early:
             raise ValueError(f"lam_schedule epochs {early} come before start_epoch={start_epoch}; remove them")
         self._start_epoch = int(start_epoch)
+        self._lam_given = lam is not None
         self._lam: float | None = None if lam is None else float(lam)
         self._schedule = {int(e): float(v) for e, v in sorted((lam_schedule or {}).items())}
         self._losses: list[AttentionalDROLoss] = []
@@ -89,10 +90,9 @@ class DROSchedule(Callback):
                 "ReweightClassifier(backbone, num_classes, criterion=AttentionalDROLoss(lam=-1.0)), or keep it as "
                 "an attribute (submodule) of your module"
             )
-        if self._lam is None:  # the losses' own lam, as built (the schedule of an earlier fit changed .lam)
+        if not self._lam_given:  # the losses' own lam, as built (a schedule changes .lam), at every fit
             built = {loss.built_lam for loss in self._losses}
-            if len(built) == 1 and None not in built:
-                self._lam = built.pop()
+            self._lam = built.pop() if len(built) == 1 and None not in built else None
         elif not self._warned_sign:
             flipped = sorted(
                 v for v in (loss.built_lam for loss in self._losses) if v is not None and (v > 0) != (self._lam > 0)
