@@ -303,3 +303,25 @@ def test_test_curve_takes_each_best_at_its_own_epoch():
     curve.acc, curve.balanced_acc = [50.0, 60.0, 55.0], [70.0, 40.0, 65.0]
     assert curve.best() == {"best_test_acc": 60.0, "best_epoch": 1, "best_test_balanced_acc": 70.0,
                             "best_balanced_epoch": 0}
+
+
+def test_test_curve_balanced_accuracy_leaves_out_classes_absent_from_the_test_set():
+    """Mean recall over the classes the test set has (class 2 absent), written out by hand."""
+    import types
+
+    from lightning_reweight.bench.test_curve import TestCurve
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):  # predicts the class stored in the input's first feature
+            return torch.nn.functional.one_hot(x[:, 0].long(), 4).float()
+
+    y = torch.tensor([0, 0, 0, 1, 1, 3, 3, 3, 3])
+    pred = torch.tensor([0, 0, 1, 1, 3, 3, 3, 0, 2])
+    curve = TestCurve()
+    curve._data = (pred.float().unsqueeze(1), y)
+    module = Fixed()
+    module.device = torch.device("cpu")
+    curve.on_train_epoch_end(types.SimpleNamespace(), module)
+    recalls = [2 / 3, 1 / 2, 2 / 4]  # classes 0, 1, 3
+    assert curve.balanced_acc == [pytest.approx(100 * sum(recalls) / 3)]
+    assert curve.acc == [pytest.approx(100 * 5 / 9)]
