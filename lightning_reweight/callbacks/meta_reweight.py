@@ -289,11 +289,11 @@ class MetaReweight(Callback):
         if self._pending_epoch_records is not None:
             self._restore_epoch_records(trainer, pl_module)
         self._rng = capture_rng(pl_module.device)
+        meta_step = self._meta_step_now(trainer)
         # the buffers as the training forward finds them (replays must not see its in-place updates)
-        self._buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()} if self._meta_step_now(
-            trainer) else None
+        self._buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()} if meta_step else None
         self._early = None
-        if self.strategy.early_alignment and self._meta_step_now(trainer):
+        if self.strategy.early_alignment and meta_step:
             # the alignment's meta forward/backward and shifted forward, before the training graph exists
             self._early = self._problem(trainer, pl_module, batch, None)
             self._early.prepare()
