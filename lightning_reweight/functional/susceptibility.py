@@ -289,14 +289,15 @@ def susceptibility_losses(
         raise ValueError(
             f"random_targets must have shape ({inputs.shape[0]},) to match inputs, got {tuple(random_targets.shape)}"
         )
-    if needs_closure(optimizer):
+    plain_sgd = is_plain_sgd(optimizer)
+    if not plain_sgd and needs_closure(optimizer):  # SGD's step takes no closure: skip the signature lookup
         raise ValueError(
             f"{type(optimizer).__name__}.step needs a closure (it re-evaluates the loss): one probe step of it is "
             "not defined"
         )
     loss_fn = loss_fn if loss_fn is not None else _cross_entropy
     fwd = forward if forward is not None else model
-    if is_plain_sgd(optimizer):
+    if plain_sgd:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         # the stepped parameters, and frozen ones the forward writes in place (Embedding(max_norm=...) renormalises
         # its rows); other frozen parameters (a frozen backbone) are not copied
