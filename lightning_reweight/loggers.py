@@ -20,6 +20,7 @@ __all__ = [
     "log_figure",
     "log_histograms",
     "log_step",
+    "publish_metrics",
     "rich_loggers",
     "step_logs_written",
 ]
@@ -79,6 +80,47 @@ def step_logs_written(trainer: Any) -> bool:
 
 def _is_global_zero(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_global_zero", True))
+
+
+def _callback_metrics(trainer: Any) -> dict[str, Tensor]:
+    """The dict behind ``trainer.callback_metrics``, without the property's refresh from the logged results.
+
+    The public property folds every ``self.log``-ged value into the dict on each access (a visible share of a
+    monitor's per-epoch cost on a small model); the values published here are not among those, so the stored dict
+    is updated directly. Falls back to the property if Lightning stores it elsewhere.
+    """
+    stored = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
+    return stored if isinstance(stored, dict) else trainer.callback_metrics
+
+
+def publish_metrics(trainer: Any, values: dict[str, float], *, epoch: int, step: int) -> None:
+    """Put values that are already identical on every rank into ``trainer.callback_metrics`` and every logger.
+
+    They bypass ``LightningModule.log`` (whose per-call bookkeeping costs about a millisecond per key, and which
+    only logs into the running epoch): callbacks use this for values they reduced themselves, and for values of an
+    epoch that has already ended (one closed by a checkpoint resume). Loggers write on rank zero only, with
+    ``epoch`` beside the values (as Lightning adds it); ``ModelCheckpoint``/``EarlyStopping`` can monitor them.
+
+    Args:
+        trainer: the Lightning trainer.
+        values: metric name -> value.
+        epoch: the epoch the values belong to.
+        step: the step to log them at (:func:`log_step`, or :func:`epoch_end_step` for epoch-end values).
+
+    Example:
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> import lightning as L, tempfile
+        >>> trainer = L.Trainer(logger=CSVLogger(tempfile.mkdtemp()), enable_progress_bar=False)
+        >>> publish_metrics(trainer, {"memorization/zeta": 0.25}, epoch=0, step=0)
+        >>> float(trainer.callback_metrics["memorization/zeta"])
+        0.25
+    """
+    if not values:
+        return
+    _callback_metrics(trainer).update({k: torch.tensor(v) for k, v in values.items()})
+    if _is_global_zero(trainer):
+        for logger in getattr(trainer, "loggers", []):
+            logger.log_metrics({**values, "epoch": epoch}, step=step)
 
 
 def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = None) -> int:

@@ -735,6 +735,53 @@ def test_mid_epoch_resume_keeps_the_epochs_weight_records(tmp_path):
     assert resumed.auroc_history == straight.auroc_history
 
 
+def test_resume_from_an_epochs_last_batch_logs_that_epochs_aurocs(tmp_path):
+    """A step checkpoint at an epoch's last batch (6 batches per epoch, saved after step 6): Lightning resumes into
+    epoch 1 without epoch 0's end hook. Epoch 0's weight and sample AUROCs must still be computed (from the
+    checkpoint's records) and logged at the uninterrupted run's step, with the uninterrupted run's values."""
+    import csv
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    def run(name, ckpt_path=None, callbacks=()):
+        callback = MetaReweight(L2RW(), hypergrad="forward")
+        L.Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=[callback, *callbacks],
+                  logger=CSVLogger(tmp_path, name=name), enable_checkpointing=bool(callbacks),
+                  enable_progress_bar=False, enable_model_summary=False, deterministic=True).fit(
+            module(), datamodule=MaskedData(), ckpt_path=ckpt_path)
+        with open(tmp_path / name / "version_0" / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("meta/weight_auroc")]
+        return callback, [(int(r["epoch"]), int(r["step"]), float(r["meta/weight_auroc"])) for r in rows]
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    straight, straight_rows = run("straight", callbacks=[ckpt])
+    resumed, resumed_rows = run("resumed", ckpt_path=tmp_path / "ckpt" / "step=6.ckpt")
+    assert len(straight.auroc_history) == 2 and len(straight.sample_auroc_history) == 2
+    assert resumed.auroc_history == straight.auroc_history
+    assert resumed.sample_auroc_history == straight.sample_auroc_history
+    assert [(e, s) for e, s, _ in resumed_rows] == [(e, s) for e, s, _ in straight_rows] == [(0, 5), (1, 11)]
+    assert [v for *_, v in resumed_rows] == pytest.approx([v for *_, v in straight_rows], rel=1e-6)
+
+
+def test_resume_from_an_epochs_last_batch_draws_that_epochs_weighting_function(tmp_path):
+    """MW-Net's figure of the epoch a last-batch checkpoint left unfinished is drawn at the resume, for that epoch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, callbacks=()):
+        callback = MetaReweight(MetaWeightNet(hidden=4), plot_every_n_epochs=1)
+        drawn = []
+        callback._log_weight_function = lambda trainer, epoch: drawn.append((trainer.current_epoch, epoch))
+        L.Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=[callback, *callbacks], logger=False,
+                  enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False).fit(
+            module(), datamodule=MaskedData(), ckpt_path=ckpt_path)
+        return drawn
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    assert run(callbacks=[ckpt]) == [(0, 0), (1, 1)]
+    assert run(ckpt_path=tmp_path / "step=6.ckpt") == [(1, 0), (1, 1)]  # epoch 0's, drawn as epoch 1 begins
+
+
 def test_virtual_step_follows_the_optimizers_parameter_groups():
     """Backbone features at lr 0.01, classifier at 0.5, one layer left out of the optimizer: the meta problems the
     callback builds scale each parameter's virtual step by its group's lr over the first group's."""
@@ -1167,6 +1214,6 @@ def test_weight_function_figure_every_n_epochs():
     train, meta = loaders()
     cb = MetaReweight(MetaWeightNet(hidden=4), meta_dataloader=meta, plot_every_n_epochs=2)
     epochs = []
-    cb._log_weight_function = lambda trainer: epochs.append(trainer.current_epoch)
+    cb._log_weight_function = lambda trainer, epoch: epochs.append((trainer.current_epoch, epoch))
     trainer(3, [cb], limit_train_batches=2).fit(module(), train)
-    assert epochs == [1]
+    assert epochs == [(1, 1)]

@@ -12,10 +12,13 @@ from lightning_reweight.loggers import epoch_end_step, log_figure, rich_loggers
 __all__ = ["log_weight_function"]
 
 
-def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = None, points: int = 200) -> bool:
+def log_weight_function(
+    trainer: Any, strategy: Any, max_loss: float | None = None, points: int = 200, epoch: int | None = None
+) -> bool:
     """Plot ``V(l)`` for ``l`` in ``[0, max_loss]`` and send it to every W&B / TensorBoard logger.
 
-    Called at an epoch's end, it logs at the step Lightning writes its epoch-end values at.
+    Called at an epoch's end, it logs at the step Lightning writes its epoch-end values at. ``epoch`` (default the
+    trainer's current epoch) goes into the title.
 
     Does nothing (returns ``False``) when no logger takes images; matplotlib is imported only when one does.
     Without matplotlib it warns once and returns ``False``: a missing plotting package must not end a training
@@ -41,6 +44,6 @@ def log_weight_function(trainer: Any, strategy: Any, max_loss: float | None = No
     ax.plot(grid.cpu().numpy(), weights.numpy())
     ax.set_xlabel("loss")
     ax.set_ylabel("weight V(loss)")
-    ax.set_title(f"weighting function, epoch {trainer.current_epoch}")
+    ax.set_title(f"weighting function, epoch {trainer.current_epoch if epoch is None else epoch}")
     fig.tight_layout()
     return log_figure(trainer, "meta/weight_function", fig, step=epoch_end_step(trainer)) > 0

@@ -18,6 +18,7 @@ from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.contract import WeightingContext
 from lightning_reweight.functional.susceptibility import needs_closure
+from lightning_reweight.loggers import epoch_end_step, publish_metrics
 from lightning_reweight.meta.base import MetaStrategy
 from lightning_reweight.meta.engine import (
     FD_EPS,
@@ -287,7 +288,7 @@ class MetaReweight(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._pending_epoch_records is not None:
-            self._restore_epoch_records(trainer, pl_module)
+            self._restore_epoch_records(trainer)
         self._rng = capture_rng(pl_module.device)
         meta_step = self._meta_step_now(trainer)
         # the buffers as the training forward finds them (replays must not see its in-place updates)
@@ -572,19 +573,38 @@ class MetaReweight(Callback):
                 f"in epoch {trainer.current_epoch}, so no sample was reweighted (and the meta steps prepared "
                 "before each batch were wasted): reduce the per-sample losses with self.reweight(losses, batch)"
             )
-        if self.track_noise_auroc and self._noise_mask is not None and trainer.current_epoch >= self.warmup_epochs:
+        for key, value in self._end_epoch(trainer, trainer.current_epoch).items():
+            self._log_synced(pl_module, key, value)
+
+    def _end_epoch(self, trainer: L.Trainer, epoch: int) -> dict[str, float]:
+        """``epoch``'s end: the weights' AUROC and the sample-history AUROC (returned), the weighting figure."""
+        values = {}
+        if self.track_noise_auroc and self._noise_mask is not None and epoch >= self.warmup_epochs:
             if trainer.world_size > 1 or self._auroc.weights:
                 value = float(self._auroc.compute())
                 self.auroc_history.append(value)
-                self._log_synced(pl_module, "meta/weight_auroc", value)
-            self._auroc.reset()
+                values["meta/weight_auroc"] = value
+        self._auroc.reset()
         aurocs = self._sample_aurocs()
         if aurocs:
             self.sample_auroc_history.append(aurocs["percentile"])
-            self._log_synced(pl_module, "meta/sample_auroc", aurocs["percentile"])
+            values["meta/sample_auroc"] = aurocs["percentile"]
         every = self.plot_every_n_epochs
-        if every > 0 and (trainer.current_epoch + 1) % every == 0 and hasattr(self.strategy, "weight_net"):
-            self._log_weight_function(trainer)
+        if every > 0 and (epoch + 1) % every == 0 and hasattr(self.strategy, "weight_net"):
+            self._log_weight_function(trainer, epoch)
+        return values
+
+    def _close_checkpoint_epoch(self, trainer: L.Trainer, records: dict[str, Any]) -> None:
+        """Publish the end values of the epoch a checkpoint from its last batch left unfinished.
+
+        Lightning resumes such a checkpoint into the next epoch without running the saved epoch's end hook; its
+        values are computed here from the checkpoint's records and written straight to the loggers, at the step
+        the uninterrupted run writes them at (the saved epoch's last batch).
+        """
+        epoch = int(records["epoch"])
+        self._load_records(records, trainer)
+        publish_metrics(trainer, self._end_epoch(trainer, epoch), epoch=epoch, step=epoch_end_step(trainer))
+        self._epoch_batches = self._reweight_calls = 0  # the resumed epoch starts afresh
 
     @staticmethod
     def _log_synced(pl_module: L.LightningModule, key: str, value: float) -> None:
@@ -596,10 +616,10 @@ class MetaReweight(Callback):
         pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
 
     @rank_zero_only
-    def _log_weight_function(self, trainer: L.Trainer) -> None:
+    def _log_weight_function(self, trainer: L.Trainer, epoch: int) -> None:
         from lightning_reweight.callbacks._plots import log_weight_function
 
-        log_weight_function(trainer, self.strategy)
+        log_weight_function(trainer, self.strategy, epoch=epoch)
 
     def benchmark_metrics(self) -> dict[str, Any]:
         """Figures for the benchmark record.
@@ -631,15 +651,23 @@ class MetaReweight(Callback):
             "noisy": cat(self._auroc.noisy),
         }
 
-    def _restore_epoch_records(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _restore_epoch_records(self, trainer: L.Trainer) -> None:
         records, self._pending_epoch_records = self._pending_epoch_records, None
-        if records is None or int(records["epoch"]) != trainer.current_epoch:
-            return  # a checkpoint from an epoch's last batch: Lightning closes that epoch without its end hook
+        if records is None:
+            return
+        if int(records["epoch"]) == trainer.current_epoch:  # a mid-epoch checkpoint: the epoch goes on
+            self._load_records(records, trainer)
+        elif int(records["epoch"]) == trainer.current_epoch - 1:  # from its last batch: Lightning skips its end
+            self._close_checkpoint_epoch(trainer, records)
+
+    def _load_records(self, records: dict[str, Any], trainer: L.Trainer) -> None:
+        """Continue an epoch from a checkpoint's records: its counters and the weights seen for its AUROC."""
         self._epoch_batches = int(records["batches"])
         self._reweight_calls = int(records["calls"])
         if records.get("weights") is not None:
             self._auroc.reset()
-            self._auroc.update(records["weights"].to(pl_module.device), records["noisy"].to(pl_module.device))
+            device = trainer.strategy.root_device
+            self._auroc.update(records["weights"].to(device), records["noisy"].to(device))
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -17,7 +17,14 @@ from lightning_reweight._modes import eval_mode
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.contract import _targets_and_indices, split_batch
 from lightning_reweight.functional.susceptibility import needs_closure, preserved_rng, susceptibility_losses
-from lightning_reweight.loggers import define_epoch_axis, epoch_end_step, log_histograms, log_step
+from lightning_reweight.loggers import (
+    _callback_metrics,
+    define_epoch_axis,
+    epoch_end_step,
+    log_histograms,
+    log_step,
+    publish_metrics,
+)
 
 __all__ = ["SusceptibilityMonitor"]
 
@@ -43,17 +50,6 @@ def _inputs_of(sample: Any) -> Tensor:
             )
         sample = sample[key]
     return sample if isinstance(sample, Tensor) else torch.as_tensor(sample)
-
-
-def _callback_metrics(trainer: Trainer) -> dict[str, Tensor]:
-    """The dict behind ``trainer.callback_metrics``, without the property's refresh from the logged results.
-
-    The public property folds every ``self.log``-ged value into the dict on each access (a visible share of the
-    monitor's per-epoch cost on a small model); the values written here are not among those, so the stored dict is
-    updated directly. Falls back to the property if Lightning stores it elsewhere.
-    """
-    stored = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
-    return stored if isinstance(stored, dict) else trainer.callback_metrics
 
 
 class SusceptibilityMonitor(Callback):
@@ -188,6 +184,7 @@ class SusceptibilityMonitor(Callback):
         self._dataset: Any = None
         self._eval_data: tuple[Tensor, Tensor, Tensor] | None = None
         self._begun_epoch: int | None = None  # the epoch on_train_epoch_start last ran for
+        self._ended_epoch: int | None = None  # the epoch on_train_epoch_end last ran for
         self._pending_epoch_records: dict[str, Any] | None = None  # a mid-epoch checkpoint's, until its epoch runs
 
     # ------------------------------------------------------------------ public read-only views
@@ -401,6 +398,7 @@ class SusceptibilityMonitor(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close_checkpoint_epoch(trainer, pl_module)
         self._begun_epoch = trainer.current_epoch
         self._weights.clear()
         self._weight_indices.clear()
@@ -474,10 +472,7 @@ class SusceptibilityMonitor(Callback):
         if not self._logged or self._logged[-1]["epoch"] != epoch:
             self._logged.append({"epoch": epoch})
         self._logged[-1].update(values)
-        _callback_metrics(trainer).update({k: torch.tensor(v) for k, v in values.items()})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({**values, "epoch": epoch}, step=log_step(trainer) if step is None else step)
+        publish_metrics(trainer, values, epoch=epoch, step=log_step(trainer) if step is None else step)
 
     def _subset_counts(self, trainer: Trainer, pl_module: LightningModule, mask: Tensor, forward: Any) -> Tensor:
         """``[noisy correct, noisy total, clean correct, clean total]`` over this rank's share of the train set."""
@@ -560,7 +555,7 @@ class SusceptibilityMonitor(Callback):
         )
         self._train_counts += torch.bincount(key, minlength=4).to(self._train_counts.device)
 
-    def _publish_train_counts(self, trainer: Trainer) -> None:
+    def _publish_train_counts(self, trainer: Trainer, epoch: int) -> None:
         """Reduce this epoch's training-forward counts over ranks and log the noisy/clean accuracies."""
         self._fold()
         counts, self._train_counts, self._counting = self._train_counts, None, False
@@ -584,7 +579,7 @@ class SusceptibilityMonitor(Callback):
             log[f"{self.prefix}/train_acc_noisy"] = noisy_ok / (noisy_bad + noisy_ok)
         if clean_bad + clean_ok > 0:
             log[f"{self.prefix}/train_acc_clean"] = clean_ok / (clean_bad + clean_ok)
-        self._publish(trainer, trainer.current_epoch, log, step=epoch_end_step(trainer))
+        self._publish(trainer, epoch, log, step=epoch_end_step(trainer))
 
     @override
     def on_train_batch_end(
@@ -605,8 +600,13 @@ class SusceptibilityMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_epoch(trainer, trainer.current_epoch)
+
+    def _end_epoch(self, trainer: Trainer, epoch: int) -> None:
+        """``epoch``'s end values from its records: noisy/clean subset accuracy, weight means and histograms."""
+        self._ended_epoch = epoch
         if self._counting:
-            self._publish_train_counts(trainer)
+            self._publish_train_counts(trainer, epoch)
         if not self._weights:
             return
         mask = self._noise_mask(trainer)
@@ -625,7 +625,7 @@ class SusceptibilityMonitor(Callback):
             log[f"{self.prefix}/weight_mean_noisy"] = float(sums[0] / sums[1])
         if float(sums[3]) > 0:
             log[f"{self.prefix}/weight_mean_clean"] = float(sums[2] / sums[3])
-        self._publish(trainer, trainer.current_epoch, log, step=epoch_end_step(trainer))
+        self._publish(trainer, epoch, log, step=epoch_end_step(trainer))
         log_histograms(
             trainer, {f"{self.prefix}/weights_noisy": weights[noisy], f"{self.prefix}/weights_clean": weights[~noisy]},
             step=epoch_end_step(trainer),
@@ -634,8 +634,8 @@ class SusceptibilityMonitor(Callback):
     # ------------------------------------------------------------------ checkpointing
     def _epoch_records(self) -> dict[str, Any] | None:
         """The running epoch's unfinished records (a mid-epoch checkpoint): subset counts, weights seen."""
-        if self._begun_epoch is None:
-            return None
+        if self._begun_epoch is None or self._begun_epoch == self._ended_epoch:
+            return None  # none begun, or its end values are out already
         if self._counting:
             self._fold()
         return {
@@ -647,8 +647,29 @@ class SusceptibilityMonitor(Callback):
 
     def _restore_epoch_records(self, trainer: Trainer, pl_module: LightningModule) -> None:
         records, self._pending_epoch_records = self._pending_epoch_records, None
-        if records is None or int(records["epoch"]) != trainer.current_epoch:
-            return  # none, or a checkpoint from an epoch's last batch (Lightning closes it without its end hook)
+        if records is not None and int(records["epoch"]) == trainer.current_epoch:
+            self._load_records(records, pl_module)
+
+    def _close_checkpoint_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Publish the end values of the epoch a checkpoint from its last batch left unfinished.
+
+        Lightning resumes such a checkpoint into the next epoch without running the saved epoch's end hook, so its
+        subset accuracies, weight means and histograms are computed here from the checkpoint's records (at the
+        step the uninterrupted run writes them at: the saved epoch's last batch).
+        """
+        records = self._pending_epoch_records
+        if records is None or int(records["epoch"]) != trainer.current_epoch - 1:
+            return
+        self._pending_epoch_records = None
+        self._counting = False
+        self._load_records(records, pl_module)
+        self._end_epoch(trainer, int(records["epoch"]))
+        self._counting, self._train_counts = False, None
+        self._weights.clear()
+        self._weight_indices.clear()
+
+    def _load_records(self, records: dict[str, Any], pl_module: LightningModule) -> None:
+        """Continue an epoch from a checkpoint's records: its subset counts and the weights seen so far."""
         if records.get("train_counts") is not None and self._hook is not None:
             self._counting = True
             self._train_counts = torch.as_tensor(records["train_counts"]).to(pl_module.device)
