@@ -370,6 +370,24 @@ def test_delayed_mwnet_refuses_gradient_accumulation():
         trainer(1, [cb], accumulate_grad_batches=2).fit(module(), train)
 
 
+def test_delayed_mwnet_refuses_accumulation_a_scheduler_turns_on_later():
+    """GradientAccumulationScheduler({1: 2}) raises accumulate_grad_batches at epoch 1's start, after setup's check:
+    the first batch of epoch 1 refuses it (before: every other meta update silently dropped)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    train, meta = loaders()
+    cb = MetaReweight(MetaWeightNet(hidden=8, delayed=True), meta_dataloader=meta)
+    seen = []
+
+    class Epochs(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append(trainer.current_epoch)
+
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2 .epoch 1"):
+        trainer(2, [GradientAccumulationScheduler({1: 2}), cb, Epochs()]).fit(module(), train)
+    assert seen and set(seen) == {0}  # epoch 0 trained, no batch of epoch 1 did
+
+
 @pytest.mark.parametrize("delayed", [False, True])
 def test_resume_continues_identically(tmp_path, delayed):
     train, meta = loaders()

@@ -211,11 +211,7 @@ class MetaReweight(Callback):
                 f"{type(pl_module).__name__} must mix in lightning_reweight.ReweightingMixin (implement "
                 "per_sample_loss(batch) and return self.reweight(losses, batch) from training_step)"
             )
-        if self.strategy.delayed and trainer.accumulate_grad_batches > 1:
-            raise ValueError(
-                f"a delayed {type(self.strategy).__name__} reuses one batch's gradient for its virtual step: it "
-                f"does not work with accumulate_grad_batches={trainer.accumulate_grad_batches} (use delayed=False)"
-            )
+        self._check_accumulation(trainer)
         if starts_new_run(trainer):
             # a new run (a checkpoint being resumed is loaded after this hook and overwrites it)
             self._reset_run_state()
@@ -237,6 +233,19 @@ class MetaReweight(Callback):
             self._noise_mask_device: Tensor | None = None
         self._trainer = trainer
         pl_module.attach_weighting(type(self).__name__, self)
+
+    def _check_accumulation(self, trainer: L.Trainer) -> None:
+        """A delayed strategy refuses gradient accumulation.
+
+        Checked at setup and at every batch, since ``GradientAccumulationScheduler`` raises
+        ``accumulate_grad_batches`` at the start of an epoch.
+        """
+        if self.strategy.delayed and trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"a delayed {type(self.strategy).__name__} reuses one batch's gradient for its virtual step: it "
+                f"does not work with accumulate_grad_batches={trainer.accumulate_grad_batches} (epoch "
+                f"{trainer.current_epoch}; set by the Trainer or a GradientAccumulationScheduler): use delayed=False"
+            )
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -289,6 +298,7 @@ class MetaReweight(Callback):
     ) -> None:
         if self._pending_epoch_records is not None:
             self._restore_epoch_records(trainer)
+        self._check_accumulation(trainer)
         self._rng = capture_rng(pl_module.device)
         meta_step = self._meta_step_now(trainer)
         # the buffers as the training forward finds them (replays must not see its in-place updates)
