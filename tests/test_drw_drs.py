@@ -473,6 +473,28 @@ def test_a_start_epoch_the_run_never_reaches_is_warned_about(tmp_path, make):
         trainer_for(tmp_path, 2, [make()]).fit(ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule())
 
 
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_a_start_epoch_beyond_max_steps_is_warned_about_and_one_within_is_not(tmp_path, accumulate):
+    """With max_steps (max_epochs=-1) the run ends in the epoch of its max_steps-th optimizer step: DRW(5) with a
+    run of 2 epochs' steps trained plain cross-entropy without a word; one step into epoch 5 is not warned about."""
+    import math
+    import warnings
+
+    steps_per_epoch = math.ceil(math.ceil(sum(COUNTS) / 16) / accumulate)  # batches of 16, then accumulation
+
+    def messages(max_steps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer_for(tmp_path, -1, [DeferredReweighting(5, cls_num_list=COUNTS)], max_steps=max_steps,
+                        accumulate_grad_batches=accumulate).fit(
+                ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule())
+        return [str(w.message) for w in caught if "never reached" in str(w.message)]
+
+    assert any(f"start_epoch=5 is never reached with max_steps={2 * steps_per_epoch}" in m and "epochs 0-1" in m
+               for m in messages(2 * steps_per_epoch))
+    assert messages(5 * steps_per_epoch + 1) == []
+
+
 def test_drw_counts_for_the_wrong_number_of_classes_are_refused_at_setup(tmp_path):
     """cls_num_list=[10, 5] on 3-class data trained until start_epoch, then failed with a bare IndexError."""
     model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3)
