@@ -495,6 +495,13 @@ def test_a_start_epoch_beyond_max_steps_is_warned_about_and_one_within_is_not(tm
     assert messages(5 * steps_per_epoch + 1) == []
 
 
+def test_drs_with_overfit_batches_names_the_trainer_option(tmp_path):
+    """overfit_batches makes Lightning swap the sampler out: the error names that option, not the datamodule."""
+    with pytest.raises(RuntimeError, match=r"overfit_batches=2: Lightning replaces"):
+        trainer_for(tmp_path, 1, [DeferredResampling(0)], overfit_batches=2).fit(
+            ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule())
+
+
 def test_drw_counts_for_the_wrong_number_of_classes_are_refused_at_setup(tmp_path):
     """cls_num_list=[10, 5] on 3-class data trained until start_epoch, then failed with a bare IndexError."""
     model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3)

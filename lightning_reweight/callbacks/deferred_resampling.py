@@ -121,6 +121,13 @@ class DeferredResampling(Callback):
         if self._sampler is not None and isinstance(self._sampler.epoch_source, _TrainerEpoch):
             self._sampler.epoch_source.training_started = True
         if self._sampler is not None and not loader_uses_sampler(trainer.train_dataloader, self._sampler):
+            if trainer.overfit_batches > 0:
+                raise RuntimeError(
+                    f"DeferredResampling cannot run with overfit_batches={trainer.overfit_batches}: Lightning "
+                    "replaces the training loader's sampler by a sequential one to overfit the same batches, so "
+                    "class-balanced sampling would silently never happen; leave DeferredResampling out of an "
+                    "overfit_batches run"
+                )
             raise RuntimeError(
                 f"DeferredResampling installed its sampler as {type(self._datamodule).__name__}.train_sampler, but "
                 "the training DataLoader does not use it (class-balanced sampling would silently never happen): "
