@@ -665,6 +665,31 @@ def test_resume_mid_epoch_does_not_probe_that_epoch_twice(tmp_path):
     assert resumed.history[:2] == monitor.history
 
 
+def test_the_probe_sees_the_modes_the_modules_own_epoch_start_sets(tmp_path):
+    """A fine-tuning module puts its backbone in eval mode in its own on_train_epoch_start (which Lightning runs
+    after the callbacks'): every probe, the first included, runs the model in the mode its training forwards see."""
+
+    class Frozen(ReweightClassifier):
+        def on_train_epoch_start(self):
+            self.backbone.eval()
+
+    class Spy(SusceptibilityMonitor):
+        def compute_logits(self, pl_module, inputs):
+            probe_modes.append(pl_module.backbone.training)
+            return super().compute_logits(pl_module, inputs)
+
+    class TrainModes(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            train_modes.add(pl_module.backbone.training)
+
+    probe_modes, train_modes = [], set()
+    torch.manual_seed(0)
+    model = Frozen(MLP(6, 4, hidden=(32,), dropout=0.2, batch_norm=True), num_classes=4, lr=0.1)
+    _trainer(tmp_path, [Spy(batch_size=16), TrainModes()], epochs=2).fit(model, datamodule=_NoisyDM())
+    assert train_modes == {False}
+    assert probe_modes == [False, False, False, False]  # two forwards per probe, two epochs
+
+
 def test_resume_from_an_epochs_last_batch_measures_the_next_epoch(tmp_path):
     """A step checkpoint at an epoch's last batch (6 steps per epoch, saved after step 6): Lightning resumes into
     epoch 1 without on_train_epoch_start; epoch 1 must still be measured, with the uninterrupted run's drop."""

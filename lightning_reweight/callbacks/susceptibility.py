@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -60,8 +60,9 @@ class SusceptibilityMonitor(Callback):
     ``seed``) or the first ``pool_size`` inputs of ``unlabelled_loader``, read into memory once (as the dataset
     returns them then, transforms included), each given a label drawn uniformly over all classes with the same
     generator. The labels and the chosen indices are fixed for the run and saved in checkpoints. At the
-    start of every ``every_n_epochs``-th epoch, one batch of ``batch_size`` of that set (drawn with the monitor's
-    own generator, seeded by ``seed`` and the epoch) goes through
+    start of every ``every_n_epochs``-th epoch (at its first batch, before that batch trains: after the module's
+    own ``on_train_epoch_start``, which may set layers' modes for the epoch), one batch of ``batch_size`` of that
+    set (drawn with the monitor's own generator, seeded by ``seed`` and the epoch) goes through
     :func:`~lightning_reweight.functional.susceptibility_step` with the training optimizer
     ``trainer.optimizers[0]``: the loss drop of one step on random labels, after which parameters, buffers,
     gradients, optimizer state and the random number generators are restored exactly. Training with the monitor
@@ -86,7 +87,8 @@ class SusceptibilityMonitor(Callback):
         they hold 2**20 elements, on the device, with no host sync before the epoch's end).
         The logits are read with a forward hook on the LightningModule: the first output of the module's
         ``__call__`` between ``on_train_batch_start`` and ``on_train_batch_end`` whose batch size is the
-        training batch's (later forwards in the same step, e.g. meta-reweighting's, are ignored). A
+        training batch's (later forwards in the same step, e.g. meta-reweighting's, and the monitors' own probes
+        are ignored). A
         ``training_step`` that never calls the module itself (only submodules) yields no counts (a warning
         says so; use ``"eval_pass"``).
       - ``"eval_pass"``: a snapshot at the epoch's start, from a no-grad eval-mode pass over the training set
@@ -123,6 +125,10 @@ class SusceptibilityMonitor(Callback):
         >>> monitor.zeta is None
         True
     """
+
+    # forwards of a monitor's probe or eval pass under way (they run in on_train_batch_start, while every monitor's
+    # hook already waits for the batch's training forward)
+    _probe_forwards: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -185,6 +191,7 @@ class SusceptibilityMonitor(Callback):
         self._eval_data: tuple[Tensor, Tensor, Tensor] | None = None
         self._begun_epoch: int | None = None  # the epoch on_train_epoch_start last ran for
         self._ended_epoch: int | None = None  # the epoch on_train_epoch_end last ran for
+        self._measure_due = False  # the begun epoch's probe waits for its first batch
         self._pending_epoch_records: dict[str, Any] | None = None  # a mid-epoch checkpoint's, until its epoch runs
 
     # ------------------------------------------------------------------ public read-only views
@@ -409,16 +416,26 @@ class SusceptibilityMonitor(Callback):
             self._train_counts = torch.zeros(4, dtype=torch.long, device=pl_module.device)
             self._pending.clear()
             self._pending_numel = 0
-        if not measure:
-            return
+        # measured at the epoch's first batch: after the module's own on_train_epoch_start (Lightning runs the
+        # callbacks' first), which may switch layers' modes for the epoch (a frozen backbone put in eval mode)
+        self._measure_due = measure
+
+    def _measure(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """This epoch's probe (and the ``"eval_pass"`` subset accuracies), published at the epoch's first step."""
+        self._measure_due = False
+        epoch = trainer.current_epoch
         optimizer = trainer.optimizers[0]
         device = pl_module.device
         precision = trainer.precision_plugin
 
         def forward(x: Tensor) -> Tensor:
             x = precision.convert_input(x)  # as Lightning prepares batches: 64-true / bf16-true input dtype
-            with precision.forward_context():
-                logits = self.compute_logits(pl_module, x)
+            SusceptibilityMonitor._probe_forwards += 1  # no monitor takes it for the training forward
+            try:
+                with precision.forward_context():
+                    logits = self.compute_logits(pl_module, x)
+            finally:
+                SusceptibilityMonitor._probe_forwards -= 1
             if logits.dim() != 2 or logits.shape[1] != self.num_classes:
                 raise ValueError(
                     f"SusceptibilityMonitor draws labels from num_classes={self.num_classes} classes, but the "
@@ -509,7 +526,7 @@ class SusceptibilityMonitor(Callback):
     def _capture_train_logits(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         """Forward hook: keep the predictions of the first output of the training batch's size, then disarm."""
         armed = self._armed
-        if armed is None:
+        if armed is None or SusceptibilityMonitor._probe_forwards:
             return
         logits = self.logits_from_output(output)
         if logits is not None and logits.dim() == 2 and logits.shape[0] == armed[0]:
@@ -525,6 +542,8 @@ class SusceptibilityMonitor(Callback):
             # not measured twice)
             self.on_train_epoch_start(trainer, pl_module)
             self._restore_epoch_records(trainer, pl_module)
+        if self._measure_due:
+            self._measure(trainer, pl_module)
         if not self._counting:
             return
         hook = getattr(pl_module, "batch_targets_and_indices", None)  # the contract's reading of the batch
