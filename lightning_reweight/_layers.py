@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["rewrites_own_weights"]
+__all__ = ["is_compiled", "rewrites_own_weights"]
 
 
 def rewrites_own_weights(module: nn.Module) -> bool:
@@ -18,3 +18,21 @@ def rewrites_own_weights(module: nn.Module) -> bool:
         (True, False)
     """
     return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` itself runs ``torch.compile``'d code.
+
+    ``torch.compile(module)`` (an ``OptimizedModule``), ``module.compile()`` (in place), or a LightningModule
+    given to the Trainer compiled (Lightning unwraps it and compiles its ``forward``/``training_step``). Compiled
+    code supports no double backward, and a backward through its graph may run only once.
+
+    Example:
+        >>> is_compiled(nn.Linear(2, 2))
+        False
+    """
+    return (
+        type(module).__name__ == "OptimizedModule"
+        or getattr(module, "_compiled_call_impl", None) is not None
+        or bool(getattr(module, "_compiler_ctx", None))
+    )

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_reweight._layers import rewrites_own_weights
+from lightning_reweight._layers import is_compiled, rewrites_own_weights
 
 __all__ = ["FD_EPS", "HYPERGRADS", "MetaProblem", "RNGState", "capture_rng"]
 
@@ -227,6 +227,16 @@ class MetaProblem:
         # layers that write their weights in place during the forward (Embedding(max_norm=...) renormalises rows):
         # the extra forwards get copies, not the model's own tensors
         self._copy_params = any(rewrites_own_weights(m) for m in modules)
+        self._compiled = any(is_compiled(m) for m in modules)
+        if self._compiled:
+            if self.hypergrad == "second_order":
+                raise ValueError(
+                    "hypergrad='second_order' backpropagates through a backward, which torch.compile'd code does "
+                    "not support: use hypergrad='finite_diff' with a compiled model"
+                )
+            # a compiled graph frees its saved tensors at the first backward (donated buffers): the virtual step
+            # recomputes the losses instead of backpropagating through the training forward's graph a second time
+            self.reuse_graph = False
 
     # ----------------------------------------------------------------- plumbing
     def _scaled(self, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -413,6 +423,12 @@ class MetaProblem:
                         dual = [fwAD.make_dual(t, d.to(t.dtype).to_dense()) for t, d in zip(theta, direction)]
                         primal, tangent = fwAD.unpack_dual(self.train_losses_at(dual))
                     except NotImplementedError as err:  # a layer without forward-mode AD in this PyTorch
+                        if self._compiled:
+                            raise NotImplementedError(
+                                f'hypergrad="forward" needs forward-mode AD through the model, which its '
+                                f'torch.compile\'d code does not have ({err}): use hypergrad="finite_diff" with a '
+                                "compiled model"
+                            ) from err
                         raise NotImplementedError(
                             f'hypergrad="forward" needs forward-mode AD through the whole model, which PyTorch does '
                             f'not have for one of its layers or tensors ({err}; sparse gradients, e.g. '
