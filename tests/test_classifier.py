@@ -63,6 +63,31 @@ def test_build_optimizer_settings():
         build_optimizer(p, "sgd", 0.0)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_the_optimizer_gets_the_modules_settings(optimizer):
+    """lr, weight decay (every optimizer) and momentum / Nesterov (SGD) as given to the module, not the defaults."""
+    model = ReweightClassifier(MLP(64, 10, hidden=(8,)), optimizer=optimizer, lr=0.03, momentum=0.7,
+                               weight_decay=1e-3, nesterov=True)
+    opt = model.configure_optimizers()
+    assert opt.defaults["lr"] == 0.03 and opt.defaults["weight_decay"] == 1e-3
+    if optimizer == "sgd":
+        assert opt.defaults["momentum"] == 0.7 and opt.defaults["nesterov"] is True
+    # the weight decay acts: one step with a zero gradient still shrinks the weights (Adam: the L2 term is the
+    # gradient, AdamW: w <- w (1 - lr wd); SGD: the L2 term with momentum's first step = lr wd w)
+    (p,) = [q for q in model.parameters() if q.dim() == 2][:1]
+    before = p.detach().clone()
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    if optimizer == "adamw":
+        torch.testing.assert_close(p.detach(), before * (1 - 0.03 * 1e-3))
+    elif optimizer == "adam":  # g = wd w; Adam's bias-corrected first step is lr g / (|g| + eps), eps = 1e-8
+        g = 1e-3 * before
+        torch.testing.assert_close(p.detach(), before - 0.03 * g / (g.abs() + 1e-8))
+    else:  # Nesterov's first step: w - lr (g + momentum g), g = wd w
+        torch.testing.assert_close(p.detach(), before - 0.03 * (1 + 0.7) * 1e-3 * before)
+
+
 def test_trains_on_clean_digits():
     from lightning_reweight.data import DigitsDataModule
 
@@ -81,10 +106,10 @@ def test_trains_on_clean_digits():
     assert trainer.optimizers[0].param_groups[0]["lr"] < 0.05  # the cosine schedule ran
 
 
-@pytest.mark.parametrize("scheduler", ["cosine", "warmup_multistep"])
+@pytest.mark.parametrize("scheduler", ["cosine", "warmup_multistep", "multistep"])
 def test_scheduler_steps_once_per_epoch_along_its_formula(scheduler):
     """The lr seen by every training step, against the closed form of the schedule (epoch-wise, constant within an
-    epoch): cosine over max_epochs, or linear warm-up then x gamma at each milestone."""
+    epoch): cosine over max_epochs, linear warm-up then x gamma at each milestone, or x gamma at each milestone."""
     import math
 
     from torch.utils.data import DataLoader, TensorDataset
@@ -102,8 +127,10 @@ def test_scheduler_steps_once_per_epoch_along_its_formula(scheduler):
               enable_model_summary=False, accelerator="cpu", callbacks=[RecordLR()]).fit(model, data)
     if scheduler == "cosine":
         expected = [0.1 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5)]
-    else:
+    elif scheduler == "warmup_multistep":
         expected = [0.05, 0.1, 0.1, 0.05, 0.05]  # (e + 1) / 2 for e < 2, then 0.5 from epoch 3
+    else:
+        expected = [0.1 * 0.5 ** (e >= 3) for e in range(5)]  # gamma=0.5 (not torch's default 0.1) from epoch 3 on
     for epoch, lr in enumerate(expected):
         (got,) = seen[epoch]  # one lr per epoch
         assert got == pytest.approx(lr)

@@ -160,3 +160,37 @@ def test_evaluation_images_are_not_augmented_and_use_the_datasets_statistics(whi
         assert torch.allclose(t * std + mean, stored(raw_test, i), atol=1e-5)
     # the meta images are augmented (two reads of the same image differ for some of them)
     assert any(not torch.equal(dm.meta_dataset[i][0], dm.meta_dataset[i][0]) for i in range(10))
+
+
+def test_training_augmentation_is_a_4_pixel_padded_crop_and_a_fair_horizontal_flip(tmp_path):
+    """The CIFAR recipe (He et al. 2016, LDAM-DRW): zero-pad 4 pixels, take a random 32x32 crop, flip left-right with
+    probability 1/2. Images with a white left half and a grey right half show both: the zero rows/columns the crop
+    brings in (a shift of up to 4 pixels each way) and which side the white half is on."""
+    image = np.full((3, 32, 32), 128, dtype=np.uint8)
+    image[:, :, :16] = 255
+    data = np.tile(image.reshape(1, -1), (10, 1))
+    write_cifar10(tmp_path, data, list(range(10)), data, list(range(10)))
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), verify_checksums=False, augment=True, val_fraction=0.0,
+                           meta_per_class=0)
+    dm.setup()
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+
+    def edge(zero_lines):  # how many leading entries are True
+        return int(torch.cumprod(zero_lines.int(), 0).sum())
+
+    torch.manual_seed(0)
+    shifts_y, shifts_x, flips = [], [], 0
+    draws = 300
+    for k in range(draws):
+        pixels = (dm.train_dataset[k % 10][0] * std + mean)[0]  # one channel, values 0 (padding), 128/255, 1
+        zero_rows, zero_cols = (pixels.abs() < 1e-3).all(1), (pixels.abs() < 1e-3).all(0)
+        shifts_y.append(max(edge(zero_rows), edge(zero_rows.flip(0))))
+        shifts_x.append(max(edge(zero_cols), edge(zero_cols.flip(0))))
+        white = ((pixels - 1).abs() < 1e-3).nonzero()[:, 1].float().mean()
+        grey = ((pixels - 128 / 255).abs() < 1e-3).nonzero()[:, 1].float().mean()
+        flips += bool(white > grey)
+    assert max(shifts_y) == max(shifts_x) == 4  # P(no shift of 4 in 300 draws) = (7/9)^300
+    assert flips / draws == pytest.approx(0.5, abs=0.1)  # sd 0.029
+    # evaluation images are the stored ones
+    test_pixels = (dm.test_dataset[0][0] * std + mean)[0]
+    assert torch.allclose(test_pixels, torch.tensor(image[0], dtype=torch.float32) / 255, atol=1e-5)

@@ -304,3 +304,44 @@ def test_split_errors_name_the_argument_and_what_is_left():
     assert getattr(fresh, "train_class_counts", None) is None  # still an AttributeError: getattr defaults work
     with pytest.raises(AttributeError, match="has no attribute 'nosie_mask'"):
         fresh.nosie_mask  # noqa: B018
+
+
+def test_every_fit_of_a_datamodule_starts_the_seeded_shuffle_afresh():
+    """A second ``trainer.fit`` with the same datamodule (e.g. after a first stage) is a new run: its first epoch sees
+    the order of a fresh datamodule with the same seed, not the continuation of the previous fit's shuffle."""
+    import lightning as L
+
+    from lightning_reweight import ReweightClassifier
+    from lightning_reweight.models import MLP
+
+    def first_epoch_order(dm):
+        seen = []
+
+        class Record(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                seen.extend(batch[2].tolist())
+
+        L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, limit_val_batches=0, callbacks=[Record()]).fit(
+            ReweightClassifier(MLP(64, 10, hidden=(8,)), 10), datamodule=dm)
+        return seen
+
+    dm = DigitsDataModule(batch_size=256, meta_per_class=0, seed=5)
+    first, second = first_epoch_order(dm), first_epoch_order(dm)
+    fresh = first_epoch_order(DigitsDataModule(batch_size=256, meta_per_class=0, seed=5))
+    assert sorted(first) == list(range(len(dm.train_dataset)))
+    assert second == first == fresh
+
+
+def test_a_class_the_splits_emptied_is_named_with_the_split_settings_not_an_absent_n_max():
+    """meta_per_class=125 of ~160 samples per class, then a long tail: the error named n_max, which the datamodule
+    does not take; it now names the splits' settings."""
+    import warnings
+
+    dm = DigitsDataModule(meta_per_class=125, val_fraction=0.1, imbalance_ratio=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the split's own warning about the emptied class
+        with pytest.raises(ValueError, match=r"val_fraction=0.1, meta_per_class=125\) failed: class \d holds 0 samples"
+                           r".*every class needs samples") as err:
+            dm.setup()
+    assert "lower n_max" not in str(err.value)

@@ -31,3 +31,11 @@ def test_negative_and_misshaped_labels_are_refused():
         TensorClassificationDataset(torch.zeros(2, 2), torch.tensor([[0], [1]]))
     with pytest.raises(ValueError, match="2 labels but inputs has 3 rows"):
         TensorClassificationDataset(torch.zeros(3, 2), torch.tensor([0, 1]))
+
+
+def test_tensor_dataset_applies_its_transform_to_the_input_only():
+    inputs = torch.arange(6.0).view(3, 2)
+    ds = TensorClassificationDataset(inputs, torch.tensor([2, 0, 1]), transform=lambda x: 10 * x + 1)
+    for i in range(3):
+        x, y = ds[i]
+        assert torch.equal(x, 10 * inputs[i] + 1) and int(y) == [2, 0, 1][i]

@@ -67,3 +67,31 @@ def test_the_meta_loader_never_ends_an_epoch_with_a_single_sample_batch():
         dm = Toy(meta_per_class=10, val_fraction=0.0, meta_batch_size=meta_batch_size)
         dm.setup()
         assert [len(b[1]) for b in dm.meta_dataloader()] == sizes
+
+
+def test_the_meta_loader_shuffles_independently_of_the_training_loader():
+    """Training and meta sets of the same size: the meta loader must not visit its samples in the training loader's
+    order (both shuffles drawn from one stream would give the same permutation)."""
+    from lightning_reweight.data import ReweightDataModule
+    from lightning_reweight.data.indexed import TensorClassificationDataset
+
+    class Positions(ReweightDataModule):  # the input of a pool sample is its position in the pool
+        num_classes = 2
+
+        def load_train_pool(self):
+            y = torch.arange(2).repeat(40)
+            return TensorClassificationDataset(torch.arange(80.0).view(80, 1), y), y
+
+        def load_test_set(self):
+            return TensorClassificationDataset(torch.zeros(2, 1), torch.arange(2))
+
+    for seed in range(3):
+        dm = Positions(meta_per_class=20, val_fraction=0.0, batch_size=40, meta_batch_size=40, seed=seed)
+        dm.setup()
+        assert len(dm.meta_dataset) == len(dm.train_dataset) == 40
+        orders = []
+        for loader in (dm.train_dataloader(), dm.meta_dataloader()):
+            positions = [int(x) for batch in loader for x in batch[0].flatten()]
+            orders.append([sorted(positions).index(p) for p in positions])  # the order within the set
+        assert sorted(orders[0]) == sorted(orders[1]) == list(range(40))
+        assert orders[0] != orders[1]

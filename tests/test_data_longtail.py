@@ -94,3 +94,11 @@ def test_exact_whole_counts_are_not_truncated_below():
         for m in (1, 2, 3):
             assert long_tailed_counts(m * rho, 10, rho)[-1] == m
             assert long_tailed_counts(m * rho, 10, rho, profile="step")[-1] == m
+
+
+def test_a_short_class_is_blamed_on_n_max_only_when_n_max_was_given():
+    y = torch.tensor([0] * 10 + [1] * 4 + [2] * 0 + [3] * 6)  # class 2 empty
+    with pytest.raises(ValueError, match=r"class 2 holds 0 samples.*every class needs samples"):
+        long_tailed_indices(y, 2.0)
+    with pytest.raises(ValueError, match=r"class 1 holds 4 samples but its long-tail quota is 7.*lower n_max"):
+        long_tailed_indices(y, 2.0, n_max=10)  # exp profile, 4 classes: quotas 10, int(10 / 2 ** (1/3)) = 7, ...

@@ -63,3 +63,16 @@ def test_stratified_split_takes_array_and_tensor_fractions():
         got = stratified_split(y, fractions, seed=0)
         assert len(got) == 3 and all(torch.equal(g, w) for g, w in zip(got, want))
     assert torch.bincount(y[want[0]]).tolist() == [20, 10, 8]
+
+
+def test_fractions_summing_to_one_up_to_rounding_give_no_extra_part():
+    """0.7 + 0.29 + 0.01 is 1 in decimals, but the binary floats sum to 1 - 2^-53: still three parts, not a fourth
+    (empty or one-sample) remainder part."""
+    import math
+
+    assert math.fsum([0.7, 0.29, 0.01]) < 1.0  # what makes the case
+    y = torch.arange(4).repeat(100)
+    parts = stratified_split(y, [0.7, 0.29, 0.01], seed=0)
+    assert len(parts) == 3
+    assert sorted(torch.cat(parts).tolist()) == list(range(400))
+    assert [torch.bincount(y[p], minlength=4).tolist() for p in parts] == [[70] * 4, [29] * 4, [1] * 4]

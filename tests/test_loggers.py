@@ -114,3 +114,48 @@ def _written_names(prefix, keys):
     from lightning.pytorch.loggers import WandbLogger
 
     return _add_prefix(dict.fromkeys(keys, 0.0), prefix, WandbLogger.LOGGER_JOIN_CHAR)
+
+
+def test_step_helpers_at_the_edges():
+    """log_every_n_steps=0 writes no step logs (it divided by zero); before any step the epoch-end step is 0, not -1;
+    with several optimizers the step axis is Lightning's count of batches that stepped, not global_step."""
+    from lightning_reweight.loggers import epoch_end_step, log_step, step_logs_written
+
+    assert step_logs_written(types.SimpleNamespace(log_every_n_steps=0, global_step=3)) is False
+    assert [step_logs_written(types.SimpleNamespace(log_every_n_steps=4, global_step=s)) for s in range(8)] == [
+        (s + 1) % 4 == 0 for s in range(8)]
+    assert epoch_end_step(types.SimpleNamespace(global_step=0)) == 0
+    two_optimizers = types.SimpleNamespace(
+        global_step=10, fit_loop=types.SimpleNamespace(epoch_loop=types.SimpleNamespace(_batches_that_stepped=5)))
+    assert log_step(two_optimizers) == 5 and epoch_end_step(two_optimizers) == 4
+
+
+def test_the_weighting_function_figure_plots_v_of_l_over_the_requested_losses():
+    """The figure's curve is (l, V(l)) for ``points`` losses evenly spaced over [0, max_loss]."""
+    pytest.importorskip("matplotlib")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_reweight.callbacks._plots import log_weight_function
+    from lightning_reweight.meta import MetaWeightNet
+
+    figures = []
+
+    class FakeTensorBoard(TensorBoardLogger):  # only the experiment is used
+        def __init__(self) -> None:
+            pass
+
+        @property
+        def experiment(self):
+            return types.SimpleNamespace(add_figure=lambda tag, fig, global_step, close: figures.append(fig))
+
+    torch.manual_seed(0)
+    mwn = MetaWeightNet(hidden=6)
+    assert log_weight_function(_trainer(FakeTensorBoard()), mwn, max_loss=2.5, points=11)
+    (line,) = figures[0].axes[0].get_lines()
+    losses = [0.25 * k for k in range(11)]
+    assert line.get_xdata().tolist() == pytest.approx(losses)
+    net = mwn.weight_net.net  # V(l) = sigmoid(w2 . relu(w1 l + b1) + b2), written out
+    with torch.no_grad():
+        expected = [float(torch.sigmoid(net[2].weight @ torch.relu(net[0].weight[:, 0] * loss + net[0].bias)
+                                         + net[2].bias)) for loss in losses]
+    assert line.get_ydata().tolist() == pytest.approx(expected, rel=1e-5)

@@ -81,3 +81,116 @@ def test_resnet32_takes_grey_images():
     model = resnet32(num_classes=4, in_channels=1)
     assert model.conv1.in_channels == 1
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 4)
+
+
+# ---------------------------------------------------------------------------- forward passes against their formulas
+def test_mlp_forward_is_linear_batchnorm_relu_per_hidden_layer():
+    """Written out: h = relu(BN(x W^T + b)) per hidden layer (BN with the batch's biased variance in train mode),
+    then the linear output; the ReLU and the order BatchNorm -> ReLU matter."""
+    torch.manual_seed(0)
+    m = MLP(6, 3, hidden=(5, 4), batch_norm=True)
+    linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
+    norms = [x for x in m.modules() if isinstance(x, nn.BatchNorm1d)]
+    for bn in norms:  # non-trivial affine parameters, so that no order of the layers coincides with another
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+    x = torch.randn(8, 2, 3)
+    h = x.reshape(8, 6)
+    for lin, bn in zip(linears[:-1], norms):
+        z = h @ lin.weight.t() + lin.bias
+        z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + bn.eps) * bn.weight + bn.bias
+        h = torch.clamp(z, min=0.0)
+    expected = h @ linears[-1].weight.t() + linears[-1].bias
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_dropout_drops_hidden_units_with_its_probability():
+    """Train mode: each hidden activation is zeroed with probability p, the others scaled by 1 / (1 - p)."""
+    torch.manual_seed(0)
+    p = 0.3
+    m = MLP(16, 2, hidden=(4000,), dropout=p)
+    x = torch.randn(2, 16)
+    kept = m.eval().features(x)
+    dropped = m.train().features(x)
+    active = kept > 0
+    zeroed = (dropped[active] == 0).float().mean()
+    assert float(zeroed) == pytest.approx(p, abs=0.03)  # ~3000 active units: sd ~0.008
+    survivors = dropped[active] != 0
+    torch.testing.assert_close(dropped[active][survivors], kept[active][survivors] / (1 - p))
+
+
+def _reference_shortcut(x, stride, planes):
+    # option A (He et al. 2016): subsample by the stride, zero channels added half before and half after
+    x = x[:, :, ::stride, ::stride]
+    pad = planes - x.shape[1]
+    zeros = x.new_zeros(x.shape[0], pad // 2, x.shape[2], x.shape[3])
+    rest = x.new_zeros(x.shape[0], pad - pad // 2, x.shape[2], x.shape[3])
+    return torch.cat([zeros, x, rest], dim=1)
+
+
+@pytest.mark.parametrize(("in_planes", "planes", "stride"), [(16, 16, 1), (16, 32, 2)])
+def test_basic_block_is_relu_of_the_residual_sum(in_planes, planes, stride):
+    """out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)): the ReLU after the sum, both BatchNorms used."""
+    from lightning_reweight.models.resnet_cifar import BasicBlock
+
+    torch.manual_seed(0)
+    block = BasicBlock(in_planes, planes, stride).eval()
+    for bn in (block.bn1, block.bn2):  # running statistics and affine parameters away from the identity
+        nn.init.uniform_(bn.running_mean, -0.5, 0.5)
+        nn.init.uniform_(bn.running_var, 0.5, 2.0)
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+
+    def bn(z, m):
+        shape = (1, -1, 1, 1)
+        return ((z - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps) * m.weight.view(shape)
+                + m.bias.view(shape))
+
+    x = torch.randn(2, in_planes, 8, 8)
+    h = F.relu(bn(F.conv2d(x, block.conv1.weight, stride=stride, padding=1), block.bn1))
+    h = bn(F.conv2d(h, block.conv2.weight, stride=1, padding=1), block.bn2)
+    expected = F.relu(h + _reference_shortcut(x, stride, planes))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_resnet32_stages_have_the_published_feature_map_sizes():
+    """He et al. (2016), CIFAR ResNets: the 3 stages of n blocks work on 32x32 / 16x16 / 8x8 maps with 16 / 32 / 64
+    filters, the downsampling done by the first block of stages 2 and 3."""
+    model = resnet32().eval()
+    shapes = []
+    for stage in (model.layer1, model.layer2, model.layer3):
+        for block in stage:
+            block.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(out.shape[1:])))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert shapes == [(16, 32, 32)] * 5 + [(32, 16, 16)] * 5 + [(64, 8, 8)] * 5
+
+
+def test_resnet_forward_is_stem_stages_global_average_pool_and_head():
+    """logits = head(mean over the 8x8 map of layer3(layer2(layer1(relu(bn1(conv1(x))))))) (global average pooling,
+    the stem's ReLU included)."""
+    torch.manual_seed(0)
+    model = ResNetCifar(num_blocks=1, num_classes=4).eval()
+    nn.init.uniform_(model.bn1.running_mean, -0.5, 0.5)  # the stem's BN away from the identity: its ReLU matters
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stem = F.relu(model.bn1(model.conv1(x)))
+        maps = model.layer3(model.layer2(model.layer1(stem)))
+        pooled = maps.mean(dim=(2, 3))
+        torch.testing.assert_close(model.features(x), pooled)
+        torch.testing.assert_close(model(x), pooled @ model.linear.weight.t() + model.linear.bias)
+
+
+def test_resnet_weights_are_kaiming_normal():
+    """Every convolution and the linear head start from He et al.'s (2015) normal init, std sqrt(2 / fan_in) (as the
+    LDAM-DRW reference's ResNet-32; PyTorch's own Linear init has std 1 / sqrt(3 fan_in), 2.4 times smaller)."""
+    torch.manual_seed(0)
+    model = resnet32(num_classes=10)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 32
+    for layer in layers:
+        w = layer.weight.detach()
+        fan_in = w[0].numel()
+        assert float(w.mean()) == pytest.approx(0.0, abs=4 * (2 / fan_in) ** 0.5 / w.numel() ** 0.5)
+        assert float(w.std()) == pytest.approx((2 / fan_in) ** 0.5, rel=0.12), layer  # >= 432 weights: sd < 3.5%

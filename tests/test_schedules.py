@@ -57,3 +57,17 @@ def test_classifier_option_lr_per_epoch():
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
     trainer.fit(model, data)
     assert lrs == pytest.approx([expected_lr(0.2, e, 3, (4, 6), 0.1) for e in range(7)])
+
+
+def test_defaults_are_the_ldam_drw_cifar_recipe():
+    """Cao et al. (2019), CIFAR: 5 warm-up epochs, then the lr x 0.01 at epoch 160 and again at 180 (200 epochs)."""
+    f = warmup_multistep_factor()
+    assert [f(e) for e in range(200)] == pytest.approx([expected_lr(1.0, e, 5, (160, 180), 0.01) for e in range(200)])
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = warmup_multistep(opt)
+    lrs = []
+    for _ in range(200):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([expected_lr(0.1, e, 5, (160, 180), 0.01) for e in range(200)], rel=1e-9)

@@ -1077,6 +1077,30 @@ def test_plot_model_selection(tmp_path):
     plt.close(user_fig)
 
 
+def test_plot_model_selection_puts_zeta_on_x_and_accuracy_on_y():
+    """Each model's point is (zeta, train accuracy); the vertical line is the mean zeta, the horizontal one the mean
+    accuracy (the means written out)."""
+    pytest.importorskip("matplotlib")
+    from lightning_reweight.metrics import plot_model_selection
+
+    acc, zeta = [0.9, 0.5, 0.8], [0.1, 0.5, 0.3]
+    fig = plot_model_selection(select_models(acc, zeta, names=["x", "y", "z"]))
+    ax = fig.axes[0]
+    points = sorted(tuple(map(float, p)) for c in ax.collections if c.get_alpha() != pytest.approx(0.08)
+                    for p in c.get_offsets())
+    assert np.allclose(points, sorted(zip(zeta, acc)))
+    vertical = [line for line in ax.get_lines() if line.get_xdata()[0] == line.get_xdata()[1]]
+    horizontal = [line for line in ax.get_lines() if line.get_ydata()[0] == line.get_ydata()[1]]
+    assert [line.get_xdata()[0] for line in vertical] == [pytest.approx(0.9 / 3)]  # mean zeta
+    assert [line.get_ydata()[0] for line in horizontal] == [pytest.approx(2.2 / 3)]  # mean accuracy
+
+
+def test_preferred_models_with_equal_accuracy_are_ordered_by_lower_zeta():
+    """Best train accuracy first; between equal accuracies the lower zeta (the rule's intent) comes first."""
+    sel = select_models([0.9, 0.9, 0.95, 0.2], [0.3, 0.1, 0.35, 0.9], names=["a", "b", "c", "d"])
+    assert sel.preferred == ("c", "b", "a")
+
+
 # ---------------------------------------------------------------------------- review of the monitor as a user
 def test_model_checkpoint_on_zeta_survives_a_resume_into_an_unmeasured_epoch(tmp_path):
     """``every_n_epochs=2``, resumed after epoch 0: epoch 1 does not measure, and Lightning empties

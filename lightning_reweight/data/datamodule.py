@@ -194,10 +194,17 @@ class ReweightDataModule(L.LightningDataModule):
                 UserWarning, stacklevel=1,  # attributed here: Lightning's trainer calls setup()
             )
         if self.imbalance_ratio > 1:
-            kept = long_tailed_indices(
-                pool_targets[rest], self.imbalance_ratio, profile=self.imbalance_profile,
-                seed=self._seed(_LONGTAIL_STREAM),
-            )
+            try:
+                kept = long_tailed_indices(
+                    pool_targets[rest], self.imbalance_ratio, profile=self.imbalance_profile,
+                    seed=self._seed(_LONGTAIL_STREAM),
+                )
+            except ValueError as err:  # a class the validation / meta split left empty
+                raise ValueError(
+                    f"{type(self).__name__}: the long-tailed subsample of what the validation and meta splits left "
+                    f"(val_fraction={self.val_fraction}, meta_per_class={self.meta_per_class}) failed: {err}; take "
+                    "fewer samples for those splits"
+                ) from err
             rest = rest[kept]
         train_idx = rest
         clean = pool_targets[train_idx]

@@ -136,6 +136,7 @@ def long_tailed_indices(
     labels = as_labels(targets)
     n_classes = infer_num_classes(labels, None)
     counts = torch.bincount(labels, minlength=n_classes)
+    given = n_max is not None
     if n_max is None:
         n_max = int(counts[counts > 0].min())
     quotas = long_tailed_counts(n_max, n_classes, rho, profile)
@@ -144,9 +145,11 @@ def long_tailed_indices(
     for cls, quota in enumerate(quotas):
         members = torch.nonzero(labels == cls).flatten()
         if quota > members.numel():
+            # with the default n_max (the smallest non-empty class) only an empty class falls short
+            hint = "lower n_max" if given else "every class needs samples (n_max defaults to the smallest non-empty)"
             raise ValueError(
                 f"class {cls} holds {members.numel()} samples but its long-tail quota is {quota} "
-                f"(n_max={n_max}, imbalance_ratio={rho}, profile={profile!r}); lower n_max"
+                f"(n_max={n_max}, imbalance_ratio={rho}, profile={profile!r}): {hint}"
             )
         kept.append(members[torch.randperm(members.numel(), generator=gen)[:quota]])
     return torch.cat(kept).sort().values
