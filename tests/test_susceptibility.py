@@ -1387,3 +1387,28 @@ def test_the_sgd_route_copies_no_frozen_backbone(monkeypatch):
     susceptibility_step(net, torch.optim.SGD(head.parameters(), lr=0.1), x, torch.randint(3, (8,)))
     assert {id(p) for p in head.parameters()} | {id(emb.weight)} <= set(saved)
     assert not {id(p) for p in backbone.parameters()} & set(saved)
+
+
+def test_subset_accuracy_leaves_out_meta_reweightings_early_forwards_whatever_the_callback_order(tmp_path):
+    """L2RW computes its alignment in on_train_batch_start, with a forward of the training batch at shifted
+    parameters: a monitor listed before MetaReweight (armed first) counted that forward as the training forward.
+    Either order must give the accuracies of the training forwards themselves (recorded by the module)."""
+    from resumable_data import MaskedData
+
+    from lightning_reweight.callbacks import MetaReweight
+    from lightning_reweight.meta import L2RW
+
+    for order in ("meta_first", "monitor_first"):
+        L.seed_everything(0, verbose=False)
+        torch.manual_seed(0)
+        model = _Recording(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+        monitor = SusceptibilityMonitor(batch_size=32, seed=5)
+        meta = MetaReweight(L2RW(), hypergrad="finite_diff", fd_eps=0.5)  # a large shift: other predictions
+        dm = MaskedData()
+        callbacks = [meta, monitor] if order == "meta_first" else [monitor, meta]
+        _trainer(tmp_path, callbacks, epochs=1).fit(model, datamodule=dm)
+        noisy, clean, seen = _recorded_subset_accuracy(model.records[0], dm.noise_mask)
+        assert seen == 240
+        logged = monitor.logged_history[0]
+        assert logged["memorization/train_acc_noisy"] == pytest.approx(noisy), order
+        assert logged["memorization/train_acc_clean"] == pytest.approx(clean), order

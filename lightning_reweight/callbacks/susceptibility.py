@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
+from lightning_reweight._forwards import extra_forwards, in_extra_forward
 from lightning_reweight._modes import eval_mode
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.contract import _targets_and_indices, split_batch
@@ -87,8 +88,8 @@ class SusceptibilityMonitor(Callback):
         they hold 2**20 elements, on the device, with no host sync before the epoch's end).
         The logits are read with a forward hook on the LightningModule: the first output of the module's
         ``__call__`` between ``on_train_batch_start`` and ``on_train_batch_end`` whose batch size is the
-        training batch's (later forwards in the same step, e.g. meta-reweighting's, and the monitors' own probes
-        are ignored). A
+        training batch's, leaving out the library's own forwards (meta-reweighting's virtual-step and shifted
+        forwards, the monitors' probes). A
         ``training_step`` that never calls the module itself (only submodules) yields no counts (a warning
         says so; use ``"eval_pass"``).
       - ``"eval_pass"``: a snapshot at the epoch's start, from a no-grad eval-mode pass over the training set
@@ -125,10 +126,6 @@ class SusceptibilityMonitor(Callback):
         >>> monitor.zeta is None
         True
     """
-
-    # forwards of a monitor's probe or eval pass under way (they run in on_train_batch_start, while every monitor's
-    # hook already waits for the batch's training forward)
-    _probe_forwards: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -430,12 +427,8 @@ class SusceptibilityMonitor(Callback):
 
         def forward(x: Tensor) -> Tensor:
             x = precision.convert_input(x)  # as Lightning prepares batches: 64-true / bf16-true input dtype
-            SusceptibilityMonitor._probe_forwards += 1  # no monitor takes it for the training forward
-            try:
-                with precision.forward_context():
-                    logits = self.compute_logits(pl_module, x)
-            finally:
-                SusceptibilityMonitor._probe_forwards -= 1
+            with extra_forwards(), precision.forward_context():  # no monitor takes it for the training forward
+                logits = self.compute_logits(pl_module, x)
             if logits.dim() != 2 or logits.shape[1] != self.num_classes:
                 raise ValueError(
                     f"SusceptibilityMonitor draws labels from num_classes={self.num_classes} classes, but the "
@@ -526,7 +519,7 @@ class SusceptibilityMonitor(Callback):
     def _capture_train_logits(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         """Forward hook: keep the predictions of the first output of the training batch's size, then disarm."""
         armed = self._armed
-        if armed is None or SusceptibilityMonitor._probe_forwards:
+        if armed is None or in_extra_forward():  # a probe's or a meta-gradient route's forward
             return
         logits = self.logits_from_output(output)
         if logits is not None and logits.dim() == 2 and logits.shape[0] == armed[0]:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_reweight._forwards import extra_forwards
 from lightning_reweight._layers import is_compiled, rewrites_own_weights
 
 __all__ = ["FD_EPS", "HYPERGRADS", "MetaProblem", "RNGState", "capture_rng"]
@@ -81,7 +82,8 @@ class _Call(nn.Module):
         self._fn = fn
 
     def forward(self, batch: Any) -> Tensor:
-        return self._fn(batch)
+        with extra_forwards():  # not the training step's forward (for hooks that look for that one)
+            return self._fn(batch)
 
 
 FD_SCALES: tuple[str, ...] = ("all", "moved")
