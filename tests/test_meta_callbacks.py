@@ -782,46 +782,55 @@ def test_resume_from_an_epochs_last_batch_logs_that_epochs_aurocs(tmp_path):
     assert [v for *_, v in resumed_rows] == pytest.approx([v for *_, v in straight_rows], rel=1e-6)
 
 
-def test_resume_from_an_epochs_last_batch_draws_that_epochs_weighting_function(tmp_path):
-    """MW-Net's figure of the epoch a last-batch checkpoint left unfinished is drawn at the resume, for that epoch."""
+class _ValidatedMaskedData(MaskedData):
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.x[:60], self.noisy[:60]), batch_size=30)
+
+
+@pytest.mark.parametrize("case", ["last_batch", "final_last_batch", "validation_end", "epoch_end_max_steps"])
+def test_every_kind_of_checkpoint_resumes_to_the_straight_runs_epoch_end_values(tmp_path, case):
+    """Each epoch's end values (weight AUROC, sample AUROC, MW-Net figure with its epoch and step) once, as in the
+    uninterrupted run, whatever the checkpoint: at an epoch's last batch (Lightning skips that epoch's end hook
+    after the resume), at the last batch of the final epoch (no batch runs after the resume), at validation's end
+    (before the epoch's end hook, which Lightning runs on resume), and at an epoch's end in a max_steps run
+    (Lightning runs that epoch's end hook again on resume)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    limits = {"max_epochs": -1, "max_steps": 18} if case == "epoch_end_max_steps" else {"max_epochs": 3}
+    data = _ValidatedMaskedData if case == "validation_end" else MaskedData
+    ckpt = {
+        "last_batch": ("step=6.ckpt", {"every_n_train_steps": 6}),
+        "final_last_batch": ("step=18.ckpt", {"every_n_train_steps": 6}),
+        "validation_end": ("step=6.ckpt", {"save_on_train_epoch_end": False}),
+        "epoch_end_max_steps": ("step=6.ckpt", {"every_n_epochs": 1}),
+    }[case]
 
     def run(ckpt_path=None, callbacks=()):
         callback = MetaReweight(MetaWeightNet(hidden=4), plot_every_n_epochs=1)
         drawn = []
-        callback._log_weight_function = lambda trainer, epoch: drawn.append((trainer.current_epoch, epoch))
-        L.Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=[callback, *callbacks], logger=False,
-                  enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False).fit(
-            module(), datamodule=MaskedData(), ckpt_path=ckpt_path)
-        return drawn
+        callback._log_weight_function = lambda trainer, epoch, step: drawn.append((epoch, step))
+        L.Trainer(**limits, accelerator="cpu", devices=1, callbacks=[callback, *callbacks], logger=False,
+                  enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0).fit(module(), datamodule=data(), ckpt_path=ckpt_path)
+        return callback, drawn
 
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
-    assert run(callbacks=[ckpt]) == [(0, 0), (1, 1)]
-    assert run(ckpt_path=tmp_path / "step=6.ckpt") == [(1, 0), (1, 1)]  # epoch 0's, drawn as epoch 1 begins
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{step}", **ckpt[1])
+    straight, straight_drawn = run(callbacks=[saver])
+    resumed, resumed_drawn = run(ckpt_path=tmp_path / ckpt[0])
+    assert straight_drawn == [(0, 5), (1, 11), (2, 17)]
+    drawn_before = {"final_last_batch": 2, "epoch_end_max_steps": 1}.get(case, 0)  # figures the checkpoint follows
+    assert resumed_drawn == straight_drawn[drawn_before:]
+    assert len(straight.auroc_history) == len(straight.sample_auroc_history) == 3
+    assert resumed.auroc_history == pytest.approx(straight.auroc_history, rel=1e-6)
+    assert resumed.sample_auroc_history == pytest.approx(straight.sample_auroc_history, rel=1e-6)
 
 
-def test_a_compiled_model_trains_like_the_eager_one_and_second_order_is_refused():
-    """torch.compile'd code frees its graph at the first backward (donated buffers), so MW-Net's virtual step cannot
-    backpropagate through the training forward's graph again: the engine recomputes the losses for a compiled model
-    (before: RuntimeError at the first meta step). The meta-net then ends where the eager run's does;
-    second_order, a double backward, is refused with a clear error."""
-    train, meta = loaders()
-
-    def run(compiled, hypergrad="finite_diff"):
-        model = module()
-        if compiled:
-            model.backbone = torch.compile(model.backbone, backend="aot_eager")  # AOTAutograd, no C compiler
-        torch.manual_seed(0)
-        cb = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad=hypergrad)
-        trainer(1, [cb], limit_train_batches=3).fit(model, train)
-        return cb
-
-    torch._dynamo.reset()
-    eager, compiled = run(False), run(True)
-    assert compiled._meta_steps == eager._meta_steps == 3
-    torch.testing.assert_close(flat(compiled.strategy), flat(eager.strategy), rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="second_order.*torch.compile"):
-        run(True, "second_order")
+def test_warmup_beyond_a_max_steps_run_is_warned_about():
+    """The warm-up check needs the epoch length, known from on_train_start: max_steps=12 is two epochs of 6."""
+    with pytest.warns(UserWarning, match=r"warmup_epochs=5 is never reached with max_steps=12 .6 steps per epoch"):
+        L.Trainer(max_epochs=-1, max_steps=12, accelerator="cpu", devices=1, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[MetaReweight(L2RW(), warmup_epochs=5)]).fit(module(), datamodule=MaskedData())
 
 
 def test_virtual_step_follows_the_optimizers_parameter_groups():
@@ -1256,6 +1265,6 @@ def test_weight_function_figure_every_n_epochs():
     train, meta = loaders()
     cb = MetaReweight(MetaWeightNet(hidden=4), meta_dataloader=meta, plot_every_n_epochs=2)
     epochs = []
-    cb._log_weight_function = lambda trainer, epoch: epochs.append((trainer.current_epoch, epoch))
+    cb._log_weight_function = lambda trainer, epoch, step: epochs.append((trainer.current_epoch, epoch))
     trainer(3, [cb], limit_train_batches=2).fit(module(), train)
     assert epochs == [(1, 1)]

@@ -1412,3 +1412,47 @@ def test_subset_accuracy_leaves_out_meta_reweightings_early_forwards_whatever_th
         logged = monitor.logged_history[0]
         assert logged["memorization/train_acc_noisy"] == pytest.approx(noisy), order
         assert logged["memorization/train_acc_clean"] == pytest.approx(clean), order
+
+
+class _ValidatedNoisyDM(_NoisyDM):
+    def val_dataloader(self):
+        x, y, _ = self.train_dataset.tensors
+        return DataLoader(TensorDataset(x[:32], y[:32]), batch_size=16)
+
+
+@pytest.mark.parametrize("case", ["last_batch", "final_last_batch", "validation_end"])
+def test_a_checkpoint_after_an_epochs_last_batch_resumes_to_its_end_values_once(tmp_path, case):
+    """The checkpoint's epoch (its batches all done, its end hook not yet run) gets its end values once, with the
+    uninterrupted run's values and step: at the last batch of a middle epoch, of the final epoch (no batch runs
+    after that resume), or at validation's end (Lightning then runs the epoch's end hook itself)."""
+    import csv
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    path, saver = {
+        "last_batch": ("step=6.ckpt", {"every_n_train_steps": 6}),
+        "final_last_batch": ("step=18.ckpt", {"every_n_train_steps": 6}),
+        "validation_end": ("step=6.ckpt", {"save_on_train_epoch_end": False}),
+    }[case]
+    epoch = {"final_last_batch": 2}.get(case, 0)
+    data = _ValidatedNoisyDM if case == "validation_end" else _NoisyDM
+
+    def run(name, ckpt_path=None, callbacks=()):
+        L.seed_everything(0, verbose=False)
+        monitor = SusceptibilityMonitor(batch_size=32, seed=5)
+        _trainer(tmp_path, [monitor, *callbacks], epochs=3, enable_checkpointing=bool(callbacks),
+                 logger=CSVLogger(tmp_path, name=name)).fit(_module(), datamodule=data(), ckpt_path=ckpt_path)
+        with open(tmp_path / name / "version_0" / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("memorization/train_acc_noisy")]
+        return {(int(r["epoch"]), int(r["step"])): float(r["memorization/train_acc_noisy"]) for r in rows}, [
+            (int(r["epoch"]), int(r["step"])) for r in rows]
+
+    straight, _ = run("straight", callbacks=[ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{step}",
+                                                              **saver)])
+    resumed, resumed_rows = run("resumed", ckpt_path=tmp_path / path)
+    assert sorted(straight) == [(0, 5), (1, 11), (2, 17)]
+    assert len(resumed_rows) == len(set(resumed_rows))  # each epoch's values once
+    key = (epoch, 6 * epoch + 5)
+    assert resumed[key] == pytest.approx(straight[key])
+    assert sorted(resumed) == sorted(straight)[epoch:]

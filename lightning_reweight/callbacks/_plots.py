@@ -13,12 +13,17 @@ __all__ = ["log_weight_function"]
 
 
 def log_weight_function(
-    trainer: Any, strategy: Any, max_loss: float | None = None, points: int = 200, epoch: int | None = None
+    trainer: Any,
+    strategy: Any,
+    max_loss: float | None = None,
+    points: int = 200,
+    epoch: int | None = None,
+    step: int | None = None,
 ) -> bool:
     """Plot ``V(l)`` for ``l`` in ``[0, max_loss]`` and send it to every W&B / TensorBoard logger.
 
-    Called at an epoch's end, it logs at the step Lightning writes its epoch-end values at. ``epoch`` (default the
-    trainer's current epoch) goes into the title.
+    Called at an epoch's end, it logs at the step Lightning writes its epoch-end values at (or at ``step``).
+    ``epoch`` (default the trainer's current epoch) goes into the title.
 
     Does nothing (returns ``False``) when no logger takes images; matplotlib is imported only when one does.
     Without matplotlib it warns once and returns ``False``: a missing plotting package must not end a training
@@ -46,4 +51,4 @@ def log_weight_function(
     ax.set_ylabel("weight V(loss)")
     ax.set_title(f"weighting function, epoch {trainer.current_epoch if epoch is None else epoch}")
     fig.tight_layout()
-    return log_figure(trainer, "meta/weight_function", fig, step=epoch_end_step(trainer)) > 0
+    return log_figure(trainer, "meta/weight_function", fig, step=epoch_end_step(trainer) if step is None else step) > 0

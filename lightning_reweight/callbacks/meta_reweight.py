@@ -18,7 +18,7 @@ from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.contract import WeightingContext
 from lightning_reweight.functional.susceptibility import needs_closure
-from lightning_reweight.loggers import epoch_end_step, publish_metrics
+from lightning_reweight.loggers import epoch_end_step, log_step, publish_metrics
 from lightning_reweight.meta.base import MetaStrategy
 from lightning_reweight.meta.engine import (
     FD_EPS,
@@ -194,6 +194,7 @@ class MetaReweight(Callback):
         self._epoch_batches = 0  # training batches seen in the current epoch ...
         self._reweight_calls = 0  # ... and sample_weights calls among them
         self._pending_epoch_records: dict[str, Any] | None = None  # a mid-epoch checkpoint's, until its epoch runs
+        self._ended_epoch: int | None = None  # the last epoch whose end values were computed
 
     # ------------------------------------------------------------------ setup
     @override
@@ -277,8 +278,6 @@ class MetaReweight(Callback):
                 "theta + h d is rounded to 8-11 bits and its alignment is inaccurate; use hypergrad='forward' "
                 "(exact at any precision) or a mixed precision (bf16-mixed keeps fp32 parameters)"
             )
-        if self.warmup_epochs > 0:
-            warn_if_never_reached(trainer, self.warmup_epochs, "MetaReweight (no meta step)", "warmup_epochs")
         self._losses_checked = False
         self.strategy.to(pl_module.device)
         self._auroc.to(pl_module.device)
@@ -291,13 +290,18 @@ class MetaReweight(Callback):
             state = trainer.strategy.broadcast({k: v.cpu() for k, v in self.strategy.state_dict().items()}, src=0)
             self.strategy.load_state_dict(state)
 
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.warmup_epochs > 0:  # here: the epoch length (for max_steps) is known from now on
+            warn_if_never_reached(trainer, self.warmup_epochs, "MetaReweight (no meta step)", "warmup_epochs")
+        if self._pending_epoch_records is not None:
+            self._restore_epoch_records(trainer)
+
     # ------------------------------------------------------------------ per step
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending_epoch_records is not None:
-            self._restore_epoch_records(trainer)
         self._check_accumulation(trainer)
         self._rng = capture_rng(pl_module.device)
         meta_step = self._meta_step_now(trainer)
@@ -577,17 +581,20 @@ class MetaReweight(Callback):
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         batches, calls, self._epoch_batches, self._reweight_calls = self._epoch_batches, self._reweight_calls, 0, 0
+        if trainer.current_epoch == self._ended_epoch:
+            return  # Lightning re-runs the end of an epoch whose checkpoint was saved after it (max_steps runs)
         if batches and not calls:
             raise RuntimeError(
                 f"MetaReweight: {type(pl_module).__name__}.training_step never called self.reweight(losses, batch) "
                 f"in epoch {trainer.current_epoch}, so no sample was reweighted (and the meta steps prepared "
                 "before each batch were wasted): reduce the per-sample losses with self.reweight(losses, batch)"
             )
-        for key, value in self._end_epoch(trainer, trainer.current_epoch).items():
+        for key, value in self._end_epoch(trainer, trainer.current_epoch, epoch_end_step(trainer)).items():
             self._log_synced(pl_module, key, value)
 
-    def _end_epoch(self, trainer: L.Trainer, epoch: int) -> dict[str, float]:
+    def _end_epoch(self, trainer: L.Trainer, epoch: int, step: int) -> dict[str, float]:
         """``epoch``'s end: the weights' AUROC and the sample-history AUROC (returned), the weighting figure."""
+        self._ended_epoch = epoch
         values = {}
         if self.track_noise_auroc and self._noise_mask is not None and epoch >= self.warmup_epochs:
             if trainer.world_size > 1 or self._auroc.weights:
@@ -601,19 +608,20 @@ class MetaReweight(Callback):
             values["meta/sample_auroc"] = aurocs["percentile"]
         every = self.plot_every_n_epochs
         if every > 0 and (epoch + 1) % every == 0 and hasattr(self.strategy, "weight_net"):
-            self._log_weight_function(trainer, epoch)
+            self._log_weight_function(trainer, epoch, step)
         return values
 
     def _close_checkpoint_epoch(self, trainer: L.Trainer, records: dict[str, Any]) -> None:
         """Publish the end values of the epoch a checkpoint from its last batch left unfinished.
 
         Lightning resumes such a checkpoint into the next epoch without running the saved epoch's end hook; its
-        values are computed here from the checkpoint's records and written straight to the loggers, at the step
-        the uninterrupted run writes them at (the saved epoch's last batch).
+        values are computed here, as training starts, from the checkpoint's records and written straight to the
+        loggers, at the step the uninterrupted run writes them at (the saved epoch's last batch).
         """
-        epoch = int(records["epoch"])
+        epoch, step = int(records["epoch"]), records.get("end_step")
+        step = log_step(trainer) if step is None else int(step)
         self._load_records(records, trainer)
-        publish_metrics(trainer, self._end_epoch(trainer, epoch), epoch=epoch, step=epoch_end_step(trainer))
+        publish_metrics(trainer, self._end_epoch(trainer, epoch, step), epoch=epoch, step=step)
         self._epoch_batches = self._reweight_calls = 0  # the resumed epoch starts afresh
 
     @staticmethod
@@ -626,10 +634,10 @@ class MetaReweight(Callback):
         pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
 
     @rank_zero_only
-    def _log_weight_function(self, trainer: L.Trainer, epoch: int) -> None:
+    def _log_weight_function(self, trainer: L.Trainer, epoch: int, step: int) -> None:
         from lightning_reweight.callbacks._plots import log_weight_function
 
-        log_weight_function(trainer, self.strategy, epoch=epoch)
+        log_weight_function(trainer, self.strategy, epoch=epoch, step=step)
 
     def benchmark_metrics(self) -> dict[str, Any]:
         """Figures for the benchmark record.
@@ -655,6 +663,9 @@ class MetaReweight(Callback):
         cat = (lambda ts: torch.cat([t.detach().cpu() for t in ts]) if ts else None)  # noqa: E731
         return {
             "epoch": int(self._trainer.current_epoch),
+            # where Lightning writes this epoch's end values if its batches are all done (a checkpoint at its last
+            # batch or at validation's end: the last batch's step is not yet counted there)
+            "end_step": log_step(self._trainer),
             "batches": self._epoch_batches,
             "calls": self._reweight_calls,
             "weights": cat(self._auroc.weights),
@@ -665,7 +676,9 @@ class MetaReweight(Callback):
         records, self._pending_epoch_records = self._pending_epoch_records, None
         if records is None:
             return
-        if int(records["epoch"]) == trainer.current_epoch:  # a mid-epoch checkpoint: the epoch goes on
+        # a mid-epoch checkpoint, or one from after the epoch's last batch but before its end hook (at validation's
+        # end): the epoch goes on, or Lightning runs its end hook next
+        if int(records["epoch"]) == trainer.current_epoch:
             self._load_records(records, trainer)
         elif int(records["epoch"]) == trainer.current_epoch - 1:  # from its last batch: Lightning skips its end
             self._close_checkpoint_epoch(trainer, records)
@@ -699,6 +712,7 @@ class MetaReweight(Callback):
                 history = {"sums": summed.cpu(), "summed_over_ranks": True}
         return {
             "epoch_records": self._epoch_records(),
+            "ended_epoch": self._ended_epoch,
             "strategy": {k: v.detach().cpu() for k, v in self.strategy.state_dict().items()},
             "strategy_extra": self.strategy.extra_state(),
             "meta_steps": self._meta_steps,
@@ -718,6 +732,8 @@ class MetaReweight(Callback):
         self._meta_epoch = int(state_dict["meta_epoch"])
         self._meta_pos = int(state_dict["meta_pos"])
         self._pending_epoch_records = state_dict.get("epoch_records")
+        ended = state_dict.get("ended_epoch")
+        self._ended_epoch = None if ended is None else int(ended)
         gen_state = state_dict.get("meta_generator_state")
         rank = self._trainer.global_rank if self._trainer is not None else 0
         world = self._trainer.world_size if self._trainer is not None else 1

@@ -186,6 +186,7 @@ class SusceptibilityMonitor(Callback):
         self._pool_indices: Tensor | None = None
         self._dataset: Any = None
         self._eval_data: tuple[Tensor, Tensor, Tensor] | None = None
+        self._trainer: Trainer | None = None
         self._begun_epoch: int | None = None  # the epoch on_train_epoch_start last ran for
         self._ended_epoch: int | None = None  # the epoch on_train_epoch_end last ran for
         self._measure_due = False  # the begun epoch's probe waits for its first batch
@@ -272,6 +273,7 @@ class SusceptibilityMonitor(Callback):
         if starts_new_run(trainer):
             # a new run: its own random labels and history (a checkpoint being resumed is loaded after this hook)
             self._reset_run_state()
+        self._trainer = trainer
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -317,6 +319,7 @@ class SusceptibilityMonitor(Callback):
         # not measure (already measured, or every_n_epochs): put the latest values back for ModelCheckpoint
         latest = {k: v for record in self._logged for k, v in record.items() if k != "epoch"}
         _callback_metrics(trainer).update({k: torch.tensor(v) for k, v in latest.items()})
+        self._close_checkpoint_epoch(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -567,7 +570,7 @@ class SusceptibilityMonitor(Callback):
         )
         self._train_counts += torch.bincount(key, minlength=4).to(self._train_counts.device)
 
-    def _publish_train_counts(self, trainer: Trainer, epoch: int) -> None:
+    def _publish_train_counts(self, trainer: Trainer, epoch: int, step: int) -> None:
         """Reduce this epoch's training-forward counts over ranks and log the noisy/clean accuracies."""
         self._fold()
         counts, self._train_counts, self._counting = self._train_counts, None, False
@@ -591,7 +594,7 @@ class SusceptibilityMonitor(Callback):
             log[f"{self.prefix}/train_acc_noisy"] = noisy_ok / (noisy_bad + noisy_ok)
         if clean_bad + clean_ok > 0:
             log[f"{self.prefix}/train_acc_clean"] = clean_ok / (clean_bad + clean_ok)
-        self._publish(trainer, epoch, log, step=epoch_end_step(trainer))
+        self._publish(trainer, epoch, log, step=step)
 
     @override
     def on_train_batch_end(
@@ -612,13 +615,19 @@ class SusceptibilityMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_epoch(trainer, trainer.current_epoch)
+        records = self._pending_epoch_records
+        if records is not None and int(records["epoch"]) == trainer.current_epoch:
+            # a checkpoint from after the epoch's last batch but before its end (at validation's end): Lightning
+            # resumes straight into this hook
+            self._pending_epoch_records = None
+            self._load_records(records, pl_module)
+        self._end_epoch(trainer, trainer.current_epoch, epoch_end_step(trainer))
 
-    def _end_epoch(self, trainer: Trainer, epoch: int) -> None:
-        """``epoch``'s end values from its records: noisy/clean subset accuracy, weight means and histograms."""
+    def _end_epoch(self, trainer: Trainer, epoch: int, step: int) -> None:
+        """``epoch``'s end values from its records, at ``step``: subset accuracies, weight means and histograms."""
         self._ended_epoch = epoch
         if self._counting:
-            self._publish_train_counts(trainer, epoch)
+            self._publish_train_counts(trainer, epoch, step)
         if not self._weights:
             return
         mask = self._noise_mask(trainer)
@@ -637,10 +646,10 @@ class SusceptibilityMonitor(Callback):
             log[f"{self.prefix}/weight_mean_noisy"] = float(sums[0] / sums[1])
         if float(sums[3]) > 0:
             log[f"{self.prefix}/weight_mean_clean"] = float(sums[2] / sums[3])
-        self._publish(trainer, epoch, log, step=epoch_end_step(trainer))
+        self._publish(trainer, epoch, log, step=step)
         log_histograms(
             trainer, {f"{self.prefix}/weights_noisy": weights[noisy], f"{self.prefix}/weights_clean": weights[~noisy]},
-            step=epoch_end_step(trainer),
+            step=step,
         )
 
     # ------------------------------------------------------------------ checkpointing
@@ -650,8 +659,12 @@ class SusceptibilityMonitor(Callback):
             return None  # none begun, or its end values are out already
         if self._counting:
             self._fold()
+        trainer = getattr(self, "_trainer", None)
         return {
             "epoch": self._begun_epoch,
+            # where Lightning writes this epoch's end values if its batches are all done (a checkpoint at its last
+            # batch or at validation's end: the last batch's step is not yet counted there)
+            "end_step": None if trainer is None else log_step(trainer),
             "train_counts": None if self._train_counts is None else self._train_counts.detach().cpu().clone(),
             "weights": torch.cat([w.detach().cpu() for w in self._weights]) if self._weights else None,
             "indices": torch.cat([i.detach().cpu() for i in self._weight_indices]) if self._weights else None,
@@ -666,8 +679,8 @@ class SusceptibilityMonitor(Callback):
         """Publish the end values of the epoch a checkpoint from its last batch left unfinished.
 
         Lightning resumes such a checkpoint into the next epoch without running the saved epoch's end hook, so its
-        subset accuracies, weight means and histograms are computed here from the checkpoint's records (at the
-        step the uninterrupted run writes them at: the saved epoch's last batch).
+        subset accuracies, weight means and histograms are computed here, as training starts, from the
+        checkpoint's records (at the step the uninterrupted run writes them at: the saved epoch's last batch).
         """
         records = self._pending_epoch_records
         if records is None or int(records["epoch"]) != trainer.current_epoch - 1:
@@ -675,7 +688,8 @@ class SusceptibilityMonitor(Callback):
         self._pending_epoch_records = None
         self._counting = False
         self._load_records(records, pl_module)
-        self._end_epoch(trainer, int(records["epoch"]))
+        step = records.get("end_step")
+        self._end_epoch(trainer, int(records["epoch"]), log_step(trainer) if step is None else int(step))
         self._counting, self._train_counts = False, None
         self._weights.clear()
         self._weight_indices.clear()
