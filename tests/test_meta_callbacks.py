@@ -833,6 +833,36 @@ def test_warmup_beyond_a_max_steps_run_is_warned_about():
                   callbacks=[MetaReweight(L2RW(), warmup_epochs=5)]).fit(module(), datamodule=MaskedData())
 
 
+def test_a_compiled_model_trains_like_the_eager_one_and_second_order_is_refused():
+    """torch.compile'd code frees its graph at the first backward (donated buffers), so MW-Net's virtual step cannot
+    backpropagate through the training forward's graph again: the engine recomputes the losses for a compiled model
+    (before: RuntimeError at the first meta step). The meta-net then ends where the eager run's does;
+    second_order, a double backward, is refused with a clear error."""
+    train, meta = loaders()
+
+    def run(compiled, hypergrad="finite_diff"):
+        model = module()
+        if compiled:
+            model.backbone = torch.compile(model.backbone, backend="aot_eager")  # AOTAutograd, no C compiler
+        torch.manual_seed(0)
+        cb = MetaReweight(MetaWeightNet(hidden=8), meta_dataloader=meta, hypergrad=hypergrad)
+        trainer(1, [cb], limit_train_batches=3).fit(model, train)
+        return cb
+
+    torch._dynamo.reset()
+    eager, compiled = run(False), run(True)
+    assert compiled._meta_steps == eager._meta_steps == 3
+    torch.testing.assert_close(flat(compiled.strategy), flat(eager.strategy), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="second_order.*torch.compile"):
+        run(True, "second_order")
+    model = module()
+    model.backbone = torch.compile(model.backbone, backend="aot_eager")
+    cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad="second_order", warmup_epochs=1)
+    with pytest.raises(ValueError, match="MetaReweight.hypergrad='second_order'.*torch.compile"):  # before training
+        trainer(2, [cb]).fit(model, train)
+    assert cb._meta_steps == 0 and model.trainer.global_step == 0
+
+
 def test_virtual_step_follows_the_optimizers_parameter_groups():
     """Backbone features at lr 0.01, classifier at 0.5, one layer left out of the optimizer: the meta problems the
     callback builds scale each parameter's virtual step by its group's lr over the first group's."""

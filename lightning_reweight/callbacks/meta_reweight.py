@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
+from lightning_reweight._layers import is_compiled
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.contract import WeightingContext
@@ -270,6 +271,11 @@ class MetaReweight(Callback):
                 f"MetaReweight cannot drive {type(trainer.optimizers[0]).__name__}: its step needs a closure, and "
                 "Lightning re-runs training_step inside it, so every re-evaluation would run a meta step (and MW-Net "
                 "a meta update) with a new meta batch. Use a first-order optimizer (SGD, Adam, ...)"
+            )
+        if self.hypergrad == "second_order" and any(is_compiled(m) for m in pl_module.modules()):
+            raise ValueError(  # the engine refuses it too, at the first meta step: here before any training
+                "MetaReweight(hypergrad='second_order') backpropagates through a backward, which torch.compile'd "
+                "code does not support: use hypergrad='finite_diff' with a compiled model"
             )
         low = {p.dtype for p in pl_module.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
         if low and self.hypergrad == "finite_diff":
