@@ -401,3 +401,30 @@ def test_train_loss_is_the_mean_over_every_ranks_batches(tmp_path):
     assert abs(own[0] - own[1]) > 1e-3  # the ranks' own means differ, so the check tells them from the overall
     for r in ranks:
         assert r["train_loss"] == pytest.approx(overall, rel=1e-5)
+
+
+def test_fit_after_validate_trains_and_validates_with_the_right_balanced_accuracy(tmp_path):
+    """trainer.validate runs in inference mode, where the reset balanced-accuracy states became inference tensors;
+    the next fit's validation updated them in place and crashed. Validate, fit, then the fit's logged value must be
+    the balanced accuracy of the fitted model on the validation set, computed here from its predictions."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(3, (60,), generator=g)
+    x = torch.randn(60, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
+    train = DataLoader(TensorDataset(x, y), batch_size=20)
+    val = DataLoader(TensorDataset(x[:30], y[:30]), batch_size=10)
+    torch.manual_seed(0)
+    model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3, lr=0.1)
+
+    def trainer():
+        return L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+
+    trainer().validate(model, val, verbose=False)
+    fitted = trainer()
+    fitted.fit(model, train, val)
+    with torch.no_grad():
+        pred = model.eval()(x[:30]).argmax(1)
+    recalls = [float((pred[y[:30] == c] == c).float().mean()) for c in range(3)]
+    assert float(fitted.callback_metrics["val/balanced_acc"]) == pytest.approx(sum(recalls) / 3, abs=1e-6)

@@ -58,8 +58,10 @@ class _ClassCounts(Metric):
         if target.numel() and (int(target.min()) < 0 or int(target.max()) >= self.num_classes):
             raise ValueError(f"target must lie in [0, {self.num_classes - 1}]")
         hit = (preds.long() == target).long()
-        self.correct += torch.zeros_like(self.correct).scatter_add_(0, target, hit)
-        self.total += torch.bincount(target, minlength=self.num_classes)
+        # out of place: after a trainer.validate/test (inference mode) the reset states are inference tensors, which
+        # a later fit's validation (grad mode) may not update in place
+        self.correct = self.correct + torch.zeros_like(self.correct).scatter_add_(0, target, hit)
+        self.total = self.total + torch.bincount(target, minlength=self.num_classes)
 
     def _per_class(self) -> Tensor:
         """Per-class accuracy; NaN for classes without samples."""
