@@ -567,6 +567,32 @@ def test_the_sampler_refuses_weights_it_could_never_draw_from(bad):
         DeferredWeightedSampler(3, [1.0, bad, 1.0], start_epoch=1)
 
 
+def test_criterion_mode_resumed_in_bf16_does_not_take_its_own_rounded_weights_for_the_criterions(tmp_path):
+    """precision="bf16-true" rounds the weights DRW wrote into a torch criterion's weight buffer to bf16; resuming
+    from a checkpoint after start_epoch warned that the criterion came with class weights of its own."""
+    import warnings
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(epochs, **kw):
+        torch.manual_seed(0)
+        model = ReweightClassifier(MLP(64, 3, hidden=(8,)), 3,
+                                   criterion=torch.nn.CrossEntropyLoss(weight=torch.ones(3), reduction="none"))
+        callbacks = [DeferredReweighting(0, BETA, "criterion", COUNTS)]
+        if "ckpt_path" not in kw:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True))
+        trainer_for(tmp_path, epochs, callbacks, precision="bf16-true",
+                    enable_checkpointing="ckpt_path" not in kw).fit(model, TinyDataModule(), **kw)
+        return model
+
+    first = fit(1)
+    assert first.criterion.weight.dtype == torch.bfloat16
+    assert not torch.equal(first.criterion.weight.float(), torch.tensor(cb_weights(COUNTS, BETA)))  # rounded
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*own class weights.*")
+        fit(2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+
 def test_criterion_mode_warns_when_it_replaces_the_criterions_own_class_weights(tmp_path):
     """LDAMLoss(weight=[0.5, 1, 4]) + DeferredReweighting(mode="criterion") trained with ones, then DRW's weights:
     the explicit weights were dropped without a word."""

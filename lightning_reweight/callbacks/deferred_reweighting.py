@@ -259,10 +259,12 @@ class DeferredReweighting(Callback):
 
     def _warn_if_replacing_own_weights(self, pl_module: LightningModule) -> None:
         """The criterion came with class weights of its own (neither ones nor this callback's): they are replaced."""
-        weight = self._weight_buffer(pl_module).detach().float().cpu()
+        buffer = self._weight_buffer(pl_module).detach()
+        weight = buffer.float().cpu()
         written = getattr(self._criterion_target(pl_module), _WRITTEN, None)  # by a DRW callback, in an earlier fit
         ours = [torch.ones_like(weight), self.class_weights(), *([] if written is None else [written])]
-        if any(w.shape == weight.shape and torch.allclose(weight, w) for w in ours):
+        # compared as the buffer holds them: a bf16 criterion (precision="bf16-true") rounds DRW's weights
+        if any(w.shape == weight.shape and torch.allclose(weight, w.to(buffer.dtype).float()) for w in ours):
             return
         rank_zero_warn(
             f"DeferredReweighting(mode='criterion') replaces the criterion's own class weights "
