@@ -405,7 +405,6 @@ class SusceptibilityMonitor(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._close_checkpoint_epoch(trainer, pl_module)
         self._begun_epoch = trainer.current_epoch
         self._weights.clear()
         self._weight_indices.clear()
@@ -659,7 +658,7 @@ class SusceptibilityMonitor(Callback):
             return None  # none begun, or its end values are out already
         if self._counting:
             self._fold()
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._trainer
         return {
             "epoch": self._begun_epoch,
             # where Lightning writes this epoch's end values if its batches are all done (a checkpoint at its last
