@@ -69,6 +69,30 @@ def test_the_meta_loader_never_ends_an_epoch_with_a_single_sample_batch():
         assert [len(b[1]) for b in dm.meta_dataloader()] == sizes
 
 
+def test_the_training_loader_never_ends_an_epoch_with_a_single_sample_batch():
+    """80 training samples in batches of 79 ended every epoch with one sample, on which a BatchNorm model failed in
+    train mode mid-fit (a long-tailed split makes any training-set size likely); a last batch of one is dropped, on
+    each rank's share under DDP and for a sampler set by a callback too, while other partial batches are kept."""
+    from types import SimpleNamespace
+
+    from _toy_random_transform import Toy
+    from torch.utils.data import SequentialSampler
+
+    for batch_size, sizes in ((79, [79]), (27, [27, 27, 26]), (80, [80]), (200, [80])):
+        dm = Toy(meta_per_class=5, val_fraction=0.0, batch_size=batch_size)
+        dm.setup()
+        assert len(dm.train_dataset) == 80
+        assert [len(b[1]) for b in dm.train_dataloader()] == sizes
+        dm.train_sampler = SequentialSampler(range(81 if batch_size == 80 else 80))  # 81: ends on one sample
+        assert [len(b[1]) for b in dm.train_dataloader()] == ([80] if batch_size == 80 else sizes)
+    for rank in (0, 1):  # two ranks of 40 samples each, in batches of 39: one sample left per rank
+        dm = Toy(meta_per_class=5, val_fraction=0.0, batch_size=39)
+        dm.setup()
+        dm.trainer = SimpleNamespace(world_size=2, distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
+                                     overfit_batches=0, global_rank=rank, current_epoch=0, fit_loop=None)
+        assert [len(b[1]) for b in dm.train_dataloader()] == [39]
+
+
 def test_the_meta_loader_shuffles_independently_of_the_training_loader():
     """Training and meta sets of the same size: the meta loader must not visit its samples in the training loader's
     order (both shuffles drawn from one stream would give the same permutation)."""

@@ -102,3 +102,43 @@ def test_a_short_class_is_blamed_on_n_max_only_when_n_max_was_given():
         long_tailed_indices(y, 2.0)
     with pytest.raises(ValueError, match=r"class 1 holds 4 samples but its long-tail quota is 7.*lower n_max"):
         long_tailed_indices(y, 2.0, n_max=10)  # exp profile, 4 classes: quotas 10, int(10 / 2 ** (1/3)) = 7, ...
+
+
+def test_num_classes_keeps_the_profile_when_the_last_classes_are_empty():
+    """``C`` was inferred as ``max(targets) + 1``: a pool whose last class a meta split had emptied was silently
+    long-tailed over C - 1 classes (another head-to-tail profile), while an emptied middle class was an error."""
+    import math
+
+    from lightning_reweight.data import ReweightDataModule, TensorClassificationDataset
+
+    y = torch.arange(4).repeat_interleave(10)
+    with pytest.raises(ValueError, match=r"class 4 holds 0 samples"):  # its quota: int(10 / 8) = 1
+        long_tailed_indices(y, 8.0, num_classes=5)
+    kept = long_tailed_indices(y, 8.0, num_classes=4)
+    assert class_counts(y[kept], 4) == [math.floor(10 * (1 / 8) ** (i / 3) + 1e-9) for i in range(4)]  # 10, 5, 2, 1
+
+    class Pool(ReweightDataModule):
+        num_classes = 4
+
+        def __init__(self, counts, **kw):
+            self.counts = counts
+            super().__init__(**kw)
+
+        def load_train_pool(self):
+            labels = torch.cat([torch.full((n,), c) for c, n in enumerate(self.counts)])
+            return TensorClassificationDataset(torch.zeros(len(labels), 1), labels), labels
+
+        def load_test_set(self):
+            return TensorClassificationDataset(torch.zeros(4, 1), torch.arange(4))
+
+    for counts, emptied in (([50, 5, 50, 50], 1), ([50, 50, 50, 5], 3)):  # the meta split takes 5 of every class
+        dm = Pool(counts, meta_per_class=5, val_fraction=0.0, imbalance_ratio=10)
+        with pytest.warns(UserWarning), pytest.raises(ValueError, match=rf"class {emptied} holds 0 samples"):
+            dm.setup()
+
+
+def test_the_empty_class_warning_points_at_the_caller():
+    y = torch.arange(5).repeat_interleave(20)
+    with pytest.warns(UserWarning, match="classes with no samples") as record:
+        long_tailed_indices(y, 100.0)
+    assert record[0].filename == __file__

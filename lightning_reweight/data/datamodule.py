@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any, Literal
 
 import lightning as L
@@ -197,7 +197,7 @@ class ReweightDataModule(L.LightningDataModule):
             try:
                 kept = long_tailed_indices(
                     pool_targets[rest], self.imbalance_ratio, profile=self.imbalance_profile,
-                    seed=self._seed(_LONGTAIL_STREAM),
+                    seed=self._seed(_LONGTAIL_STREAM), num_classes=self.num_classes,
                 )
             except ValueError as err:  # a class the validation / meta split left empty
                 raise ValueError(
@@ -251,6 +251,11 @@ class ReweightDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory, **kwargs,
         )
 
+    @staticmethod
+    def _drop_single(size: int, batch_size: int) -> bool:
+        """Whether a loader over ``size`` samples must drop its last batch (a single sample, unusable in BatchNorm)."""
+        return size > 1 and size % batch_size == 1
+
     def _worker_generator(self, stream: int) -> torch.Generator:
         """The generator a loader with workers draws their base seed from: one per loader and global rank."""
         trainer = getattr(self, "trainer", None)
@@ -274,7 +279,11 @@ class ReweightDataModule(L.LightningDataModule):
                             **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Training batches ``(x, noisy_y, idx)``: seeded shuffle, or ``self.train_sampler`` when set."""
+        """Training batches ``(x, noisy_y, idx)``: seeded shuffle, or ``self.train_sampler`` when set.
+
+        A partial last batch is kept, unless it would hold a single sample (per rank under DDP), which BatchNorm
+        cannot normalise in train mode: that sample then waits for the next epoch's order.
+        """
         self._require_setup()
         sampler = self.train_sampler
         trainer = getattr(self, "trainer", None)
@@ -287,7 +296,8 @@ class ReweightDataModule(L.LightningDataModule):
             # resume before it restores its epoch counters: give the sampler the epoch it draws for
             sampler.set_epoch(fit_epoch(trainer, training_started=False))
             return self._loader(self.train_dataset, self.batch_size, sampler=sampler,
-                                generator=self._worker_generator(_WORKER_SEED_STREAM))
+                                generator=self._worker_generator(_WORKER_SEED_STREAM),
+                                drop_last=self._drop_single(len(sampler), self.batch_size))
         if sampler is None:
             if self._pending_shuffle_state is not None:  # resuming: continue the checkpointed order
                 shuffle_generator = generator(self._seed(_SHUFFLE_STREAM))
@@ -298,11 +308,14 @@ class ReweightDataModule(L.LightningDataModule):
             else:
                 shuffle_generator = generator(self._seed(_SHUFFLE_STREAM))  # a new run
             self._shuffle_generator = shuffle_generator
-            return self._shuffled(self.train_dataset, self.batch_size, shuffle_generator, _WORKER_SEED_STREAM)
+            return self._shuffled(self.train_dataset, self.batch_size, shuffle_generator, _WORKER_SEED_STREAM,
+                                  drop_last=self._drop_single(len(self.train_dataset), self.batch_size))
         if isinstance(sampler, BatchSampler):
             return DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
                               persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
-        return self._loader(self.train_dataset, self.batch_size, sampler=sampler)
+        size = len(sampler) if isinstance(sampler, Sized) else 0  # an unsized sampler: as it is
+        return self._loader(self.train_dataset, self.batch_size, sampler=sampler,
+                            drop_last=self._drop_single(size, self.batch_size))
 
     def state_dict(self) -> dict[str, Any]:
         """The training shuffle's generator state (Lightning stores it in every checkpoint).
@@ -330,7 +343,7 @@ class ReweightDataModule(L.LightningDataModule):
             raise RuntimeError("no meta set: meta_per_class=0; pass meta_per_class >= 1 to build one")
         size = len(self.meta_dataset)  # type: ignore[arg-type]
         return self._shuffled(self.meta_dataset, self.meta_batch_size, generator(self._seed(_META_SHUFFLE_STREAM)),
-                              _META_WORKER_SEED_STREAM, drop_last=size > 1 and size % self.meta_batch_size == 1)
+                              _META_WORKER_SEED_STREAM, drop_last=self._drop_single(size, self.meta_batch_size))
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches ``(x, y)`` (clean labels, ``eval_batch_size``); empty if ``val_fraction=0``."""

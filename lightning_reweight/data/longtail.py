@@ -50,7 +50,7 @@ def _floor(x: float) -> int:
 
 
 def long_tailed_counts(
-    n_max: int, num_classes: int, imbalance_ratio: float, profile: str = "exp"
+    n_max: int, num_classes: int, imbalance_ratio: float, profile: str = "exp", *, stacklevel: int = 2
 ) -> list[int]:
     """Per-class sample counts of a long-tailed dataset (class 0 is the head).
 
@@ -59,11 +59,15 @@ def long_tailed_counts(
     * ``"exp"``: ``n_i = int(n_max * (1 / rho) ** (i / (C - 1)))`` (the LDAM-DRW / CIFAR-LT protocol);
     * ``"step"``: ``n_i = n_max`` for ``i < C // 2`` and ``int(n_max / rho)`` for the other classes.
 
+    ``int`` is the exact floor: a value that floating point leaves a hair below a whole number (``49 / 49``) counts
+    as that number (a literal ``int(...)`` gives one less there, e.g. the tail of ``n_max = 49, rho = 49``).
+
     Args:
         n_max: size of the head class (``>= 1``).
         num_classes: number of classes ``C`` (``>= 1``).
         imbalance_ratio: ``rho = n_max / n_min`` (``>= 1``; 1 is balanced).
         profile: ``"exp"`` or ``"step"``.
+        stacklevel: where the empty-class warning points (2: the caller of this function).
 
     Returns:
         The ``C`` per-class counts. A ``UserWarning`` names the classes left empty when ``n_max / rho < 1``.
@@ -91,7 +95,7 @@ def long_tailed_counts(
             f"samples (classes {empty[:10]}{'...' if len(empty) > 10 else ''}); the tail needs "
             f"n_max >= imbalance_ratio to keep one sample per class",
             UserWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
     return counts
 
@@ -103,11 +107,14 @@ def long_tailed_indices(
     profile: str = "exp",
     seed: int = 0,
     n_max: int | None = None,
+    num_classes: int | None = None,
 ) -> Tensor:
     """Indices of a long-tailed subsample of a (roughly) balanced labelled dataset.
 
     Class ``i`` keeps ``long_tailed_counts(n_max, C, imbalance_ratio, profile)[i]`` samples, drawn uniformly
-    without replacement (local generator seeded with ``seed``). ``C = max(targets) + 1``.
+    without replacement (local generator seeded with ``seed``). ``C = num_classes``, by default
+    ``max(targets) + 1`` (pass it when the last classes may hold no sample: their quota is then an error, not a
+    profile over fewer classes).
 
     Args:
         targets: labels, a 1-D integer tensor or sequence of ints.
@@ -117,6 +124,7 @@ def long_tailed_indices(
         n_max: size of the head class; defaults to the smallest non-zero class count, so that every class
             can supply its quota (5000 for the full CIFAR-10 train set, 500 for CIFAR-100's; less for what is
             left of them after a validation or meta split).
+        num_classes: the number of classes ``C``; default ``max(targets) + 1``.
 
     Returns:
         The kept indices into ``targets``, sorted ascending (``int64``).
@@ -133,13 +141,13 @@ def long_tailed_indices(
     """
     rho = check_real("imbalance_ratio", imbalance_ratio, low=1.0)
     check_choice("profile", profile, IMBALANCE_PROFILES)
-    labels = as_labels(targets)
-    n_classes = infer_num_classes(labels, None)
+    labels = as_labels(targets, num_classes)
+    n_classes = infer_num_classes(labels, num_classes)
     counts = torch.bincount(labels, minlength=n_classes)
     given = n_max is not None
     if n_max is None:
         n_max = int(counts[counts > 0].min())
-    quotas = long_tailed_counts(n_max, n_classes, rho, profile)
+    quotas = long_tailed_counts(n_max, n_classes, rho, profile, stacklevel=3)  # the warning names our caller
     gen = generator(seed)
     kept = []
     for cls, quota in enumerate(quotas):
