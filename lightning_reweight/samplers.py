@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -59,6 +60,8 @@ class DeferredWeightedSampler(DistributedSampler):
         rank: int | None = None,
     ) -> None:
         # no DistributedSampler.__init__ (it wants a dataset and a process group): the type is what Lightning reads
+        if isinstance(num_samples, bool) or not isinstance(num_samples, Integral):
+            raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__} ({num_samples!r})")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if num_replicas is not None and rank is not None and (num_replicas < 1 or not 0 <= rank < num_replicas):

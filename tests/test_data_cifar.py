@@ -194,3 +194,41 @@ def test_training_augmentation_is_a_4_pixel_padded_crop_and_a_fair_horizontal_fl
     # evaluation images are the stored ones
     test_pixels = (dm.test_dataset[0][0] * std + mean)[0]
     assert torch.allclose(test_pixels, torch.tensor(image[0], dtype=torch.float32) / 255, atol=1e-5)
+
+
+def test_corrupted_unverified_files_name_the_folder(cifar10_dir, tmp_path):
+    """With verify_checksums=False a truncated, empty or non-pickle file raised pickle's bare error, naming no
+    file or folder."""
+    import shutil
+
+    root = cifar10_dir[0]
+    for name, cut in (("data_batch_2", lambda b: b[:5000]), ("test_batch", lambda b: b"<html>404</html>"),
+                      ("batches.meta", lambda b: b"")):
+        broken = tmp_path / f"broken_{name}"
+        shutil.copytree(root, broken)
+        path = broken / "cifar-10-batches-py" / name
+        path.write_bytes(cut(path.read_bytes()))
+        with pytest.raises(RuntimeError, match=r"files in .*broken_.* are not readable CIFAR python-version"):
+            _cifar10(broken)
+
+
+def test_transforms_set_by_a_subclass_or_the_user_are_kept(cifar10_dir):
+    """setup() replaced any train/eval transform with the built-in ones (the base class documents setting them)."""
+    root = cifar10_dir[0]
+
+    def ones(image):
+        return torch.ones(1)
+
+    class Own(CIFAR10DataModule):
+        train_transform = staticmethod(ones)
+
+    dm = Own(data_dir=str(root), verify_checksums=False, meta_per_class=1, val_fraction=0.2)
+    dm.setup()
+    assert torch.equal(dm.train_dataset[0][0], torch.ones(1)) and torch.equal(dm.meta_dataset[0][0], torch.ones(1))
+    assert dm.val_dataset[0][0].shape == (3, 32, 32)  # the built-in evaluation transform
+    dm = CIFAR10DataModule(data_dir=str(root), verify_checksums=False, val_fraction=0.2, meta_per_class=1)
+    dm.eval_transform = ones
+    dm.setup()
+    assert torch.equal(dm.test_dataset[0][0], torch.ones(1)) and dm.train_dataset[0][0].shape == (3, 32, 32)
+    dm.setup()  # a second setup keeps the built-in training transform and the user's evaluation one
+    assert torch.equal(dm.val_dataset[0][0], torch.ones(1)) and dm.train_dataset[0][0].shape == (3, 32, 32)

@@ -39,3 +39,15 @@ def test_tensor_dataset_applies_its_transform_to_the_input_only():
     for i in range(3):
         x, y = ds[i]
         assert torch.equal(x, 10 * inputs[i] + 1) and int(y) == [2, 0, 1][i]
+
+
+def test_subset_indices_are_checked_against_the_wrapped_dataset():
+    """Negative indices wrapped around to the end, fractional ones were truncated, and an out-of-range one made
+    ``list(subset)`` silently empty (iteration stops at the IndexError) although ``len`` said otherwise."""
+    pool = TensorClassificationDataset(torch.arange(5.0).view(5, 1), torch.tensor([0, 0, 1, 1, 1]))
+    for bad, error in (([-1], ValueError), ([7], ValueError), ([5], ValueError), ([0.7], TypeError),
+                       (torch.tensor([[0, 1]]), TypeError)):
+        with pytest.raises(error, match="indices"):
+            RelabeledSubset(pool, bad)
+    sub = RelabeledSubset(pool, [4, 0])
+    assert [float(x) for x, _ in sub] == [4.0, 0.0] and len(RelabeledSubset(pool, [])) == 0

@@ -175,3 +175,13 @@ def test_datamodule_takes_cifar10_asymmetric_noise_and_pin_memory():
     for sampler in (SequentialSampler(range(n)), BatchSampler(SequentialSampler(range(n)), 8, False)):
         dm.train_sampler = sampler
         assert dm.train_dataloader().pin_memory
+
+
+def test_the_cifar10_convention_is_refused_at_construction_for_another_class_count():
+    """A 100-class datamodule accepted noise_kind="cifar10_asymmetric" and failed only in setup, with a message
+    about an argument named ``kind`` (even at noise_rate=0)."""
+    from lightning_reweight.data import CIFAR100DataModule, DigitsDataModule
+
+    with pytest.raises(ValueError, match=r"noise_kind='cifar10_asymmetric' .* CIFAR100DataModule has 100 classes"):
+        CIFAR100DataModule(noise_kind="cifar10_asymmetric", noise_rate=0.0)
+    assert DigitsDataModule(noise_kind="cifar10_asymmetric", noise_rate=0.2).noise_kind == "cifar10_asymmetric"

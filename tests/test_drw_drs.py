@@ -537,6 +537,9 @@ def test_the_sampler_splits_its_list_between_ranks():
     assert len(DeferredWeightedSampler(7, num_replicas=3, rank=1)) == 3
     with pytest.raises(ValueError, match="0 <= rank < num_replicas"):
         DeferredWeightedSampler(7, num_replicas=2, rank=2)
+    for bad in (2.5, 7.0, True):  # a float was truncated to int silently (2.5 samples gave 2)
+        with pytest.raises(TypeError, match="num_samples must be an int"):
+            DeferredWeightedSampler(bad)
     # fewer samples than ranks: every rank still gets its one index (the list repeated to the padded length)
     assert [list(DeferredWeightedSampler(1, num_replicas=4, rank=r)) for r in range(4)] == [[0]] * 4
 

@@ -101,11 +101,16 @@ class _CIFARDataModule(ReweightDataModule):
         return getattr(datasets, self._dataset_name)
 
     def _build_transforms(self) -> None:
+        """The built-in transforms, for each of ``train_transform`` / ``eval_transform`` not set by the user."""
         _, transforms = _torchvision()
         to_tensor = [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
         augmentation = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-        self.eval_transform = transforms.Compose(to_tensor)
-        self.train_transform = transforms.Compose((augmentation if self.augment else []) + to_tensor)
+        built = self.__dict__.get("_built_transforms", (None, None))
+        if self.eval_transform is None or self.eval_transform is built[0]:
+            self.eval_transform = transforms.Compose(to_tensor)
+        if self.train_transform is None or self.train_transform is built[1]:
+            self.train_transform = transforms.Compose((augmentation if self.augment else []) + to_tensor)
+        self._built_transforms = (self.eval_transform, self.train_transform)
 
     def prepare_data(self) -> None:
         """Download the dataset into ``data_dir`` when ``download=True`` (otherwise do nothing)."""
@@ -134,6 +139,13 @@ class _CIFARDataModule(ReweightDataModule):
                     "Re-download them with download=True, or pass verify_checksums=False for modified/subset files."
                 ) from err
             raise
+        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError) as err:
+            split = "training" if train else "test"
+            raise RuntimeError(
+                f"{self._dataset_name} {split} files in {folder!r} are not readable CIFAR python-version batches "
+                f"({type(err).__name__}: {err}): truncated, empty or of another format; re-extract "
+                f"{cls.filename} (or re-download with download=True)"
+            ) from err
 
     def load_train_pool(self) -> tuple[Dataset, Tensor]:
         """The torchvision training set (PIL images) and its labels."""
@@ -154,7 +166,9 @@ class CIFAR10DataModule(_CIFARDataModule):
     file; with ``verify_checksums=False`` a subclass of ``CIFAR10`` skips that check (it still requires the
     files to exist), which lets modified or tiny test copies in the same format be read. Inputs are
     normalised with the CIFAR-10 channel mean/std (:attr:`mean`, :attr:`std`); with ``augment=True``
-    training and meta images also get a random 32x32 crop with 4-pixel padding and a horizontal flip.
+    training and meta images also get a random 32x32 crop with 4-pixel padding and a horizontal flip. A
+    ``train_transform`` / ``eval_transform`` that a subclass defines or the user assigns before :meth:`setup`
+    replaces the built-in one (``augment`` then concerns only a built-in training transform).
 
     Long-tailed CIFAR-10 (``imbalance_ratio``): the head class has as many images as the smallest class left after
     the validation and meta splits, so the defaults (10% validation, 10 meta images per class) give 4490 ... 44 at
@@ -170,6 +184,7 @@ class CIFAR10DataModule(_CIFARDataModule):
 
     Raises:
         FileNotFoundError: in :meth:`setup`, when files are missing and ``download=False``.
+        RuntimeError: in :meth:`setup`, when a file fails the md5 check or is not a readable CIFAR batch.
         ImportError: in :meth:`setup`/:meth:`prepare_data`, when torchvision is not installed.
 
     Example:
@@ -189,7 +204,8 @@ class CIFAR100DataModule(_CIFARDataModule):
 
     Data are read by torchvision's ``CIFAR100`` from ``data_dir/cifar-100-python`` (the pickles ``train``,
     ``test``, ``meta``; labels from ``fine_labels``). ``verify_checksums=False`` skips torchvision's md5 check
-    as for :class:`CIFAR10DataModule`. Inputs are normalised with the CIFAR-100 channel mean/std.
+    and user-set transforms are kept, as for :class:`CIFAR10DataModule`. Inputs are normalised with the CIFAR-100
+    channel mean/std.
 
     Args:
         data_dir: root directory holding (or receiving) ``cifar-100-python``.

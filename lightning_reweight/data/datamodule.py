@@ -77,7 +77,10 @@ class ReweightDataModule(L.LightningDataModule):
         pin_memory: page-locked host batches in every loader (faster host-to-GPU copies).
         seed: seed of every random choice of the pipeline and of the training shuffle (under DDP too: the
             training loader then shards with a ``DistributedSampler`` seeded from it, not from
-            ``seed_everything``).
+            ``seed_everything``). In one process the shuffled order also depends on whether ``num_workers``
+            is 0: without workers the loader first draws its (unused) worker base seed from the shuffle
+            generator, as ``DataLoader(shuffle=True, generator=g)`` does, which shifts the permutation; each
+            setting is reproducible, and under DDP the order does not depend on ``num_workers``.
 
     Example:
         >>> from lightning_reweight.data.indexed import TensorClassificationDataset
@@ -119,6 +122,12 @@ class ReweightDataModule(L.LightningDataModule):
         super().__init__()
         self.noise_rate = check_real("noise_rate", noise_rate, low=0.0, high=1.0, high_inclusive=True)
         self.noise_kind = check_choice("noise_kind", noise_kind, NOISE_KINDS)
+        known = getattr(type(self), "num_classes", None)  # a subclass's class attribute, when it has one
+        if noise_kind == "cifar10_asymmetric" and isinstance(known, int) and known != 10:
+            raise ValueError(
+                f"noise_kind='cifar10_asymmetric' is the CIFAR-10 convention (10 classes), but {type(self).__name__} "
+                f"has {known} classes: pick 'symmetric', 'symmetric_all' or 'pairflip'"
+            )
         self.imbalance_ratio = check_real("imbalance_ratio", imbalance_ratio, low=1.0)
         self.imbalance_profile = check_choice("imbalance_profile", imbalance_profile, IMBALANCE_PROFILES)
         self.meta_per_class = check_int("meta_per_class", meta_per_class, minimum=0)

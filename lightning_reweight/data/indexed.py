@@ -88,6 +88,18 @@ class TensorClassificationDataset(Dataset):
         return x, self.targets[index]
 
 
+def _as_indices(indices: Tensor | Sequence[int], size: int | None) -> Tensor:
+    """``indices`` as a 1-D ``int64`` tensor, checked to be integers in ``[0, size)``."""
+    idx = indices.detach().cpu() if isinstance(indices, Tensor) else torch.as_tensor(indices)
+    if idx.dim() > 1 or (idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool)):
+        raise TypeError(f"indices must be a 1-D sequence of ints, got dtype {idx.dtype} and shape {tuple(idx.shape)}")
+    idx = idx.long().reshape(-1)
+    if idx.numel() and (int(idx.min()) < 0 or (size is not None and int(idx.max()) >= size)):
+        raise ValueError(f"indices must lie in [0, {size}), the wrapped dataset's positions; got "
+                         f"{int(idx.min())}..{int(idx.max())}")
+    return idx
+
+
 class RelabeledSubset(Dataset):
     """A subset of a map-style ``(x, y)`` dataset with its own labels and an optional input transform.
 
@@ -97,7 +109,7 @@ class RelabeledSubset(Dataset):
 
     Args:
         dataset: the wrapped map-style dataset yielding ``(x, y)``.
-        indices: indices into ``dataset``.
+        indices: indices into ``dataset``, integers in ``[0, len(dataset))`` (1-D).
         targets: integer labels of the subset (same length as ``indices``; integer-valued floats accepted), or
             ``None`` to keep the original ones.
         transform: optional callable applied to each input.
@@ -117,7 +129,7 @@ class RelabeledSubset(Dataset):
         transform: Callable[[Any], Any] | None = None,
     ) -> None:
         self.dataset = dataset
-        self.indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+        self.indices = _as_indices(indices, len(dataset) if hasattr(dataset, "__len__") else None)
         if targets is not None:
             targets = as_labels(targets)
             if targets.shape[0] != self.indices.shape[0]:
