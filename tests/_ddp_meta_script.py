@@ -122,18 +122,28 @@ for hypergrad in ("forward", "finite_diff"):
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-for name, ckpt in (("straight", None), ("resumed", f"{out}/ckpt/epoch=0.ckpt")):
+# Resumed from epoch 0's last batch (3 steps per rank and epoch): that epoch's end values come from the checkpoint's
+# records, which held rank 0's alone (the weight AUROC and the monitor's subset accuracies and weight means were
+# rank 0's samples' on both ranks)
+from lightning_reweight.callbacks import SusceptibilityMonitor  # noqa: E402
+
+runs = (("straight", None), ("resumed", f"{out}/ckpt/epoch=0.ckpt"), ("lastbatch", f"{out}/ckpt/epoch=0-step=3.ckpt"))
+for name, ckpt in runs:
     L.seed_everything(0, verbose=False)
     train, meta = loaders()
     meta = DataLoader(meta.dataset, batch_size=30, shuffle=True, generator=torch.Generator().manual_seed(7))
     model = module()
     cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad="finite_diff")
-    callbacks = [cb] + ([ModelCheckpoint(dirpath=f"{out}/ckpt", filename="{epoch}", save_top_k=-1)] if ckpt is None
-                        else [])
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", callbacks=callbacks, logger=False,
+    monitor = SusceptibilityMonitor(num_classes=4, batch_size=32, pool_size=64)
+    saving = [ModelCheckpoint(dirpath=f"{out}/ckpt", filename="{epoch}", save_top_k=-1),
+              ModelCheckpoint(dirpath=f"{out}/ckpt", filename="{epoch}-{step}", save_top_k=-1, every_n_train_steps=3)]
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp",
+                        callbacks=[cb, monitor] + (saving if ckpt is None else []), logger=False,
                         enable_checkpointing=ckpt is None, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
-    trainer.fit(model, train, ckpt_path=ckpt)
+    trainer.fit(model, datamodule=Masked(train), ckpt_path=ckpt)
     scores = cb.sample_scores()
-    torch.save({"model": flat(model).clone(), "visits": scores["visits"], "percentile": scores["percentile"]},
+    torch.save({"model": flat(model).clone(), "visits": scores["visits"], "percentile": scores["percentile"],
+                "auroc": cb.auroc_history, "sample_auroc": cb.sample_auroc_history,
+                "monitor": monitor.logged_history},
                f"{out}/{name}_rank{trainer.global_rank}.pt")

@@ -543,13 +543,20 @@ def test_ddp_two_processes_identical_meta_net(tmp_path):
             assert to_mean < (1e-4 if hypergrad == "forward" else 1e-2), (hypergrad, rank, to_mean)
             assert to_own > 3 * to_mean, (hypergrad, rank, to_own, to_mean)  # the mean, not the rank's own
 
-    # resumed after epoch 0 under DDP: the uninterrupted run's parameters and sample history, on both ranks
+    # resumed after epoch 0 under DDP (from its end, or from its last batch): the uninterrupted run's parameters,
+    # sample history (each rank resumes its own sums: the same additions in the same order), weight AUROCs and the
+    # monitor's epoch values, on both ranks
     for rank in (0, 1):
-        straight, resumed = (torch.load(tmp_path / f"{n}_rank{rank}.pt", weights_only=True)
-                             for n in ("straight", "resumed"))
-        assert torch.equal(resumed["model"], straight["model"])
-        assert bool((straight["visits"] == 3).all()) and torch.equal(resumed["visits"], straight["visits"])
-        torch.testing.assert_close(resumed["percentile"], straight["percentile"])
+        straight = torch.load(tmp_path / f"straight_rank{rank}.pt", weights_only=False)
+        assert bool((straight["visits"] == 3).all()) and len(straight["auroc"]) == len(straight["monitor"]) == 3
+        assert {"memorization/train_acc_noisy", "memorization/weight_mean_clean"} <= set(straight["monitor"][0])
+        for name in ("resumed", "lastbatch"):
+            resumed = torch.load(tmp_path / f"{name}_rank{rank}.pt", weights_only=False)
+            assert torch.equal(resumed["model"], straight["model"])
+            assert torch.equal(resumed["visits"], straight["visits"])
+            assert torch.equal(resumed["percentile"], straight["percentile"])
+            for key in ("auroc", "sample_auroc", "monitor"):
+                assert resumed[key] == straight[key], (name, key)
 
 
 def test_fsdp_and_deepspeed_refused_at_setup():
@@ -1288,6 +1295,44 @@ def test_a_single_process_checkpoint_resumed_under_ddp_gives_other_ranks_their_o
             assert resumed._meta_gen_state is None and not resumed._history.sums.any()
     cb._trainer = types.SimpleNamespace(global_rank=1, world_size=2, interrupted=True)  # no strategy: no collective
     assert cb.state_dict()["meta_generator_state"].dim() == 1
+
+
+def test_an_unfinished_epochs_records_go_to_the_ranks_that_resume_it():
+    """Under DDP every rank's records of an unfinished epoch are saved (``per_rank``); a resume with as many
+    processes gives each rank its own, one with another number gives rank 0 all of them (so an epoch whose batches
+    were all done still ends with its exact values) and the other ranks an empty copy (they join the epoch-end
+    reductions). Before, every rank took rank 0's records."""
+    from lightning_reweight.callbacks import SusceptibilityMonitor
+    from lightning_reweight.callbacks._records import records_for_rank
+
+    def meta_records(weights, noisy):
+        return {"epoch": 0, "end_step": 3, "batches": 3, "calls": 3, "weights": torch.tensor(weights),
+                "noisy": torch.tensor(noisy)}
+
+    def monitor_records(counts, weights, indices):
+        return {"epoch": 0, "end_step": 3, "train_counts": torch.tensor(counts), "weights": torch.tensor(weights),
+                "indices": torch.tensor(indices)}
+
+    cases = (
+        (lambda: MetaReweight(L2RW()), meta_records([0.5, 1.5], [True, False]), meta_records([2.0], [False]),
+         meta_records([0.5, 1.5, 2.0], [True, False, False])),
+        (lambda: SusceptibilityMonitor(num_classes=4), monitor_records([1, 2, 0, 1], [0.5, 1.5], [4, 7]),
+         monitor_records([0, 1, 1, 0], [2.0], [3]), monitor_records([1, 3, 1, 1], [0.5, 1.5, 2.0], [4, 7, 3])),
+    )
+    for make, rank0, rank1, merged in cases:
+        saved = {"per_rank": [rank0, rank1]}
+        for world, rank, want in ((2, 0, rank0), (2, 1, rank1), (1, 0, merged), (3, 0, merged)):
+            cb = make()
+            records = records_for_rank(saved, rank, world, cb._merged_records, cb._empty_records)
+            assert records.keys() == want.keys()
+            for key, value in want.items():
+                assert torch.equal(torch.as_tensor(records[key]), torch.as_tensor(value)), (world, rank, key)
+        for rank in (1, 2):  # another number of processes: the other ranks get the same keys, no sample
+            records = records_for_rank(saved, rank, 3, make()._merged_records, make()._empty_records)
+            assert records["epoch"] == 0 and records["weights"].numel() == 0
+            assert records.get("train_counts", torch.zeros(1)).sum() == 0
+        single = records_for_rank(rank0, 1, 2, make()._merged_records, make()._empty_records)  # one process's
+        assert single["weights"].numel() == 0 and records_for_rank(rank0, 0, 2, None, None) is rank0
 
 
 def test_weight_function_figure_every_n_epochs():

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_reweight._layers import is_compiled
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
+from lightning_reweight.callbacks._records import cat_or_none, collective_world, gather_records, records_for_rank
 from lightning_reweight.callbacks._schedule import warn_if_never_reached
 from lightning_reweight.contract import WeightingContext
 from lightning_reweight.functional.susceptibility import needs_closure
@@ -678,6 +679,20 @@ class MetaReweight(Callback):
             "noisy": cat(self._auroc.noisy),
         }
 
+    @staticmethod
+    def _merged_records(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several ranks' records as one process's (a resume with another number of processes)."""
+        return {**parts[0], "weights": cat_or_none([p["weights"] for p in parts]),
+                "noisy": cat_or_none([p["noisy"] for p in parts])}
+
+    @staticmethod
+    def _empty_records(records: dict[str, Any]) -> dict[str, Any]:
+        """``records`` with no weight seen (another rank holds them), its counters kept."""
+        out = dict(records)
+        if records["weights"] is not None:
+            out["weights"], out["noisy"] = records["weights"][:0].clone(), records["noisy"][:0].clone()
+        return out
+
     def _restore_epoch_records(self, trainer: L.Trainer) -> None:
         records, self._pending_epoch_records = self._pending_epoch_records, None
         if records is None:
@@ -701,11 +716,10 @@ class MetaReweight(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """The meta state for a checkpoint; under DDP a collective (call it on every rank, as Lightning does)."""
-        # Lightning saves rank 0's state dict; the per-rank parts are gathered first (a collective: Lightning
-        # dumps a checkpoint on every rank): each rank's meta-loader order, the sample history summed over ranks.
-        # Not after an exception (OnExceptionCheckpoint runs on the failing rank alone): this rank's state then
+        # Lightning saves rank 0's state dict; the per-rank parts are gathered first (collective_world): each
+        # rank's meta-loader order, sample-history sums and unfinished epoch's records
         trainer = self._trainer
-        world = trainer.world_size if trainer is not None and not trainer.interrupted else 1
+        world = collective_world(trainer)
         gen_states, history = self._meta_gen_state, None
         if self._history is not None:
             history = self._history.metric_state_cpu()
@@ -713,11 +727,11 @@ class MetaReweight(Callback):
             if gen_states is not None:
                 gathered = trainer.strategy.all_gather(gen_states.to(trainer.strategy.root_device, torch.long))
                 gen_states = gathered.cpu().to(torch.uint8)  # (world, n): row r is rank r's
-            if history is not None:
-                summed = trainer.strategy.reduce(history["sums"].to(trainer.strategy.root_device), reduce_op="sum")
-                history = {"sums": summed.cpu(), "summed_over_ranks": True}
+            if history is not None:  # (world, n, k): row r is rank r's sums
+                gathered = trainer.strategy.all_gather(history["sums"].to(trainer.strategy.root_device))
+                history = {"sums": gathered.cpu(), "per_rank": True}
         return {
-            "epoch_records": self._epoch_records(),
+            "epoch_records": gather_records(trainer, self._epoch_records()),
             "ended_epoch": self._ended_epoch,
             "strategy": {k: v.detach().cpu() for k, v in self.strategy.state_dict().items()},
             "strategy_extra": self.strategy.extra_state(),
@@ -732,17 +746,19 @@ class MetaReweight(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        world = self._trainer.world_size if self._trainer is not None else 1
         self.strategy.load_state_dict(state_dict["strategy"])
         self._pending_extra = state_dict.get("strategy_extra") or None
         self._meta_steps = int(state_dict["meta_steps"])
         self._meta_epoch = int(state_dict["meta_epoch"])
         self._meta_pos = int(state_dict["meta_pos"])
-        self._pending_epoch_records = state_dict.get("epoch_records")
+        self._pending_epoch_records = records_for_rank(
+            state_dict.get("epoch_records"), rank, world, self._merged_records, self._empty_records
+        )
         ended = state_dict.get("ended_epoch")
         self._ended_epoch = None if ended is None else int(ended)
         gen_state = state_dict.get("meta_generator_state")
-        rank = self._trainer.global_rank if self._trainer is not None else 0
-        world = self._trainer.world_size if self._trainer is not None else 1
         if gen_state is not None:
             gen_state = torch.as_tensor(gen_state, dtype=torch.uint8)
             if gen_state.dim() == 1:  # one process's state: rank 0's; the other ranks reseed as a new run does
@@ -754,8 +770,14 @@ class MetaReweight(Callback):
         self.auroc_history = list(state_dict.get("auroc_history", []))
         self.sample_auroc_history = list(state_dict.get("sample_auroc_history", []))
         history = state_dict.get("sample_history")
+        if history is not None and history.get("per_rank"):  # saved under DDP: one row of sums per rank
+            sums = torch.as_tensor(history["sums"])
+            # the same number of processes: each rank its own sums (the uninterrupted run's order of additions);
+            # another: rank 0 all of them, the others none (the next collective adds them up again)
+            own = sums[rank] if sums.shape[0] == world else (sums.sum(0) if rank == 0 else torch.zeros_like(sums[0]))
+            history = {"sums": own}
+        elif history is not None and world > 1 and rank > 0:
+            # one process's sums, or every rank's summed (older checkpoints): rank 0 holds them
+            history = {"sums": torch.zeros_like(torch.as_tensor(history["sums"]))}
         self._history = None if history is None else SampleWeightHistory.from_state(history)
-        if history is not None and world > 1 and rank > 0:
-            # rank 0 holds the saved sums (every rank's, or one process's); the next collective adds them up again
-            self._history.sums.zero_()
         self._meta_iter = None

@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_reweight._forwards import extra_forwards, in_extra_forward
 from lightning_reweight._modes import eval_mode
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
+from lightning_reweight.callbacks._records import cat_or_none, gather_records, records_for_rank
 from lightning_reweight.contract import _targets_and_indices, split_batch
 from lightning_reweight.functional.susceptibility import needs_closure, preserved_rng, susceptibility_losses
 from lightning_reweight.loggers import (
@@ -669,6 +670,24 @@ class SusceptibilityMonitor(Callback):
             "indices": torch.cat([i.detach().cpu() for i in self._weight_indices]) if self._weights else None,
         }
 
+    @staticmethod
+    def _merged_records(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several ranks' records as one process's (a resume with another number of processes)."""
+        counts = [torch.as_tensor(p["train_counts"]) for p in parts if p["train_counts"] is not None]
+        return {**parts[0], "train_counts": torch.stack(counts).sum(0) if counts else None,
+                "weights": cat_or_none([p["weights"] for p in parts]),
+                "indices": cat_or_none([p["indices"] for p in parts])}
+
+    @staticmethod
+    def _empty_records(records: dict[str, Any]) -> dict[str, Any]:
+        """``records`` with nothing counted or seen (another rank holds it), for the same epoch."""
+        out = dict(records)
+        if records["train_counts"] is not None:
+            out["train_counts"] = torch.zeros_like(torch.as_tensor(records["train_counts"]))
+        if records["weights"] is not None:
+            out["weights"], out["indices"] = records["weights"][:0].clone(), records["indices"][:0].clone()
+        return out
+
     def _restore_epoch_records(self, trainer: Trainer, pl_module: LightningModule) -> None:
         records, self._pending_epoch_records = self._pending_epoch_records, None
         if records is not None and int(records["epoch"]) == trainer.current_epoch:
@@ -707,7 +726,7 @@ class SusceptibilityMonitor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "epoch_records": self._epoch_records(),
+            "epoch_records": gather_records(self._trainer, self._epoch_records()),
             "seed": self.seed,
             "num_classes": self.num_classes,
             "batch_size": self.batch_size,
@@ -743,6 +762,10 @@ class SusceptibilityMonitor(Callback):
         self._pool = None
         self._epochs = [int(e) for e in state_dict.get("epochs", [])]
         self._begun_epoch = None
-        self._pending_epoch_records = state_dict.get("epoch_records")
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self._pending_epoch_records = records_for_rank(
+            state_dict.get("epoch_records"), rank, world, self._merged_records, self._empty_records
+        )
         self._drops = [float(d) for d in state_dict.get("drops", [])]
         self._logged = [dict(d) for d in state_dict.get("logged", [])]
