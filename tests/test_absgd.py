@@ -354,6 +354,37 @@ def test_resume_gives_same_u_and_weights(tmp_path):
     assert not torch.allclose(straight.last_sample_weights, torch.ones(40))  # the DRO stage did reweight
 
 
+@pytest.mark.parametrize("step", [4, 6, 8])  # epoch 0's last batch, epoch 1's middle, epoch 1's last batch
+def test_absgd_lam_is_logged_for_the_epoch_a_run_resumes_into(tmp_path, step):
+    """``absgd/lam`` was logged in the epoch-start hook, which Lightning skips for the epoch a checkpoint from an
+    epoch's last batch or middle resumes into: that epoch had no value in the logs (and from epoch 1's last batch
+    no row at all)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    def run(root, ckpt=None):
+        torch.manual_seed(0)
+        model = ReweightClassifier(MLP(6, 3, hidden=(8,)), 3, criterion=AttentionalDROLoss(lam=None), lr=0.1)
+        schedule = DROSchedule(start_epoch=1, lam=0.3, lam_schedule={3: 0.8})
+        saving = [ModelCheckpoint(dirpath=root / "ck", filename="{step}", every_n_train_steps=step, save_top_k=-1)]
+        trainer = L.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=CSVLogger(root), log_every_n_steps=1,
+                            callbacks=[schedule] + (saving if ckpt is None else []), enable_checkpointing=ckpt is None,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, _loader(), ckpt_path=ckpt)
+        with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
+            return {int(r["epoch"]): float(r["absgd/lam"]) for r in csv.DictReader(f) if r.get("absgd/lam")}, schedule
+
+    straight, schedule = run(tmp_path / "a")
+    expected = {e: float("nan") if schedule.lam_at(e) is None else schedule.lam_at(e) for e in range(4)}  # ERM: nan
+    assert straight.keys() == expected.keys() and [expected[e] for e in (1, 2, 3)] == [0.3, 0.3, 0.8]
+    assert all(straight[e] == pytest.approx(v, nan_ok=True) for e, v in expected.items())
+    resumed, _ = run(tmp_path / "b", str(tmp_path / "a" / "ck" / f"step={step}.ckpt"))
+    first = step // 4  # the epoch the resumed run begins with (4 batches per epoch)
+    assert sorted(resumed) == list(range(first, 4))
+    assert all(resumed[e] == pytest.approx(expected[e], nan_ok=True) for e in resumed)
+
+
 # ---------------------------------------------------------------------------------------------- DDP
 _DDP_SCRIPT = textwrap.dedent(
     """

@@ -24,7 +24,7 @@ class DROSchedule(Callback):
     epoch, so a resumed run sets the same ``lam`` as an uninterrupted one; the loss keeps its ``u`` (a buffer)
     across the checkpoint and re-initialises it from the next batch whenever ``lam`` changes.
 
-    Logs ``absgd/lam`` (NaN during ERM) at every epoch start.
+    Logs ``absgd/lam`` (NaN during ERM) for every epoch (at its first batch).
 
     Args:
         start_epoch: first epoch of the DRO stage (0: from the start).
@@ -61,6 +61,7 @@ class DROSchedule(Callback):
         self._losses: list[AttentionalDROLoss] = []
         self._current: float | None = None
         self._warned_sign = False
+        self._logged_epoch: tuple[int, int] | None = None  # (epoch, trainer) absgd/lam was last logged for
 
     def lam_at(self, epoch: int) -> float | None:
         """The ``lam`` used during ``epoch`` (``None``: plain ERM).
@@ -124,8 +125,17 @@ class DROSchedule(Callback):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._apply(trainer)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # logged at an epoch's first batch, not its start: Lightning skips the epoch-start hook of the epoch a run
+        # resumes into (a checkpoint from an epoch's last batch or its middle), which then had no absgd/lam
+        if self._logged_epoch == (trainer.current_epoch, id(trainer)):
+            return
+        self._logged_epoch = (trainer.current_epoch, id(trainer))
         lam = float("nan") if self._current is None else self._current
-        pl_module.log("absgd/lam", lam, on_epoch=True, on_step=False, batch_size=1)
+        # the same on every rank: the max is the value itself, and Lightning does not ask for sync_dist under DDP
+        pl_module.log("absgd/lam", lam, on_epoch=True, on_step=False, batch_size=1, sync_dist=True, reduce_fx="max")
 
     @override
     def state_dict(self) -> dict[str, Any]:
