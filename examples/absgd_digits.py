@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.epochs < 1:
+        p.error(f"--epochs must be >= 1, got {args.epochs}")
     noise = args.noise if args.imbalance == 1.0 else 0.0
     if noise != args.noise:
         print(f"--imbalance {args.imbalance}: long-tailed scenario with clean labels (--noise {args.noise} ignored)")

@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     print(f"{'method':<10} {'balanced %':>10} {'many %':>8} {'medium %':>9} {'few %':>7}")
     for method in ("ce", "ldam-drw"):

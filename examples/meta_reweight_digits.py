@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.epochs < 1:
+        ap.error(f"--epochs must be >= 1, got {args.epochs}")
 
     L.seed_everything(args.seed, verbose=False)
     dm = DigitsDataModule(noise_rate=args.noise, meta_per_class=10, batch_size=100, seed=args.seed)

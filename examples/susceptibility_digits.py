@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wandb-dir", default="./wandb_runs", help="where the offline W&B run is written")
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
 
     import lightning as L
     from lightning.pytorch.loggers import WandbLogger

@@ -43,8 +43,34 @@ def _check_output(output: str) -> None:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise SystemExit(f"--output {output}: {parent} is not writable")
+    if not parent.is_dir():
+        raise SystemExit(f"--output {output}: {parent} is a file, not a directory")
+    import tempfile
+
+    try:  # os.access says yes to root everywhere (also in /proc): try writing there
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise SystemExit(f"--output {output}: cannot write into {parent} ({err.strerror or err})") from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _keep_previous(output: str) -> str | None:
+    """Move an existing ``output`` aside (``<name>.previous.json``) before a new run writes its first record."""
+    from pathlib import Path
+
+    path = Path(output)
+    if not path.is_file():
+        return None
+    previous = path.with_name(f"{path.stem}.previous{path.suffix}")
+    path.replace(previous)
+    return str(previous)
 
 
 def _benchmark_parser() -> argparse.ArgumentParser:
@@ -66,12 +92,13 @@ def _benchmark_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), help="override the preset's scenarios")
     p.add_argument("--seeds", nargs="+", type=_seed, help="override the preset's seeds")
-    p.add_argument("--epochs", type=int, help="override the number of epochs (default: the recipe's, 60)")
+    p.add_argument("--epochs", type=_positive_int, help="override the number of epochs (default: the recipe's, 60)")
     p.add_argument("--output", default="results/benchmark.json", help="where to write the JSON records")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--resume", action="store_true",
-        help="keep the records already in --output (written after every run) and run only the missing ones",
+        help="keep the records already in --output (written after every run) and run only the missing ones; "
+        "without it an existing --output is moved to <name>.previous.json first",
     )
     return p
 
@@ -105,12 +132,25 @@ def benchmark(argv: Sequence[str]) -> int:
             "would drop them: run with the same --methods/--scenarios/--seeds, or another --output"
         )
 
+    moved = None if args.resume else _keep_previous(args.output)
+    if moved:
+        print(f"note: moved the earlier {args.output} to {moved} (--resume continues an interrupted run instead)",
+              file=sys.stderr)
+    saved = [len(done)]
+
     def save(partial: dict) -> None:  # after every run: an interrupted benchmark keeps what it measured
         partial["meta"]["preset"] = args.preset
         write_json(partial, args.output)
+        saved[0] = len(partial["records"])
 
-    result = run_benchmark(methods, scenarios, seeds, epochs=epochs, progress=not args.no_progress, done=done,
-                           on_record=save)
+    try:
+        result = run_benchmark(methods, scenarios, seeds, epochs=epochs, progress=not args.no_progress, done=done,
+                               on_record=save)
+    except KeyboardInterrupt:
+        where = f"saved to {args.output} (marked incomplete)" if saved[0] else "saved"
+        print(f"\ninterrupted: {saved[0]} records {where}; run the same command with --resume to finish it",
+              file=sys.stderr)
+        return 130
     result["meta"]["preset"] = args.preset
     print(format_table(summarise(result["records"])))
     path = write_json(result, args.output)
@@ -144,6 +184,8 @@ def _resumable_records(output: str, epochs: int | None) -> list[dict]:
     import json
     from pathlib import Path
 
+    from lightning_reweight.bench import SCENARIOS
+
     path = Path(output)
     if not path.exists():
         return []
@@ -151,12 +193,22 @@ def _resumable_records(output: str, epochs: int | None) -> list[dict]:
         previous = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SystemExit(f"--resume: {output} is not a benchmark JSON file ({err}); use another --output") from None
-    if previous.get("meta", {}).get("epochs_override") != epochs:
+    records = previous.get("records") if isinstance(previous, dict) else None
+    keys = ("method", "scenario", "seed", "epochs")
+    if not isinstance(records, list) or not all(isinstance(r, dict) and all(k in r for k in keys) for r in records):
         raise SystemExit(
-            f"--resume: {output} was written with epochs={previous.get('meta', {}).get('epochs_override')}, this "
-            f"run uses epochs={epochs}; use another --output or the same settings"
+            f"--resume: {output} is not a benchmark JSON file (no list of records with {', '.join(keys)}); use "
+            "another --output"
         )
-    return list(previous.get("records", []))
+    for r in records:  # the epochs each record was trained for, against this run's (the recipe's when not given)
+        scenario = SCENARIOS.get(r["scenario"])
+        want = epochs if epochs is not None else (scenario.recipe.epochs if scenario is not None else r["epochs"])
+        if r["epochs"] != want:
+            raise SystemExit(
+                f"--resume: {output} holds runs of {r['epochs']} epochs ({r['method']} on {r['scenario']}), this "
+                f"run trains {want}; use another --output or the same --epochs"
+            )
+    return list(records)
 
 
 def lightning_cli(argv: Sequence[str]) -> int:
@@ -185,7 +237,7 @@ def lightning_cli(argv: Sequence[str]) -> int:
                 target = os.path.abspath(os.path.join(trainer.log_dir, self.config_filename))
                 given = {os.path.abspath(str(p)) for p in (self.config.get("config") or [])}
                 if target in given:
-                    raise RuntimeError(
+                    raise SystemExit(
                         f"lightning-reweight would save the parsed config over your config file {target}: run from "
                         "another directory, or give --trainer.default_root_dir (or a logger) another directory"
                     )
@@ -229,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return benchmark(argv[1:])
     if argv[0] in _LIGHTNING_SUBCOMMANDS:
         return lightning_cli(argv)
-    print(usage, file=sys.stderr)
+    print(f"lightning-reweight: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
     return 2
 
 

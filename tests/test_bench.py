@@ -183,10 +183,11 @@ class _FakeRuns:
         if self.crash_at is not None and len(self.calls) == self.crash_at:
             raise KeyboardInterrupt
         return {"method": method, "scenario": scenario, "seed": seed, "test_acc": 50.0 + seed,
-                "test_balanced_acc": 50.0, "step_time_ms": 10.0 * len(self.calls)}
+                "test_balanced_acc": 50.0, "step_time_ms": 10.0 * len(self.calls),
+                "epochs": SCENARIOS[scenario].recipe.epochs if epochs is None else epochs}
 
 
-def test_interrupted_benchmark_keeps_its_records_and_resumes(tmp_path, monkeypatch):
+def test_interrupted_benchmark_keeps_its_records_and_resumes(tmp_path, monkeypatch, capsys):
     import lightning_reweight.bench.runner as runner
 
     out = tmp_path / "bench.json"
@@ -195,8 +196,8 @@ def test_interrupted_benchmark_keeps_its_records_and_resumes(tmp_path, monkeypat
     jobs = [(m, s, seed) for s in ("digits-lt10", "digits-lt50") for seed in (0, 1) for m in ("ce", "absgd", "ldam")]
     first = _FakeRuns(crash_at=6)  # dies during the 6th run: digits-lt10 seed 1, ldam
     monkeypatch.setattr(runner, "run_one", first)
-    with pytest.raises(KeyboardInterrupt):
-        main(argv)
+    assert main(argv) == 130  # Ctrl-C: a line saying what was kept and how to go on, not a traceback
+    assert "interrupted: 5 records saved to" in capsys.readouterr().err
     saved = json.loads(out.read_text())
     assert saved["meta"]["complete"] is False
     assert [(r["method"], r["scenario"], r["seed"]) for r in saved["records"]] == jobs[:5]
@@ -212,8 +213,41 @@ def test_interrupted_benchmark_keeps_its_records_and_resumes(tmp_path, monkeypat
     by_key = {(r["method"], r["scenario"], r["seed"]): r for r in result["records"]}
     assert by_key[jobs[1]]["step_time_ratio"] == pytest.approx(20.0 / 10.0)  # kept: measured in the first process
     assert by_key[jobs[5]]["step_time_ratio"] == pytest.approx(20.0 / 10.0)  # new: against the re-run baseline
-    with pytest.raises(SystemExit, match="epochs"):
+    with pytest.raises(SystemExit, match="holds runs of 1 epochs .* this run trains 2"):
         main([*argv[:-5], "--epochs", "2", "--output", str(out), "--no-progress", "--resume"])
+
+
+def test_benchmark_output_checks_and_the_earlier_results(tmp_path, monkeypatch, capsys):
+    """Found by a review of the command as a user: an output under a file passed the up-front check and crashed
+    after the first run; running again without --resume replaced a complete results file with the new run's first
+    record; valid JSON of another shape crashed --resume with a traceback; --resume refused the recipe's own
+    epochs given explicitly (None against 60); an unknown command printed only the usage."""
+    import lightning_reweight.bench.runner as runner
+
+    runs = _FakeRuns()
+    monkeypatch.setattr(runner, "run_one", runs)
+    base = ["benchmark", "--methods", "ce", "--scenarios", "digits-clean", "--seeds", "0", "--no-progress"]
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="afile is a file, not a directory"):
+        main([*base, "--output", str(tmp_path / "afile" / "x.json")])
+    assert runs.calls == []
+    out = tmp_path / "bench.json"
+    assert main([*base, "--output", str(out)]) == 0
+    first = out.read_text()
+    assert json.loads(first)["records"][0]["epochs"] == SCENARIOS["digits-clean"].recipe.epochs
+    runs.crash_at = len(runs.calls) + 1
+    assert main([*base, "--output", str(out)]) == 130  # a second run, interrupted before its first record
+    assert (tmp_path / "bench.previous.json").read_text() == first  # the earlier results are kept aside
+    assert "moved the earlier" in capsys.readouterr().err
+    runs.crash_at = None
+    (tmp_path / "bench.previous.json").replace(out)
+    assert main([*base, "--output", str(out), "--resume", "--epochs", "60"]) == 0  # 60 is the recipe's
+    assert runs.calls[-1] == ("ce", "digits-clean", 0) and len(json.loads(out.read_text())["records"]) == 1
+    for content in ("[1, 2]", '{"records": [{"method": "ce"}]}', '{"records": 3}'):
+        out.write_text(content)
+        with pytest.raises(SystemExit, match="not a benchmark JSON file"):
+            main([*base, "--output", str(out), "--resume"])
+    assert main(["fitt"]) == 2 and "unknown command 'fitt'" in capsys.readouterr().err
 
 
 def test_benchmark_refuses_what_it_would_silently_drop_or_crash_on_late(tmp_path, monkeypatch, capsys):
@@ -262,7 +296,7 @@ def test_cli_does_not_save_the_parsed_config_over_the_users_config_file(tmp_path
     argv = ["fit", "--config", "config.yaml", "--trainer.logger", "false", "--trainer.limit_train_batches", "1",
             "--trainer.limit_val_batches", "1", "--trainer.enable_checkpointing", "false",
             "--trainer.enable_progress_bar", "false"]  # (fast_dev_run would save no config at all)
-    with pytest.raises(RuntimeError, match="over your config file"):
+    with pytest.raises(SystemExit, match="over your config file"):  # a message, not a traceback
         main(argv)
     assert (tmp_path / "config.yaml").read_text() == mine
     (tmp_path / "mine.yaml").write_text(mine)
@@ -439,3 +473,24 @@ def test_test_curve_leaves_the_random_number_generator_as_it_found_it():
     curve.on_train_epoch_end(types.SimpleNamespace(), module)
     assert torch.equal(torch.rand(5), expected_next)
     assert curve.acc == [100.0]
+
+
+def test_ctrl_c_inside_a_run_reaches_the_command_as_an_interrupt():
+    """Lightning ends a fit interrupted by Ctrl-C with ``sys.exit(1)``: the benchmark then exited with status 1 and
+    no word (its quiet mode hides Lightning's own line), instead of saying what was saved and how to resume."""
+    import signal
+
+    from lightning.pytorch import Callback
+
+    class CtrlC(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            raise KeyboardInterrupt
+
+    register_method("test-ctrl-c", {"clean"}, "test method: interrupted")(lambda ctx: MethodParts(callbacks=[CtrlC()]))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_one("test-ctrl-c", "digits-clean", 0, epochs=1)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT from then on
+        del METHODS["test-ctrl-c"]

@@ -53,3 +53,13 @@ def test_example_runs(case, tmp_path):
         assert 0.0 <= float(match.group(1)) <= 100.0
     if args[0] == "susceptibility_digits.py":
         assert list((tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb")), "no offline W&B run written"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_examples_refuse_a_number_of_epochs_below_one(script):
+    """``--epochs 0`` tested an untrained model without a word and ``--epochs -1`` trained forever (Lightning reads
+    ``max_epochs=-1`` as no limit). One of the two values per script (each run imports torch and Lightning)."""
+    epochs = "0" if sorted(p.name for p in EXAMPLES.glob("*.py")).index(script) % 2 else "-1"
+    result = subprocess.run([sys.executable, str(EXAMPLES / script), "--epochs", epochs], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert result.returncode == 2 and "--epochs must be >= 1" in result.stderr, result.stderr[-2000:]

@@ -126,7 +126,12 @@ def run_one(method: str, scenario: str | Scenario, seed: int = 0, *, epochs: int
         timer = StepTimer(skip_epochs=1 if recipe.epochs > 1 else 0)
         curve = TestCurve()
         trainer = make_trainer(recipe.epochs, [timer, *parts.callbacks, curve])
-        trainer.fit(model, datamodule=dm)
+        try:
+            trainer.fit(model, datamodule=dm)
+        except SystemExit as err:  # Lightning ends a fit that Ctrl-C interrupted with sys.exit(1)
+            if trainer.interrupted:
+                raise KeyboardInterrupt from err
+            raise
         (test,) = trainer.test(model, datamodule=dm, verbose=False)
     record: dict[str, Any] = {
         "method": method,
