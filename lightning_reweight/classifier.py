@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import AttributeDict, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -297,7 +297,7 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
                 [MulticlassAccuracy(self.num_classes, average="micro"), BalancedAccuracy(self.num_classes)]
             )
             self._more_eval_metrics[key] = pair.to(self.device)
-        acc, bacc = self._more_eval_metrics[key]
+        acc, bacc = cast(nn.ModuleList, self._more_eval_metrics[key])
         return (acc, f"_more_eval_metrics.{key}.0"), (bacc, f"_more_eval_metrics.{key}.1")
 
     def _eval_step(self, batch: Any, stage: str, dataloader_idx: int) -> None:
@@ -325,7 +325,7 @@ class ReweightClassifier(ReweightingMixin, L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """The optimizer (and scheduler) chosen in ``__init__``."""
-        hp = self.hparams
+        hp = cast(AttributeDict, self.hparams)  # save_hyperparameters() made it one
         opt = build_optimizer(
             self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov
         )

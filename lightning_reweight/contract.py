@@ -320,7 +320,7 @@ class ReweightingMixin:
     def _combined_weights(self, losses: Tensor, batch: Any, targets: Tensor | None, indices: Tensor | None) -> Tensor:
         # against the batch's length only for 1-D targets: with (B, T) targets per-token losses are the user's
         per_sample = isinstance(targets, Tensor) and targets.dim() == 1
-        check_per_sample_losses(losses, targets.shape[0] if per_sample else None)
+        check_per_sample_losses(losses, targets.shape[0] if per_sample and targets is not None else None)
         weights = None
         if self.weightings:
             context = WeightingContext(module=self, batch=batch, targets=targets, indices=indices)

@@ -154,7 +154,9 @@ def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = N
         if kind == "wandb":
             import wandb
 
-            logger.log_metrics({k: wandb.Histogram(v.numpy()) for k, v in data.items()}, step=step)
+            # wandb annotates `sequence` as Sequence; it passes it to np.histogram, which takes an array
+            hists = {k: wandb.Histogram(v.numpy()) for k, v in data.items()}  # type: ignore[arg-type]
+            logger.log_metrics(hists, step=step)
         else:
             for k, v in data.items():
                 logger.experiment.add_histogram(k, v, global_step=step)

@@ -73,12 +73,13 @@ class DeferredWeightedSampler(DistributedSampler):
             if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
                 raise ValueError("weights must be finite and non-negative with a positive sum")
         self.num_samples = int(num_samples)
-        self.weights = weights
-        self.start_epoch = int(start_epoch)
-        self.seed = int(seed)
-        self.epoch = 0
-        self.epoch_source = epoch_source
-        self._num_replicas, self._rank = num_replicas, rank
+        self.weights: Tensor | None = weights
+        self.start_epoch: int = int(start_epoch)
+        self.seed: int = int(seed)
+        self.epoch: int = 0
+        self.epoch_source: Callable[[], int] | None = epoch_source
+        self._num_replicas: int | None = num_replicas
+        self._rank: int | None = rank
         self.shuffle = True
         self.drop_last = False
 

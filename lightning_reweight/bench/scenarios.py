@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 __all__ = ["PRESETS", "SCENARIOS", "Recipe", "Scenario"]
 
@@ -56,7 +57,19 @@ SCENARIOS: dict[str, Scenario] = {
 
 #: Named selections for the command line: scenarios, seeds, epochs (None: the recipe's) and methods (None: all
 #: registered; "quick" leaves out the exact-hypergradient meta variants, which are slower and match "-fd").
-PRESETS: dict[str, dict[str, object]] = {
+class _PresetKeys(TypedDict):
+    scenarios: list[str]
+    seeds: list[int]
+    epochs: int | None
+
+
+class _Preset(_PresetKeys, total=False):
+    """A :data:`PRESETS` entry; ``exclude_methods`` is optional."""
+
+    exclude_methods: list[str]
+
+
+PRESETS: dict[str, _Preset] = {
     "quick": {
         "scenarios": ["digits-sym40", "digits-lt50"],
         "seeds": [0],

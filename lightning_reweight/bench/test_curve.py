@@ -41,7 +41,7 @@ class TestCurve(Callback):
         self._data: tuple[Tensor, Tensor] | None = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        dm = trainer.datamodule
+        dm = trainer.datamodule  # type: ignore[attr-defined]  # set at runtime by Lightning
         if dm is None or not hasattr(dm, "test_dataloader"):
             raise ValueError("TestCurve needs a datamodule with a test_dataloader")
         with torch.random.fork_rng(devices=[]):  # creating the loader's iterator draws a seed

@@ -9,7 +9,7 @@ from lightning.pytorch import Trainer
 
 def train_dataset(trainer: Trainer) -> Any | None:
     """``trainer.datamodule.train_dataset``, else the train loader's ``dataset``, else ``None``."""
-    dm = trainer.datamodule
+    dm = trainer.datamodule  # type: ignore[attr-defined]  # set at runtime by Lightning
     dataset = getattr(dm, "train_dataset", None) if dm is not None else None
     if dataset is None:
         dataset = getattr(trainer.train_dataloader, "dataset", None)

@@ -81,7 +81,7 @@ class DeferredResampling(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        dm = trainer.datamodule
+        dm = trainer.datamodule  # type: ignore[attr-defined]  # set at runtime by Lightning
         if dm is None or not hasattr(dm, "train_sampler") or getattr(dm, "train_targets", None) is None:
             raise ValueError(
                 "DeferredResampling needs a datamodule with `train_targets` and a `train_sampler` attribute that "
@@ -121,9 +121,10 @@ class DeferredResampling(Callback):
         if self._sampler is not None and isinstance(self._sampler.epoch_source, _TrainerEpoch):
             self._sampler.epoch_source.training_started = True
         if self._sampler is not None and not loader_uses_sampler(trainer.train_dataloader, self._sampler):
-            if trainer.overfit_batches > 0:
+            overfit = trainer.overfit_batches  # type: ignore[attr-defined]  # set at runtime by Lightning
+            if overfit > 0:
                 raise RuntimeError(
-                    f"DeferredResampling cannot run with overfit_batches={trainer.overfit_batches}: Lightning "
+                    f"DeferredResampling cannot run with overfit_batches={overfit}: Lightning "
                     "replaces the training loader's sampler by a sequential one to overfit the same batches, so "
                     "class-balanced sampling would silently never happen; leave DeferredResampling out of an "
                     "overfit_batches run"

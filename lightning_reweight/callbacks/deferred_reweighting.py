@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_reweight.callbacks._data import starts_new_run
 from lightning_reweight.callbacks._schedule import warn_if_never_reached
-from lightning_reweight.contract import WeightingContext, mean_scale
+from lightning_reweight.contract import ReweightingMixin, WeightingContext, mean_scale
 from lightning_reweight.functional.longtail import check_class_counts, class_balanced_weights
 from lightning_reweight.losses._counts import ClassCountLoss
 
@@ -159,7 +159,8 @@ class DeferredReweighting(Callback):
         if stage != "fit":
             return
         if not self._counts_given:  # read for every fit: a reused callback must not keep an old dataset's counts
-            counts = getattr(trainer.datamodule, "train_class_counts", None)
+            # Trainer.datamodule: set at runtime by Lightning, not in its annotations
+            counts = getattr(trainer.datamodule, "train_class_counts", None)  # type: ignore[attr-defined]
             if counts is None:
                 raise ValueError(
                     "DeferredReweighting needs class counts: pass cls_num_list=[n_0, n_1, ...] or use a datamodule "
@@ -189,7 +190,8 @@ class DeferredReweighting(Callback):
     def _check_given_counts(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``cls_num_list`` against the data: the wrong number of classes is an error, other counts a warning."""
         assert self._counts is not None
-        data_counts = getattr(trainer.datamodule, "train_class_counts", None)
+        # Trainer.datamodule: set at runtime by Lightning, not in its annotations
+        data_counts = getattr(trainer.datamodule, "train_class_counts", None)  # type: ignore[attr-defined]
         classes = len(data_counts) if data_counts is not None else getattr(pl_module, "num_classes", None)
         if isinstance(classes, int) and classes != len(self._counts):
             source = "the datamodule's train_class_counts" if data_counts is not None else "the module's num_classes"
@@ -231,10 +233,10 @@ class DeferredReweighting(Callback):
         if self.mode == "weighting":
             if self._active:
                 self._source = ClassWeighting(self.class_weights())
-                pl_module.attach_weighting(self._name, self._source)  # type: ignore[operator]
+                cast(ReweightingMixin, pl_module).attach_weighting(self._name, self._source)
             else:
                 self._source = None
-                pl_module.detach_weighting(self._name)  # type: ignore[operator]
+                cast(ReweightingMixin, pl_module).detach_weighting(self._name)
         else:
             buffer = self._weight_buffer(pl_module)
             with torch.no_grad():
@@ -301,7 +303,7 @@ class DeferredReweighting(Callback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.mode == "weighting" and hasattr(pl_module, "detach_weighting"):
-            pl_module.detach_weighting(self._name)
+            cast(ReweightingMixin, pl_module).detach_weighting(self._name)
 
     @property
     def _name(self) -> str:

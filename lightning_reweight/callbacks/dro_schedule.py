@@ -95,8 +95,10 @@ class DROSchedule(Callback):
             built = {loss.built_lam for loss in self._losses}
             self._lam = built.pop() if len(built) == 1 and None not in built else None
         elif not self._warned_sign:
+            lam = self._lam
+            assert lam is not None  # _lam_given: lam was given (not None)
             flipped = sorted(
-                v for v in (loss.built_lam for loss in self._losses) if v is not None and (v > 0) != (self._lam > 0)
+                v for v in (loss.built_lam for loss in self._losses) if v is not None and (v > 0) != (lam > 0)
             )
             if flipped:
                 self._warned_sign = True

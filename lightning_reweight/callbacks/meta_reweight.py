@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -18,7 +18,7 @@ from lightning_reweight._layers import is_compiled
 from lightning_reweight.callbacks._data import starts_new_run, train_dataset
 from lightning_reweight.callbacks._records import cat_or_none, collective_world, gather_records, records_for_rank
 from lightning_reweight.callbacks._schedule import warn_if_never_reached
-from lightning_reweight.contract import WeightingContext
+from lightning_reweight.contract import ReweightingMixin, WeightingContext
 from lightning_reweight.functional.susceptibility import needs_closure
 from lightning_reweight.loggers import epoch_end_step, log_step, publish_metrics
 from lightning_reweight.meta.base import MetaStrategy
@@ -233,9 +233,9 @@ class MetaReweight(Callback):
             mask = None if mask is None else torch.as_tensor(mask).bool().cpu()
             # clean data (or all noisy): an AUROC against one class is undefined; log none rather than nan
             self._noise_mask = None if mask is None or not mask.any() or bool(mask.all()) else mask
-            self._noise_mask_device: Tensor | None = None
+            self._noise_mask_device = None
         self._trainer = trainer
-        pl_module.attach_weighting(type(self).__name__, self)
+        cast(ReweightingMixin, pl_module).attach_weighting(type(self).__name__, self)
 
     def _check_accumulation(self, trainer: L.Trainer) -> None:
         """A delayed strategy refuses gradient accumulation.
@@ -258,7 +258,7 @@ class MetaReweight(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and hasattr(pl_module, "detach_weighting"):
-            pl_module.detach_weighting(type(self).__name__)
+            cast(ReweightingMixin, pl_module).detach_weighting(type(self).__name__)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -720,7 +720,8 @@ class MetaReweight(Callback):
         # rank's meta-loader order, sample-history sums and unfinished epoch's records
         trainer = self._trainer
         world = collective_world(trainer)
-        gen_states, history = self._meta_gen_state, None
+        gen_states = self._meta_gen_state
+        history: dict[str, Any] | None = None  # with "per_rank": True once gathered
         if self._history is not None:
             history = self._history.metric_state_cpu()
         if world > 1 and trainer is not None:

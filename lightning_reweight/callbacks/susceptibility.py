@@ -298,8 +298,9 @@ class SusceptibilityMonitor(Callback):
             n = getattr(pl_module, "num_classes", None)
             if n is None:
                 n = getattr(pl_module, "hparams", {}).get("num_classes")
-            if n is None and trainer.datamodule is not None:
-                n = getattr(trainer.datamodule, "num_classes", None)
+            # Trainer.datamodule: set at runtime by Lightning, not in its annotations
+            if n is None and trainer.datamodule is not None:  # type: ignore[attr-defined]
+                n = getattr(trainer.datamodule, "num_classes", None)  # type: ignore[attr-defined]
             if n is None:
                 raise ValueError(
                     "SusceptibilityMonitor could not infer the number of classes: pass num_classes=... "
@@ -400,7 +401,7 @@ class SusceptibilityMonitor(Callback):
         return self._pool.index_select(0, idx), self._labels.index_select(0, idx)
 
     def _noise_mask(self, trainer: Trainer) -> Tensor | None:
-        dm = trainer.datamodule
+        dm = trainer.datamodule  # type: ignore[attr-defined]  # set at runtime by Lightning
         mask = getattr(dm, "noise_mask", None) if dm is not None else None
         return None if mask is None else torch.as_tensor(mask, dtype=torch.bool)
 
@@ -449,8 +450,8 @@ class SusceptibilityMonitor(Callback):
                     rank_zero_warn(f"SusceptibilityMonitor: noisy/clean subset accuracy disabled ({err})")
                     self.subset_accuracy = "off"
         inputs, targets = self.probe_batch(trainer, epoch)  # own generator: the global RNGs are not drawn from
-        losses = susceptibility_losses(pl_module, optimizer, inputs.to(device), targets.to(device), forward=forward)
-        losses = trainer.strategy.reduce(torch.stack(losses), reduce_op="mean")
+        pair = susceptibility_losses(pl_module, optimizer, inputs.to(device), targets.to(device), forward=forward)
+        losses = trainer.strategy.reduce(torch.stack(pair), reduce_op="mean")
         drop, before = float(losses[0] - losses[1]), float(losses[0])  # the drop in fp32, as susceptibility_step
         if not math.isfinite(drop):  # e.g. an fp16 overflow in the unscaled probe step: zeta would stay nan
             rank_zero_warn(f"SusceptibilityMonitor: the probe's drop is {drop} at epoch {epoch}; measurement skipped")

@@ -94,7 +94,7 @@ class _CIFARDataModule(ReweightDataModule):
         self.verify_checksums = verify_checksums
         self._train_raw: Any = None
 
-    def _dataset_class(self) -> type:
+    def _dataset_class(self) -> type[Any]:
         if not self.verify_checksums:
             return _unverified(self._dataset_name)
         datasets, _ = _torchvision()

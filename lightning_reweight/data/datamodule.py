@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sized
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
@@ -234,7 +234,9 @@ class ReweightDataModule(L.LightningDataModule):
             if self.meta_per_class > 0 else None
         )
         self.val_dataset = RelabeledSubset(pool, val_idx, pool_targets[val_idx], self.eval_transform)
-        self.test_dataset = RelabeledSubset(test_set, torch.arange(len(test_set)), None, self.eval_transform)
+        self.test_dataset = RelabeledSubset(
+            test_set, torch.arange(len(cast(Sized, test_set))), None, self.eval_transform
+        )
         self._is_set_up = True
 
     def __getattr__(self, name: str) -> Any:
@@ -283,7 +285,7 @@ class ReweightDataModule(L.LightningDataModule):
         """
         if self.num_workers == 0:
             return self._loader(dataset, batch_size, shuffle=True, generator=shuffle_generator, **kwargs)
-        sampler = RandomSampler(dataset, generator=shuffle_generator)
+        sampler = RandomSampler(cast(Sized, dataset), generator=shuffle_generator)
         return self._loader(dataset, batch_size, sampler=sampler, generator=self._worker_generator(worker_stream),
                             **kwargs)
 
@@ -297,6 +299,7 @@ class ReweightDataModule(L.LightningDataModule):
         sampler = self.train_sampler
         trainer = getattr(self, "trainer", None)
         if sampler is None and shards_training_data(trainer):
+            assert trainer is not None  # shards_training_data(None) is False
             # Lightning would inject a DistributedSampler seeded by seed_everything; this one is seeded by ``seed``
             # (and Lightning leaves a DistributedSampler alone, setting its epoch each epoch)
             sampler = DistributedSampler(self.train_dataset, **trainer.distributed_sampler_kwargs,

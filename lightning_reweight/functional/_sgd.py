@@ -16,6 +16,8 @@ The arithmetic is the optimizer's own, op for op (PyTorch's single-tensor SGD):
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -66,20 +68,20 @@ def sgd_update_(optimizer: torch.optim.SGD, grads: dict[Tensor, Tensor]) -> None
         params = [p for p in group["params"] if p in grads]
         if not params:
             continue
-        d = [grads[p] for p in params]
+        d: list[Tensor] | tuple[Tensor, ...] = [grads[p] for p in params]
         if maximize:
             d = torch._foreach_neg(d)
         if weight_decay != 0:
             d = torch._foreach_add(d, params, alpha=weight_decay)
         if momentum != 0:
             state = optimizer.state
-            bufs = [state[p].get("momentum_buffer") if p in state else None for p in params]
+            bufs: list[Tensor | None] = [state[p].get("momentum_buffer") if p in state else None for p in params]
             have = [i for i, buf in enumerate(bufs) if buf is not None]
             if have:  # momentum * buf + (1 - dampening) * d, as new tensors: the stored buffers stay as they are
-                moved = torch._foreach_mul([bufs[i] for i in have], momentum)
+                moved = torch._foreach_mul(cast(list[Tensor], [bufs[i] for i in have]), momentum)
                 torch._foreach_add_(moved, [d[i] for i in have], alpha=1 - dampening)
                 for i, buf in zip(have, moved):
                     bufs[i] = buf
-            bufs = [dp if buf is None else buf for dp, buf in zip(d, bufs)]
-            d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
+            filled = [dp if buf is None else buf for dp, buf in zip(d, bufs)]
+            d = torch._foreach_add(d, filled, alpha=momentum) if nesterov else filled
         torch._foreach_add_(params, d, alpha=-lr)

@@ -20,7 +20,7 @@ import inspect
 import random
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -193,10 +193,10 @@ def preserved_training_state(
                             state[k] = orig
                         else:
                             state[k] = saved
-                for g, saved_group in zip(optimizer.param_groups, groups):
-                    for k in [k for k in g if k != "params" and k not in saved_group]:
-                        del g[k]
-                    g.update(saved_group)
+                for group, saved_group in zip(optimizer.param_groups, groups):
+                    for k in [k for k in group if k != "params" and k not in saved_group]:
+                        del group[k]
+                    group.update(saved_group)
                 if opt_called is None:
                     optimizer.__dict__.pop("_opt_called", None)
                 else:
@@ -298,6 +298,7 @@ def susceptibility_losses(
     loss_fn = loss_fn if loss_fn is not None else _cross_entropy
     fwd = forward if forward is not None else model
     if plain_sgd:
+        sgd = cast(torch.optim.SGD, optimizer)  # is_plain_sgd: exactly torch.optim.SGD
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         # the stepped parameters, and frozen ones the forward writes in place (Embedding(max_norm=...) renormalises
         # its rows); other frozen parameters (a frozen backbone) are not copied
@@ -305,7 +306,7 @@ def susceptibility_losses(
         stepped = {id(p) for p in params}
         restored = params + [p for p in rewritten if id(p) not in stepped]
         with preserved_rng(), _restored_values(restored + buffers):
-            return _losses(fwd, loss_fn, inputs, random_targets, lambda loss: _sgd_step(optimizer, params, loss))
+            return _losses(fwd, loss_fn, inputs, random_targets, lambda loss: _sgd_step(sgd, params, loss))
     with preserved_training_state(model, optimizer) as params:
         return _losses(fwd, loss_fn, inputs, random_targets, lambda loss: _optimizer_step(optimizer, params, loss))
 

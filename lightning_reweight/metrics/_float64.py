@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -24,7 +24,8 @@ class Float64Metric(Metric):
         return torch.float64
 
     def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = ()) -> Any:
-        this = super()._apply(fn, exclude_state=tuple(self._defaults))  # the module and bookkeeping only
+        # the module and bookkeeping only (torchmetrics returns the metric itself, typed as a Module)
+        this = cast(Metric, super()._apply(fn, exclude_state=tuple(self._defaults)))
         device = fn(torch.zeros(1, device=self.device)).device
 
         def move(value: Any) -> Any:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["QUADRANTS", "ModelSelection", "plot_model_selection", "select_models", "susceptibility_from_checkpoint"]
 
@@ -194,7 +194,7 @@ def susceptibility_from_checkpoint(checkpoint: str | Path | dict[str, Any], pref
     if not isinstance(checkpoint, dict):
         import torch
 
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = cast(dict[str, Any], torch.load(checkpoint, map_location="cpu", weights_only=True))
     for key, state in checkpoint.get("callbacks", {}).items():
         # the monitor's state key is "<class name>{'prefix': '...'}": a subclass has its own class name
         if f"{{'prefix': '{prefix}'}}" in key and isinstance(state, dict) and state.get("drops"):

@@ -60,6 +60,9 @@ class WeightNoiseAUROC(Float64Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    # the add_state states: lists of batches (while compute() runs after a DDP sync, each is one tensor)
+    weights: list[Tensor]
+    noisy: list[Tensor]
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

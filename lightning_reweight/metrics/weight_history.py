@@ -76,6 +76,7 @@ class SampleWeightHistory(Float64Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    sums: Tensor  # the add_state state, (num_samples, len(_COLUMNS))
 
     def __init__(self, num_samples: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -50,7 +50,7 @@ class MLP(nn.Module):
             width = h
         self.features = nn.Sequential(*layers)
         self.out_features = width
-        self.classifier = nn.Linear(width, num_classes)
+        self.classifier: nn.Module = nn.Linear(width, num_classes)  # replaceable (e.g. a NormalizedLinear head)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape ``(B, num_classes)``."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal, cast
+
 from lightning_reweight.bench.methods import BuildContext, MethodParts, register_method
 from lightning_reweight.callbacks.meta_reweight import MetaReweight
 from lightning_reweight.meta import L2RW, MetaWeightNet
+from lightning_reweight.meta.engine import Hypergrad
 
-_ROUTES = {"fd": "finite_diff", "fwd": "forward", "2nd": "second_order"}
+_ROUTES: dict[str, Hypergrad] = {"fd": "finite_diff", "fwd": "forward", "2nd": "second_order"}
 
 #: method-specific settings on top of the shared recipe. MW-Net uses sum-normalised weights with the meta optimizer
 #: that goes with them in the official code (the WRN-28-10 script: SGD, momentum 0.9, Nesterov, weight decay 5e-4).
@@ -30,7 +33,7 @@ MWN_SETTINGS: dict[str, float | int | str] = {
 }
 
 
-def _l2rw(hypergrad: str):
+def _l2rw(hypergrad: Hypergrad):
     def build(ctx: BuildContext) -> MethodParts:
         return MethodParts(callbacks=[MetaReweight(L2RW(), hypergrad=hypergrad, meta_seed=ctx.seed,
                                                    warmup_epochs=int(L2RW_SETTINGS["warmup_epochs"]))])
@@ -38,12 +41,12 @@ def _l2rw(hypergrad: str):
     return build
 
 
-def _mwn(hypergrad: str, lookahead: bool = True, delayed: bool = False):
+def _mwn(hypergrad: Hypergrad, lookahead: bool = True, delayed: bool = False):
     def build(ctx: BuildContext) -> MethodParts:
         strategy = MetaWeightNet(
             lookahead=lookahead,
             delayed=delayed,
-            meta_optimizer=str(MWN_SETTINGS["meta_optimizer"]),
+            meta_optimizer=cast(Literal["adam", "sgd"], str(MWN_SETTINGS["meta_optimizer"])),  # MetaWeightNet checks it
             meta_lr=float(MWN_SETTINGS["meta_lr"]),
             meta_momentum=float(MWN_SETTINGS["meta_momentum"]),
             nesterov=bool(MWN_SETTINGS["nesterov"]),
