@@ -569,3 +569,21 @@ def test_finite_difference_forwards_run_without_tf32(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     assert (False, False) in seen  # the shifted forward and l(theta)
     assert rel(fd, ref) < 0.05  # l(theta) recomputed, not the training forward's
+
+
+def test_second_order_alignment_of_losses_no_parameter_moves_is_zero():
+    """With training losses that no parameter moves (a constant, or a frozen network), the double backward summed
+    no gradient term into the int 0 and crashed (``'int' object is not iterable``); the other routes gave zeros."""
+    net = nn.Linear(3, 2)
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+
+    def constant(b):
+        return torch.ones(b[0].shape[0])
+
+    def meta(b):
+        return nn.functional.cross_entropy(net(b[0]), b[1])
+
+    direction = [torch.ones_like(p) for p in net.parameters()]
+    for hypergrad in ("second_order", "forward", "finite_diff"):
+        u = MetaProblem(net, constant, meta, batch, batch, hypergrad=hypergrad).directional(direction)
+        assert u.shape == (4,) and not u.any(), hypergrad

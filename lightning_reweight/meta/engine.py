@@ -30,7 +30,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -283,7 +283,7 @@ class MetaProblem:
         cpu, cuda, index = self.rng_state  # type: ignore[misc]
         torch.set_rng_state(cpu)
         if cuda is not None:
-            torch.cuda.set_rng_state(cuda, index)
+            torch.cuda.set_rng_state(cuda, cast(int, index))  # capture_rng pairs a CUDA state with its index
 
     @contextlib.contextmanager
     def _forked(self) -> Iterator[None]:
@@ -444,9 +444,11 @@ class MetaProblem:
                 losses = self.train_losses_at(p)
                 eps = torch.zeros_like(losses, requires_grad=True)
                 grads = torch.autograd.grad((eps * losses).sum(), p, create_graph=True, allow_unused=True)
-                inner = sum((g * d).sum() for g, d in zip(grads, direction) if g is not None)
-                (u,) = torch.autograd.grad(inner, eps)
-                return u.detach()
+                terms = [(g * d).sum() for g, d in zip(grads, direction) if g is not None]
+                if not terms:  # no parameter moves the losses: every alignment is 0 (as on the other routes)
+                    return torch.zeros_like(losses.detach())
+                (u,) = torch.autograd.grad(torch.stack(terms).sum(), eps, allow_unused=True)
+                return torch.zeros_like(losses.detach()) if u is None else u.detach()
 
     def _fd_shift(self, direction: Sequence[Tensor]) -> tuple[Tensor, float] | None:
         """``(l(theta + h d), h)`` with ``h = fd_eps * max(|theta|, 1) / |d|``; ``None`` when ``d = 0``."""
