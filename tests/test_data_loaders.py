@@ -26,6 +26,29 @@ def test_training_and_meta_workers_draw_different_random_transforms():
     assert not set(train.tolist()) & set(meta.tolist())
 
 
+def test_workers_behind_a_callbacks_sampler_draw_per_rank_and_leave_the_global_rng():
+    """A sampler set on the datamodule (DeferredResampling's) made the loader draw its workers' base seed from the
+    global RNG, which seed_everything makes the same on every rank: both ranks drew the same random transforms,
+    and the draw moved the training's own random stream."""
+    from types import SimpleNamespace
+
+    from _toy_random_transform import Toy
+    from torch.utils.data import SequentialSampler
+
+    draws = []
+    for rank in (0, 1):
+        dm = Toy(meta_per_class=5, val_fraction=0.0, batch_size=20, num_workers=1, seed=3)
+        dm.setup()
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0, fit_loop=None,
+                                     distributed_sampler_kwargs={"num_replicas": 2, "rank": rank}, overfit_batches=0)
+        dm.train_sampler = SequentialSampler(range(40))
+        torch.manual_seed(0)  # as seed_everything does on every rank
+        before = torch.get_rng_state()
+        draws.append(next(iter(dm.train_dataloader()))[0].flatten().tolist())
+        assert torch.equal(torch.get_rng_state(), before)
+    assert len(set(draws[0])) == 20 and not set(draws[0]) & set(draws[1])
+
+
 @pytest.mark.ddp
 def test_ddp_training_order_follows_the_datamodule_seed_and_ranks_draw_their_own_transforms(tmp_path):
     """Under DDP Lightning's injected DistributedSampler took its seed from seed_everything, so the datamodule's
