@@ -324,13 +324,13 @@ class ReweightDataModule(L.LightningDataModule):
                                   drop_last=self._drop_single(len(self.train_dataset), self.batch_size))
         # a sampler set by the user or a callback (DeferredResampling's): with workers, their base seed comes from
         # this loader's own per-rank generator, not the global RNG (which seed_everything makes equal on every rank)
-        workers = {"generator": self._worker_generator(_WORKER_SEED_STREAM)} if self.num_workers > 0 else {}
+        workers = self._worker_generator(_WORKER_SEED_STREAM) if self.num_workers > 0 else None
         if isinstance(sampler, BatchSampler):
             return DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory, **workers)
+                              persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory, generator=workers)
         size = len(sampler) if isinstance(sampler, Sized) else 0  # an unsized sampler: as it is
         return self._loader(self.train_dataset, self.batch_size, sampler=sampler,
-                            drop_last=self._drop_single(size, self.batch_size), **workers)
+                            drop_last=self._drop_single(size, self.batch_size), generator=workers)
 
     def state_dict(self) -> dict[str, Any]:
         """The training shuffle's generator state (Lightning stores it in every checkpoint).
