@@ -623,3 +623,66 @@ def test_criterion_mode_warns_when_it_replaces_the_criterions_own_class_weights(
         for beta, epochs in ((BETA, 2), (0.9, 1)):
             trainer_for(tmp_path, epochs, [DeferredReweighting(1, beta, "criterion", COUNTS)],
                         enable_checkpointing=False).fit(model, TinyDataModule())
+
+
+# ---------------------------------------------------------------------------- from the fourth mutation audit
+class _Tiny(L.LightningModule):
+    """One linear layer; under manual optimization it steps its optimizer after every second batch only."""
+
+    def __init__(self, automatic: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = automatic
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        if self.automatic_optimization:
+            return loss
+        self.manual_backward(loss)
+        if batch_idx % 2 == 1:
+            self.optimizers().step()
+            self.optimizers().zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("limits, batches, accumulate, automatic", [
+    ({"max_epochs": -1, "max_steps": 7}, 7, 3, True),  # 3 steps per epoch, the last of 1 batch: epochs 0-2
+    ({"max_epochs": 2, "max_steps": 100}, 6, 1, True),  # max_epochs ends the run first
+    ({"max_epochs": 5, "max_steps": 8}, 6, 2, True),  # max_steps first: 3 steps per epoch, epochs 0-2
+    ({"max_epochs": -1, "max_steps": 6}, 6, 2, True),  # exactly two epochs of 3 steps: epochs 0-1
+    ({"max_epochs": -1, "max_steps": 6}, 6, 1, False),  # manual: 3 steps per epoch of 6 batches, epochs 0-1
+])
+def test_last_epoch_is_the_last_epoch_the_run_trains(tmp_path, limits, batches, accumulate, automatic):
+    """The schedule checks' last epoch against the epochs a run actually trains: exact under automatic optimization
+    (the earlier of the max_epochs and max_steps limits, a partial accumulation step closing each epoch); under
+    manual optimization, where the steps per batch are unknown, never earlier than the real one (a start epoch the
+    run does reach must not be warned about)."""
+    from lightning_reweight.callbacks._schedule import last_epoch
+
+    computed, trained = [], set()
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            computed.append(last_epoch(trainer))
+
+        def on_train_batch_start(self, trainer, *args):
+            trained.add(trainer.current_epoch)
+
+    L.Trainer(**limits, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1, callbacks=[Spy()],
+              logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path).fit(
+        _Tiny(automatic), DataLoader(TensorDataset(torch.randn(4 * batches, 2)), batch_size=4))
+    (last,) = computed
+    if automatic:
+        assert last is not None and last[0] == max(trained)
+    else:
+        assert last is None or last[0] >= max(trained)
+
+
+def test_drs_with_overfit_batches_one_names_the_trainer_option(tmp_path):
+    """overfit_batches=1 (one batch) swaps the sampler out as any other positive value does: the error names it."""
+    with pytest.raises(RuntimeError, match=r"overfit_batches=1: Lightning replaces"):
+        trainer_for(tmp_path, 1, [DeferredResampling(0)], overfit_batches=1).fit(
+            ReweightClassifier(MLP(64, 3, hidden=(8,)), 3), TinyDataModule())

@@ -159,3 +159,52 @@ def test_the_weighting_function_figure_plots_v_of_l_over_the_requested_losses():
         expected = [float(torch.sigmoid(net[2].weight @ torch.relu(net[0].weight[:, 0] * loss + net[0].bias)
                                          + net[2].bias)) for loss in losses]
     assert line.get_ydata().tolist() == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- from the fourth mutation audit
+class _RecordingLogger:
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((dict(metrics), step))
+
+
+def test_publish_metrics_writes_on_rank_zero_only_and_nothing_for_no_values():
+    """Every rank puts the values into callback_metrics (ModelCheckpoint reads them on each rank), only rank zero
+    writes them to the loggers, with the epoch beside them; no values means no row at all (not an epoch-only row)."""
+    from lightning_reweight.loggers import publish_metrics
+
+    for rank_zero in (True, False):
+        logger = _RecordingLogger()
+        trainer = types.SimpleNamespace(loggers=[logger], is_global_zero=rank_zero, callback_metrics={})
+        publish_metrics(trainer, {"a/b": 0.5}, epoch=2, step=17)
+        publish_metrics(trainer, {}, epoch=3, step=23)
+        assert {k: float(v) for k, v in trainer.callback_metrics.items()} == {"a/b": 0.5}
+        assert logger.rows == ([({"a/b": 0.5, "epoch": 2}, 17)] if rank_zero else [])
+
+
+def test_the_weighting_function_figure_takes_the_given_epoch_and_step():
+    """A figure drawn for an epoch closed at a resume's train start carries that epoch in its title and goes at the
+    given step, not at the trainer's current epoch and epoch-end step; without them it takes the trainer's."""
+    pytest.importorskip("matplotlib")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_reweight.callbacks._plots import log_weight_function
+    from lightning_reweight.meta import MetaWeightNet
+
+    drawn = []
+
+    class FakeTensorBoard(TensorBoardLogger):  # only the experiment is used
+        def __init__(self) -> None:
+            pass
+
+        @property
+        def experiment(self):
+            return types.SimpleNamespace(
+                add_figure=lambda tag, fig, global_step, close: drawn.append((fig.axes[0].get_title(), global_step)))
+
+    trainer = types.SimpleNamespace(loggers=[FakeTensorBoard()], current_epoch=4, global_step=30, is_global_zero=True)
+    assert log_weight_function(trainer, MetaWeightNet(hidden=4), epoch=3, step=23)
+    assert log_weight_function(trainer, MetaWeightNet(hidden=4))
+    assert drawn == [("weighting function, epoch 3", 23), ("weighting function, epoch 4", 29)]

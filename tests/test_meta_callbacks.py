@@ -1343,3 +1343,114 @@ def test_weight_function_figure_every_n_epochs():
     cb._log_weight_function = lambda trainer, epoch, step: epochs.append((trainer.current_epoch, epoch))
     trainer(3, [cb], limit_train_batches=2).fit(module(), train)
     assert epochs == [(1, 1)]
+
+
+# ---------------------------------------------------------------------------- from the fourth mutation audit
+@pytest.mark.parametrize("saved_step", [6, 12])
+def test_a_last_batch_resume_draws_the_figure_on_the_straight_runs_epochs(tmp_path, saved_step):
+    """plot_every_n_epochs=2 over epochs 0-2 of 6 batches: the figure of epoch 1 only, at its last batch's step 11.
+    A resume from the last batch of epoch 0 (step 6) or of epoch 1 (step 12) closes that epoch at train start, when
+    the trainer's epoch is already the next one: the cadence must follow the closed epoch (a figure for epoch 0, or
+    none for epoch 1, came from testing the trainer's epoch)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, callbacks=()):
+        callback = MetaReweight(MetaWeightNet(hidden=4), plot_every_n_epochs=2)
+        drawn = []
+        callback._log_weight_function = lambda trainer, epoch, step: drawn.append((epoch, step))
+        L.Trainer(max_epochs=3, accelerator="cpu", devices=1, callbacks=[callback, *callbacks], logger=False,
+                  enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False).fit(
+            module(), datamodule=MaskedData(), ckpt_path=ckpt_path)
+        return drawn
+
+    straight = run(callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1,
+                                              filename="{step}")])
+    every_second = [(epoch, 6 * (epoch + 1) - 1) for epoch in range(3) if (epoch + 1) % 2 == 0]
+    assert straight == every_second
+    assert run(ckpt_path=tmp_path / f"step={saved_step}.ckpt") == every_second  # both checkpoints precede it
+
+
+def test_a_one_epoch_warmup_the_run_never_ends_is_warned_about_and_one_it_ends_is_not():
+    """warmup_epochs=1 with max_epochs=1: the whole run is warm-up (no meta step runs, checked), which the smallest
+    warm-up must be warned about too; with max_epochs=2 meta steps do run, and there is no warning."""
+    train, meta = loaders()
+    cb = MetaReweight(L2RW(), meta_dataloader=meta, warmup_epochs=1)
+    with pytest.warns(UserWarning, match=r"warmup_epochs=1 is never reached with max_epochs=1"):
+        trainer(1, [cb]).fit(module(), train)
+    assert cb._meta_steps == 0
+    cb = MetaReweight(L2RW(), meta_dataloader=meta, warmup_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(2, [cb]).fit(module(), train)
+    assert cb._meta_steps > 0
+    assert not [w for w in caught if "never reached" in str(w.message)]
+
+
+@pytest.mark.parametrize("how", ["submodule_compiled_in_place", "module_given_compiled"])
+def test_second_order_is_refused_before_training_however_the_model_is_compiled(how):
+    """Compiled code is run by a layer deep in the backbone compiled in place (``layer.compile()``), or by the whole
+    LightningModule handed to the Trainer as ``torch.compile(module)`` (Lightning unwraps it and compiles its
+    forward): second_order must be refused at fit start either way, before any training step (the engine's own
+    refusal came only at the first meta step, after warm-up). Nothing is compiled: the error precedes any forward."""
+    train, meta = loaders()
+    model = module()
+    if how == "submodule_compiled_in_place":
+        layer = next(m for m in model.backbone.modules() if isinstance(m, nn.Linear))
+        layer.compile(backend="aot_eager")
+        given = model
+    else:
+        given = torch.compile(model, backend="aot_eager")
+    cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad="second_order", warmup_epochs=1)
+    with pytest.raises(ValueError, match="MetaReweight.hypergrad='second_order'.*torch.compile"):
+        trainer(2, [cb]).fit(given, train)
+    assert cb._meta_steps == 0 and model.trainer.global_step == 0
+
+
+class ForgetfulFromEpochOne(ReweightClassifier):
+    """Reduces its losses through ``self.reweight`` in epoch 0 only, by itself afterwards."""
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 0:
+            return super().training_step(batch, batch_idx)
+        return self.per_sample_loss(batch).mean()
+
+
+def test_a_last_batch_resume_reports_a_missing_reweight_call_in_the_next_epoch(tmp_path):
+    """The per-epoch check that training_step called self.reweight counts the resumed epoch's batches and calls
+    alone: resumed from epoch 0's last batch (whose 6 calls the checkpoint holds), an epoch 1 that never calls
+    reweight must be reported as the uninterrupted run reports it (the closed epoch's calls must not hide it)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        model = ForgetfulFromEpochOne(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+        fit = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=bool(callbacks),
+                        callbacks=[MetaReweight(L2RW()), *callbacks], enable_progress_bar=False,
+                        enable_model_summary=False)
+        with pytest.raises(RuntimeError, match=r"never called self.reweight\(losses, batch\) in epoch 1"):
+            fit.fit(model, datamodule=MaskedData(), ckpt_path=ckpt_path)
+        return fit.global_step
+
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    assert run(callbacks=[saver]) == 12  # epoch 1 trained, then reported
+    assert run(ckpt_path=tmp_path / "step=6.ckpt") == 12
+
+
+def test_a_validation_end_resume_reports_the_epochs_missing_reweight_calls(tmp_path):
+    """A checkpoint at validation's end of an epoch whose training_step never called self.reweight: Lightning
+    resumes straight into that epoch's end hook, with no batch after the resume; the checkpoint's batch count must
+    still tell the check that the epoch trained, so the resume reports epoch 0 as the uninterrupted run does."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        model = ForgetfulClassifier(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+        fit = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=bool(callbacks),
+                        callbacks=[MetaReweight(L2RW()), *callbacks], enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+        with pytest.raises(RuntimeError, match=r"never called self.reweight\(losses, batch\) in epoch 0"):
+            fit.fit(model, datamodule=_ValidatedMaskedData(), ckpt_path=ckpt_path)
+
+    run(callbacks=[ModelCheckpoint(dirpath=tmp_path, save_on_train_epoch_end=False, save_top_k=-1,
+                                   filename="{step}")])
+    run(ckpt_path=tmp_path / "step=6.ckpt")

@@ -587,3 +587,42 @@ def test_second_order_alignment_of_losses_no_parameter_moves_is_zero():
     for hypergrad in ("second_order", "forward", "finite_diff"):
         u = MetaProblem(net, constant, meta, batch, batch, hypergrad=hypergrad).directional(direction)
         assert u.shape == (4,) and not u.any(), hypergrad
+
+
+# ---------------------------------------------------------------------------- from the fourth mutation audit
+@pytest.mark.parametrize("compile_how", ["torch_compile", "in_place"])
+def test_the_engine_refuses_second_order_for_a_compiled_model_when_built(compile_how):
+    """A double backward through torch.compile'd code is not supported: a MetaProblem over a model with a compiled
+    part (torch.compile(...) or module.compile()) refuses second_order when it is built, naming the remedy, while
+    the other routes are accepted. Nothing is compiled here: no forward runs."""
+    model = small_cnn()
+    if compile_how == "torch_compile":
+        model[0] = torch.compile(model[0], backend="aot_eager")
+    else:
+        model[-1].compile(backend="aot_eager")
+    x, y, mx, my = data()
+    with pytest.raises(ValueError, match="second_order.*torch.compile.*finite_diff"):
+        problem(model, "second_order", x, y, mx, my)
+    for hypergrad in ("finite_diff", "forward"):
+        problem(model, hypergrad, x, y, mx, my)
+
+
+def test_the_meta_routes_mark_their_forwards_and_unmark_them_when_one_raises():
+    """The engine's forwards run inside extra_forwards (a hook looking for the training step's forward skips them);
+    a forward that raises must not leave the mark set, or every later training forward in the process would be
+    taken for one of the library's (the monitor's subset accuracy would count nothing)."""
+    from lightning_reweight._forwards import in_extra_forward
+
+    model = small_cnn()
+    x, y, mx, my = data()
+    marked = []
+
+    def failing(batch):
+        marked.append(in_extra_forward())
+        raise RuntimeError("a layer failed")
+
+    assert not in_extra_forward()
+    with pytest.raises(RuntimeError, match="a layer failed"):
+        MetaProblem(model, failing, lambda b: failing(b).mean(), (x, y), (mx, my), hypergrad="forward").alignment()
+    assert marked == [True]
+    assert not in_extra_forward()

@@ -1456,3 +1456,69 @@ def test_a_checkpoint_after_an_epochs_last_batch_resumes_to_its_end_values_once(
     key = (epoch, 6 * epoch + 5)
     assert resumed[key] == pytest.approx(straight[key])
     assert sorted(resumed) == sorted(straight)[epoch:]
+
+
+# ---------------------------------------------------------------------------- from the fourth mutation audit
+def test_a_last_batch_resume_gives_the_closed_epoch_its_weight_means_and_histograms(tmp_path, monkeypatch):
+    """A checkpoint at epoch 0's last batch (step 6 of 6 per epoch): epoch 0's weight means are computed at train
+    start from the checkpoint's weights and must be recorded under epoch 0, with the uninterrupted run's values,
+    and its histograms written at epoch 0's last step (5), as the uninterrupted run writes them."""
+    from resumable_data import MaskedData
+
+    import lightning_reweight.callbacks.susceptibility as susceptibility
+
+    histograms = []
+    real = susceptibility.log_histograms
+
+    def spy(trainer, values, step=None):
+        histograms.append((sorted(values), step))
+        return real(trainer, values, step=step)
+
+    monkeypatch.setattr(susceptibility, "log_histograms", spy)
+
+    def run(ckpt_path=None, callbacks=()):
+        histograms.clear()
+        L.seed_everything(0, verbose=False)
+        model = ReweightClassifier(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+        model.attach_weighting("steps", _StepWeights())
+        monitor = SusceptibilityMonitor(batch_size=32, seed=5)
+        _trainer(tmp_path, [monitor, *callbacks], epochs=3, enable_checkpointing=bool(callbacks)).fit(
+            model, datamodule=MaskedData(), ckpt_path=ckpt_path)
+        return monitor, list(histograms)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "last", every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    straight, straight_histograms = run(callbacks=[ckpt])
+    resumed, resumed_histograms = run(ckpt_path=tmp_path / "last" / "step=6.ckpt")
+    keys = ["memorization/weights_clean", "memorization/weights_noisy"]
+    assert straight_histograms == resumed_histograms == [(keys, 6 * epoch + 5) for epoch in range(3)]
+
+    def weight_means(monitor):
+        return {r["epoch"]: {k: v for k, v in r.items() if "weight_mean" in k} for r in monitor.logged_history}
+
+    assert all(len(means) == 2 for means in weight_means(straight).values())
+    assert weight_means(resumed).keys() == weight_means(straight).keys() == {0, 1, 2}
+    for epoch, means in weight_means(straight).items():
+        assert weight_means(resumed)[epoch] == pytest.approx(means, rel=1e-6), epoch
+
+
+def test_one_monitors_probe_is_not_taken_for_the_training_forward_by_another(tmp_path):
+    """Two monitors (two prefixes), probing with batches of the training batch's size: the second probes in its
+    on_train_batch_start after the first has armed its hook for the batch, so without the probe marked as the
+    library's own forward the first counted the probe's predictions as the training forward's. Both must log the
+    accuracies of the training forwards themselves (recorded by the module)."""
+    from resumable_data import MaskedData
+
+    L.seed_everything(0, verbose=False)
+    torch.manual_seed(0)
+    model = _Recording(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+    first = SusceptibilityMonitor(batch_size=40, seed=5, prefix="first")
+    second = SusceptibilityMonitor(batch_size=40, seed=6, prefix="second")
+    dm = MaskedData()  # batches of 40
+    _trainer(tmp_path, [first, second], epochs=3).fit(model, datamodule=dm)
+    for epoch in range(3):  # the untrained model of epoch 0 predicts almost one class whatever its input
+        noisy, clean, seen = _recorded_subset_accuracy(model.records[epoch], dm.noise_mask)
+        assert seen == 240
+        for monitor in (first, second):
+            logged = monitor.logged_history[epoch]
+            assert logged[f"{monitor.prefix}/train_acc_noisy"] == pytest.approx(noisy), (monitor.prefix, epoch)
+            assert logged[f"{monitor.prefix}/train_acc_clean"] == pytest.approx(clean), (monitor.prefix, epoch)
