@@ -122,18 +122,21 @@ for hypergrad in ("forward", "finite_diff"):
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-# Resumed from epoch 0's last batch (3 steps per rank and epoch): that epoch's end values come from the checkpoint's
-# records, which held rank 0's alone (the weight AUROC and the monitor's subset accuracies and weight means were
-# rank 0's samples' on both ranks)
+# Resumed from epoch 0's or epoch 1's last batch (3 steps per rank and epoch): that epoch's end values come from the
+# checkpoint's records, which held rank 0's alone (the weight AUROC and the monitor's subset accuracies and weight
+# means were rank 0's samples' on both ranks)
 from lightning_reweight.callbacks import SusceptibilityMonitor  # noqa: E402
 
-runs = (("straight", None), ("resumed", f"{out}/ckpt/epoch=0.ckpt"), ("lastbatch", f"{out}/ckpt/epoch=0-step=3.ckpt"))
+runs = (("straight", None), ("resumed", f"{out}/ckpt/epoch=0.ckpt"), ("lastbatch", f"{out}/ckpt/epoch=0-step=3.ckpt"),
+        ("lastbatch1", f"{out}/ckpt/epoch=1-step=6.ckpt"))
 for name, ckpt in runs:
     L.seed_everything(0, verbose=False)
     train, meta = loaders()
     meta = DataLoader(meta.dataset, batch_size=30, shuffle=True, generator=torch.Generator().manual_seed(7))
     model = module()
-    cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad="finite_diff")
+    # a warm-up epoch: closing it from its last batch must not add an AUROC (under DDP one is computed whatever the
+    # rank holds, so the epoch closed, not the trainer's, decides)
+    cb = MetaReweight(L2RW(), meta_dataloader=meta, hypergrad="finite_diff", warmup_epochs=1)
     monitor = SusceptibilityMonitor(num_classes=4, batch_size=32, pool_size=64)
     saving = [ModelCheckpoint(dirpath=f"{out}/ckpt", filename="{epoch}", save_top_k=-1),
               ModelCheckpoint(dirpath=f"{out}/ckpt", filename="{epoch}-{step}", save_top_k=-1, every_n_train_steps=3)]
