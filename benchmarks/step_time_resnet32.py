@@ -151,8 +151,11 @@ def _sync(device: str) -> None:
 
 
 def time_modes(modes: list[str], batch: int, meta_batch: int, device: str, steps: int, repeats: int,
-               warmup: int) -> dict[str, dict[str, Any]]:
+               warmup: int, progress: bool = False) -> dict[str, dict[str, Any]]:
     """Median step time per mode, modes interleaved within each repeat."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(modes) * (warmup + repeats * steps), desc="timing", unit="step", disable=not progress)
     runners: dict[str, Step] = {}
     data: dict[str, tuple[Batch, Batch]] = {}
     for name in modes:
@@ -162,6 +165,7 @@ def time_modes(modes: list[str], batch: int, meta_batch: int, device: str, steps
         data[name] = (b, m)
         for _ in range(warmup):
             runners[name](b, m)
+            bar.update()
     times: dict[str, list[float]] = {n: [] for n in modes}
     peak: dict[str, int | None] = {}
     for _ in range(repeats):
@@ -175,7 +179,9 @@ def time_modes(modes: list[str], batch: int, meta_batch: int, device: str, steps
                 runners[name](b, m)
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
+                bar.update()
             peak[name] = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    bar.close()
     return {n: {"median_ms": 1000 * statistics.median(t), "steps_timed": len(t), "cuda_peak_bytes": peak[n]}
             for n, t in times.items()}
 
@@ -213,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-mode subprocesses")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     ap.add_argument("--output", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -228,9 +235,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes = ["plain", *[m for m in args.modes if m != "plain"]]
     memory: dict[str, int] = {}
     if not args.no_memory:  # before the timing, while this process is small
-        for name in ["idle", *modes]:
+        from tqdm.auto import tqdm
+
+        for name in tqdm(["idle", *modes], desc="peak memory", unit="mode", disable=args.no_progress):
             memory[name] = peak_rss_subprocess(name, args.batch, args.meta_batch, args.device)
-    res = time_modes(modes, args.batch, args.meta_batch, args.device, args.steps, args.repeats, args.warmup)
+    res = time_modes(modes, args.batch, args.meta_batch, args.device, args.steps, args.repeats, args.warmup,
+                     progress=not args.no_progress)
     base = res["plain"]["median_ms"]
     for name in modes:
         res[name]["step_time_ratio"] = res[name]["median_ms"] / base
