@@ -61,6 +61,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_seed.__name__ = _positive_int.__name__ = "integer"  # argparse's message: "invalid integer value: 'abc'"
+
+
 def _keep_previous(output: str) -> str | None:
     """Move an existing ``output`` aside (``<name>.previous.json``) before a new run writes its first record."""
     from pathlib import Path
@@ -98,7 +101,7 @@ def _benchmark_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true",
         help="keep the records already in --output (written after every run) and run only the missing ones; "
-        "without it an existing --output is moved to <name>.previous.json first",
+        "without it an existing --output is moved to <name>.previous.json first (replacing an older one)",
     )
     return p
 
@@ -148,7 +151,8 @@ def benchmark(argv: Sequence[str]) -> int:
                                on_record=save)
     except KeyboardInterrupt:
         where = f"saved to {args.output} (marked incomplete)" if saved[0] else "saved"
-        print(f"\ninterrupted: {saved[0]} records {where}; run the same command with --resume to finish it",
+        earlier = f"; the earlier results are in {moved}" if moved else ""
+        print(f"\ninterrupted: {saved[0]} records {where}; run the same command with --resume to finish it{earlier}",
               file=sys.stderr)
         return 130
     result["meta"]["preset"] = args.preset

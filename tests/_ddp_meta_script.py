@@ -145,6 +145,8 @@ for name, ckpt in runs:
                         enable_checkpointing=ckpt is None, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
     trainer.fit(model, datamodule=Masked(train), ckpt_path=ckpt)
+    if ckpt is None:  # Lightning's way to save after the fit, on every rank: the ranks' states are gathered too
+        trainer.save_checkpoint(f"{out}/postfit.ckpt")
     scores = cb.sample_scores()
     torch.save({"model": flat(model).clone(), "visits": scores["visits"], "percentile": scores["percentile"],
                 "auroc": cb.auroc_history, "sample_auroc": cb.sample_auroc_history,

@@ -483,14 +483,24 @@ def test_ctrl_c_inside_a_run_reaches_the_command_as_an_interrupt():
     from lightning.pytorch import Callback
 
     class CtrlC(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            raise KeyboardInterrupt
+        def __init__(self, phase):
+            self.phase = phase
 
-    register_method("test-ctrl-c", {"clean"}, "test method: interrupted")(lambda ctx: MethodParts(callbacks=[CtrlC()]))
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_one("test-ctrl-c", "digits-clean", 0, epochs=1)
-    finally:
-        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT from then on
-        del METHODS["test-ctrl-c"]
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.phase == "fit":
+                raise KeyboardInterrupt
+
+        def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if self.phase == "test":
+                raise KeyboardInterrupt
+
+    for phase in ("fit", "test"):
+        register_method("test-ctrl-c", {"clean"}, "test method: interrupted")(
+            lambda ctx, phase=phase: MethodParts(callbacks=[CtrlC(phase)]))
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_one("test-ctrl-c", "digits-clean", 0, epochs=1)
+        finally:
+            signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT from then on
+            del METHODS["test-ctrl-c"]

@@ -114,6 +114,11 @@ def test_the_training_loader_never_ends_an_epoch_with_a_single_sample_batch():
         dm.trainer = SimpleNamespace(world_size=2, distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
                                      overfit_batches=0, global_rank=rank, current_epoch=0, fit_loop=None)
         assert [len(b[1]) for b in dm.train_dataloader()] == [39]
+        # a user's sampler, which Lightning shards into ceil(len / 2) per rank: the rule applies to that share
+        dm.batch_size = 32
+        for total, drop in ((97, False), (66, True), (65, True), (64, False)):  # per rank 49, 33, 33, 32
+            dm.train_sampler = SequentialSampler(range(total))
+            assert dm.train_dataloader().drop_last is drop, total
 
 
 def test_the_meta_loader_shuffles_independently_of_the_training_loader():

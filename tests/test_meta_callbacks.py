@@ -558,6 +558,12 @@ def test_ddp_two_processes_identical_meta_net(tmp_path):
             assert torch.equal(resumed["percentile"], straight["percentile"])
             for key in ("auroc", "sample_auroc", "monitor"):
                 assert resumed[key] == straight[key], (name, key)
+    # trainer.save_checkpoint after the fit (the run is over) still gathers: each rank's meta order and sums
+    saved = torch.load(tmp_path / "postfit.ckpt", weights_only=False)["callbacks"]
+    (meta_state,) = [v for k, v in saved.items() if k.startswith("MetaReweight")]
+    assert meta_state["meta_generator_state"].shape[0] == 2 and meta_state["sample_history"]["per_rank"]
+    sums = meta_state["sample_history"]["sums"]
+    assert sums.shape[0] == 2 and float(sums[:, :, 0].sum()) == float(straight["visits"].sum())
 
 
 def test_fsdp_and_deepspeed_refused_at_setup():
@@ -1296,6 +1302,25 @@ def test_a_single_process_checkpoint_resumed_under_ddp_gives_other_ranks_their_o
             assert resumed._meta_gen_state is None and not resumed._history.sums.any()
     cb._trainer = types.SimpleNamespace(global_rank=1, world_size=2, interrupted=True)  # no strategy: no collective
     assert cb.state_dict()["meta_generator_state"].dim() == 1
+
+
+def test_state_dicts_gather_under_ddp_except_after_an_exception(monkeypatch):
+    """The callbacks' state dicts gather every rank's state under DDP, also after the fit (trainer.save_checkpoint
+    on every rank: a first version gathered only while the run was going on, so such a checkpoint held rank 0's
+    meta order and sample history alone), but not from the failing rank's OnExceptionCheckpoint."""
+    import types
+
+    from lightning_reweight.callbacks._records import collective_world
+
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    for status, interrupted, world, want in (("running", False, 2, 2), ("finished", False, 2, 2),
+                                             ("interrupted", True, 2, 1), ("running", False, 1, 1)):
+        trainer = types.SimpleNamespace(world_size=world, interrupted=interrupted,
+                                        state=types.SimpleNamespace(status=status))
+        assert collective_world(trainer) == want, (status, world)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # no process group: nothing to gather
+    assert collective_world(types.SimpleNamespace(world_size=2, interrupted=False)) == 1
 
 
 def test_an_unfinished_epochs_records_go_to_the_ranks_that_resume_it():

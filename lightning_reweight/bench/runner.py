@@ -88,6 +88,17 @@ def make_trainer(epochs: int, callbacks: list[Any]) -> L.Trainer:
     )
 
 
+@contextlib.contextmanager
+def _interrupts(trainer: L.Trainer) -> Iterator[None]:
+    """Turn the ``sys.exit(1)`` that ends a Lightning fit or test interrupted by Ctrl-C back into the interrupt."""
+    try:
+        yield
+    except SystemExit as err:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from err
+        raise
+
+
 def run_one(method: str, scenario: str | Scenario, seed: int = 0, *, epochs: int | None = None) -> dict[str, Any]:
     """Train ``method`` on ``scenario`` with ``seed`` and test it.
 
@@ -126,13 +137,9 @@ def run_one(method: str, scenario: str | Scenario, seed: int = 0, *, epochs: int
         timer = StepTimer(skip_epochs=1 if recipe.epochs > 1 else 0)
         curve = TestCurve()
         trainer = make_trainer(recipe.epochs, [timer, *parts.callbacks, curve])
-        try:
+        with _interrupts(trainer):
             trainer.fit(model, datamodule=dm)
-        except SystemExit as err:  # Lightning ends a fit that Ctrl-C interrupted with sys.exit(1)
-            if trainer.interrupted:
-                raise KeyboardInterrupt from err
-            raise
-        (test,) = trainer.test(model, datamodule=dm, verbose=False)
+            (test,) = trainer.test(model, datamodule=dm, verbose=False)
     record: dict[str, Any] = {
         "method": method,
         "scenario": sc.name,

@@ -21,16 +21,13 @@ __all__ = ["cat_or_none", "collective_world", "gather_records", "records_for_ran
 
 
 def collective_world(trainer: Any) -> int:
-    """The number of processes a checkpoint's state gathers from: the world size during a distributed run, else 1.
+    """The number of processes a checkpoint's state gathers from: the world size under DDP, else 1.
 
-    Lightning dumps a checkpoint on every rank while it runs, so a state dict may gather then. Not after an
-    exception (``OnExceptionCheckpoint`` runs on the failing rank alone) nor outside a run (a user's call of
-    ``state_dict()`` on one rank): this rank's state alone then.
+    Lightning dumps a checkpoint on every rank (``ModelCheckpoint`` during the run, ``trainer.save_checkpoint``
+    after it), so a state dict may gather: it is a collective, to be called on every rank. Not after an exception
+    (``OnExceptionCheckpoint`` runs on the failing rank alone): this rank's state alone then.
     """
     if trainer is None or trainer.world_size <= 1 or getattr(trainer, "interrupted", False):
-        return 1
-    state = getattr(trainer, "state", None)
-    if state is not None and state.status != "running":
         return 1
     return trainer.world_size if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
 

@@ -726,6 +726,10 @@ class SusceptibilityMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """The monitor's state for a checkpoint; under DDP a collective (call it on every rank, as Lightning does).
+
+        Every rank's records of an unfinished epoch are gathered, so that each rank resumes its own.
+        """
         return {
             "epoch_records": gather_records(self._trainer, self._epoch_records()),
             "seed": self.seed,

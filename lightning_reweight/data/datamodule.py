@@ -329,6 +329,8 @@ class ReweightDataModule(L.LightningDataModule):
             return DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
                               persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory, generator=workers)
         size = len(sampler) if isinstance(sampler, Sized) else 0  # an unsized sampler: as it is
+        if trainer is not None and shards_training_data(trainer) and not isinstance(sampler, DistributedSampler):
+            size = -(-size // trainer.world_size)  # Lightning shards it: each rank iterates ceil(len / world)
         return self._loader(self.train_dataset, self.batch_size, sampler=sampler,
                             drop_last=self._drop_single(size, self.batch_size), generator=workers)
 
