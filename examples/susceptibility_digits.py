@@ -38,7 +38,7 @@ def main() -> None:
     from lightning_reweight import ReweightClassifier
     from lightning_reweight.callbacks import SusceptibilityMonitor
     from lightning_reweight.data import DigitsDataModule
-    from lightning_reweight.loggers import log_figure
+    from lightning_reweight.loggers import define_epoch_axis, epoch_end_step, log_figure
     from lightning_reweight.models import MLP
 
     L.seed_everything(args.seed, verbose=False)
@@ -79,7 +79,9 @@ def main() -> None:
         ax2.set_ylabel("train accuracy")
         fig.legend(loc="lower right", bbox_to_anchor=(0.88, 0.2), fontsize=8)
         fig.tight_layout()
-        log_figure(trainer, "memorization/curves", fig)
+        # at the last epoch's step, on the epoch axis of the other memorization/ charts
+        define_epoch_axis(trainer, "memorization/curves")
+        log_figure(trainer, "memorization/curves", fig, step=epoch_end_step(trainer), epoch=history[-1]["epoch"])
     except ImportError:
         print('matplotlib is missing (pip install "lightning-reweight[plot]"): no figure logged')
 

@@ -9,6 +9,7 @@ never imported unless a W&B logger is attached; only global rank zero writes.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -123,7 +124,9 @@ def publish_metrics(trainer: Any, values: dict[str, float], *, epoch: int, step:
             logger.log_metrics({**values, "epoch": epoch}, step=step)
 
 
-def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = None) -> int:
+def log_histograms(
+    trainer: Any, values: dict[str, Tensor], step: int | None = None, epoch: int | None = None
+) -> int:
     """Log histograms to every W&B and TensorBoard logger of ``trainer`` (rank zero only; one W&B step).
 
     Args:
@@ -131,6 +134,8 @@ def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = N
         values: metric name -> samples (any shape; flattened). Non-finite samples (a diverged run) are left out
             with a warning, since a histogram has no bin for them; tensors left empty are skipped.
         step: the step to log at (default :func:`log_step`, Lightning's own).
+        epoch: written as ``epoch`` in the W&B row too (for keys plotted against the epoch,
+            :func:`define_epoch_axis`).
 
     Returns:
         How many loggers received the histograms.
@@ -155,8 +160,8 @@ def log_histograms(trainer: Any, values: dict[str, Tensor], step: int | None = N
             import wandb
 
             # wandb annotates `sequence` as Sequence; it passes it to np.histogram, which takes an array
-            hists = {k: wandb.Histogram(v.numpy()) for k, v in data.items()}  # type: ignore[arg-type]
-            logger.log_metrics(hists, step=step)
+            hists: dict[str, Any] = {k: wandb.Histogram(v.numpy()) for k, v in data.items()}  # type: ignore[arg-type]
+            logger.log_metrics(hists if epoch is None else {**hists, "epoch": epoch}, step=step)
         else:
             for k, v in data.items():
                 logger.experiment.add_histogram(k, v, global_step=step)
@@ -189,26 +194,32 @@ def epoch_end_step(trainer: Any) -> int:
     return max(log_step(trainer) - 1, 0)
 
 
-def define_epoch_axis(trainer: Any, pattern: str) -> None:
-    """Make W&B plot the metrics matching ``pattern`` (e.g. ``"memorization/*"``) against ``epoch``.
+def define_epoch_axis(trainer: Any, keys: str | Sequence[str]) -> None:
+    """Make W&B plot the metrics ``keys`` (exact names, e.g. ``"memorization/zeta"``) against ``epoch``.
 
-    A no-op without a W&B logger or off rank zero. A logger's ``prefix`` (``WandbLogger(prefix="run1")`` writes
-    ``run1-epoch``, ``run1-memorization/zeta``) is applied to both names.
+    Exact names, not a pattern: ``WandbLogger`` defines ``*`` against ``trainer/global_step``, and W&B ties a new
+    key to whichever matching pattern it checks first, so ``"memorization/*"`` won for only some keys, at random; an
+    exact name takes precedence. A no-op without a W&B logger or off rank zero. A logger's ``prefix``
+    (``WandbLogger(prefix="run1")`` writes ``run1-epoch``, ``run1-memorization/zeta``) is applied to every name.
+    Values logged on this axis need ``epoch`` in their row (:func:`publish_metrics`, and the ``epoch`` argument of
+    :func:`log_histograms` and :func:`log_figure`).
     """
     if not _is_global_zero(trainer):
         return
+    names = [keys] if isinstance(keys, str) else list(keys)
     for kind, logger in rich_loggers(trainer):
         if kind == "wandb":
             experiment = logger.experiment
             if hasattr(experiment, "define_metric"):
                 prefix = getattr(logger, "_prefix", "") or ""
                 join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-                epoch, keys = (f"{prefix}{join}epoch", f"{prefix}{join}{pattern}") if prefix else ("epoch", pattern)
+                epoch = f"{prefix}{join}epoch" if prefix else "epoch"
                 experiment.define_metric(epoch)
-                experiment.define_metric(keys, step_metric=epoch)
+                for name in names:
+                    experiment.define_metric(f"{prefix}{join}{name}" if prefix else name, step_metric=epoch)
 
 
-def log_figure(trainer: Any, key: str, figure: Any, step: int | None = None) -> int:
+def log_figure(trainer: Any, key: str, figure: Any, step: int | None = None, epoch: int | None = None) -> int:
     """Log a matplotlib figure to every W&B and TensorBoard logger of ``trainer`` (rank zero only).
 
     Args:
@@ -216,6 +227,8 @@ def log_figure(trainer: Any, key: str, figure: Any, step: int | None = None) -> 
         key: the name of the image.
         figure: a matplotlib ``Figure``.
         step: the step to log at (default :func:`log_step`, Lightning's own).
+        epoch: written as ``epoch`` in the W&B row too (for keys plotted against the epoch,
+            :func:`define_epoch_axis`).
 
     Returns:
         How many loggers received the figure.
@@ -228,7 +241,8 @@ def log_figure(trainer: Any, key: str, figure: Any, step: int | None = None) -> 
         if kind == "wandb":
             import wandb
 
-            logger.log_metrics({key: wandb.Image(figure)}, step=step)
+            row: dict[str, Any] = {key: wandb.Image(figure)}
+            logger.log_metrics(row if epoch is None else {**row, "epoch": epoch}, step=step)
         else:
             logger.experiment.add_figure(key, figure, global_step=step, close=False)
         written += 1

@@ -1470,9 +1470,9 @@ def test_a_last_batch_resume_gives_the_closed_epoch_its_weight_means_and_histogr
     histograms = []
     real = susceptibility.log_histograms
 
-    def spy(trainer, values, step=None):
-        histograms.append((sorted(values), step))
-        return real(trainer, values, step=step)
+    def spy(trainer, values, step=None, epoch=None):
+        histograms.append((sorted(values), step, epoch))
+        return real(trainer, values, step=step, epoch=epoch)
 
     monkeypatch.setattr(susceptibility, "log_histograms", spy)
 
@@ -1490,7 +1490,7 @@ def test_a_last_batch_resume_gives_the_closed_epoch_its_weight_means_and_histogr
     straight, straight_histograms = run(callbacks=[ckpt])
     resumed, resumed_histograms = run(ckpt_path=tmp_path / "last" / "step=6.ckpt")
     keys = ["memorization/weights_clean", "memorization/weights_noisy"]
-    assert straight_histograms == resumed_histograms == [(keys, 6 * epoch + 5) for epoch in range(3)]
+    assert straight_histograms == resumed_histograms == [(keys, 6 * epoch + 5, epoch) for epoch in range(3)]
 
     def weight_means(monitor):
         return {r["epoch"]: {k: v for k, v in r.items() if "weight_mean" in k} for r in monitor.logged_history}

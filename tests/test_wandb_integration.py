@@ -109,6 +109,19 @@ def test_offline_run_contains_memorization_keys(tmp_path, monkeypatch):
     hists = [r for r in rows if r.get("memorization/weights_clean/_type") == "histogram"]
     assert len(hists) == 3
     assert sum(hists[0]["memorization/weights_clean/values"]) == 32  # one epoch sees every clean sample once
+    # every memorization/ key is plotted against the epoch: defined by its exact name (W&B tied keys to a
+    # "memorization/*" pattern or to WandbLogger's own "*" at random), and every row holding one carries its epoch
+    # (the histograms' rows had none)
+    files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    metrics = [r.metric for r in offline_records(files[0]) if r.WhichOneof("record_type") == "metric"]
+    on_epoch = {m.name for m in metrics if m.step_metric == "epoch"}
+    logged = {k.split("/_type")[0] for r in rows for k in r if k.startswith("memorization/") and "/" in k}
+    logged = {k.rsplit("/", 1)[0] if k.count("/") > 1 else k for k in logged}
+    assert logged and logged <= on_epoch and not any(m.glob_name.startswith("memorization") for m in metrics)
+    assert [r["epoch"] for r in hists] == [0, 1, 2]
+    assert all("epoch" in r for r in rows if any(k.startswith("memorization/") for k in r))
+    # an epoch's end values in one row (the subset accuracies and the weight means came in two)
+    assert all("memorization/train_acc_noisy" in r for r in rows if "memorization/weight_mean_noisy" in r)
 
 
 def read_offline_config(run_file):

@@ -30,6 +30,10 @@ from lightning_reweight.loggers import (
 
 __all__ = ["SusceptibilityMonitor"]
 
+#: Every key the monitor logs, under its ``prefix`` (W&B plots them against ``epoch``).
+_KEYS = ("drop", "zeta", "random_label_loss", "train_acc_noisy", "train_acc_clean", "weight_mean_noisy",
+         "weight_mean_clean", "weights_noisy", "weights_clean")
+
 SUBSET_ACCURACY = ("train_forward", "eval_pass", "off")
 _FOLD_EVERY = 64  # training steps whose logits are kept before they are folded into the counts
 _FOLD_NUMEL = 1 << 20  # ... or fewer, once the kept logits reach this many elements (4 MiB in fp32)
@@ -309,7 +313,7 @@ class SusceptibilityMonitor(Callback):
             self.num_classes = int(n)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        define_epoch_axis(trainer, f"{self.prefix}/*")
+        define_epoch_axis(trainer, [f"{self.prefix}/{key}" for key in _KEYS])
         mask = self._noise_mask(trainer) if self.subset_accuracy == "train_forward" else None
         if mask is not None and self._hook is None:
             self._mask_key = 2 * mask.to(device=pl_module.device, dtype=torch.long)
@@ -571,12 +575,12 @@ class SusceptibilityMonitor(Callback):
         )
         self._train_counts += torch.bincount(key, minlength=4).to(self._train_counts.device)
 
-    def _publish_train_counts(self, trainer: Trainer, epoch: int, step: int) -> None:
-        """Reduce this epoch's training-forward counts over ranks and log the noisy/clean accuracies."""
+    def _train_count_values(self, trainer: Trainer) -> dict[str, float]:
+        """Reduce this epoch's training-forward counts over ranks: the noisy/clean accuracies to log."""
         self._fold()
         counts, self._train_counts, self._counting = self._train_counts, None, False
         if counts is None:
-            return
+            return {}
         clean_bad, clean_ok, noisy_bad, noisy_ok = trainer.strategy.reduce(counts.double(), reduce_op="sum").tolist()
         if clean_bad + clean_ok + noisy_bad + noisy_ok == 0:
             rank_zero_warn(
@@ -589,13 +593,13 @@ class SusceptibilityMonitor(Callback):
                 self._hook.remove()
                 self._hook = None
             self.subset_accuracy = "off"
-            return
+            return {}
         log = {}
         if noisy_bad + noisy_ok > 0:
             log[f"{self.prefix}/train_acc_noisy"] = noisy_ok / (noisy_bad + noisy_ok)
         if clean_bad + clean_ok > 0:
             log[f"{self.prefix}/train_acc_clean"] = clean_ok / (clean_bad + clean_ok)
-        self._publish(trainer, epoch, log, step=step)
+        return log
 
     @override
     def on_train_batch_end(
@@ -627,14 +631,12 @@ class SusceptibilityMonitor(Callback):
     def _end_epoch(self, trainer: Trainer, epoch: int, step: int) -> None:
         """``epoch``'s end values from its records, at ``step``: subset accuracies, weight means and histograms."""
         self._ended_epoch = epoch
-        if self._counting:
-            self._publish_train_counts(trainer, epoch, step)
-        if not self._weights:
-            return
-        mask = self._noise_mask(trainer)
-        if mask is None:
+        log = self._train_count_values(trainer) if self._counting else {}
+        mask = self._noise_mask(trainer) if self._weights else None
+        if mask is None:  # no weights (or no noise mask): the subset accuracies alone, in one row
             self._weights.clear()
             self._weight_indices.clear()
+            self._publish(trainer, epoch, log, step=step)
             return
         weights = torch.cat(self._weights).float()
         noisy = mask.to(weights.device)[torch.cat(self._weight_indices).to(weights.device)]
@@ -642,15 +644,14 @@ class SusceptibilityMonitor(Callback):
         self._weight_indices.clear()
         sums = torch.stack([weights[noisy].sum(), noisy.sum(), weights[~noisy].sum(), (~noisy).sum()]).double()
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        log = {}
         if float(sums[1]) > 0:
             log[f"{self.prefix}/weight_mean_noisy"] = float(sums[0] / sums[1])
         if float(sums[3]) > 0:
             log[f"{self.prefix}/weight_mean_clean"] = float(sums[2] / sums[3])
-        self._publish(trainer, epoch, log, step=step)
+        self._publish(trainer, epoch, log, step=step)  # one row with the subset accuracies
         log_histograms(
             trainer, {f"{self.prefix}/weights_noisy": weights[noisy], f"{self.prefix}/weights_clean": weights[~noisy]},
-            step=step,
+            step=step, epoch=epoch,
         )
 
     # ------------------------------------------------------------------ checkpointing
