@@ -130,15 +130,9 @@ def test_step_helpers_at_the_edges():
     assert log_step(two_optimizers) == 5 and epoch_end_step(two_optimizers) == 4
 
 
-def test_the_weighting_function_figure_plots_v_of_l_over_the_requested_losses():
-    """The figure's curve is (l, V(l)) for ``points`` losses evenly spaced over [0, max_loss]."""
-    pytest.importorskip("matplotlib")
+def _fake_tensorboard(add_figure):
+    """A TensorBoardLogger whose experiment only takes figures, handing them to ``add_figure``."""
     from lightning.pytorch.loggers import TensorBoardLogger
-
-    from lightning_reweight.callbacks._plots import log_weight_function
-    from lightning_reweight.meta import MetaWeightNet
-
-    figures = []
 
     class FakeTensorBoard(TensorBoardLogger):  # only the experiment is used
         def __init__(self) -> None:
@@ -146,11 +140,22 @@ def test_the_weighting_function_figure_plots_v_of_l_over_the_requested_losses():
 
         @property
         def experiment(self):
-            return types.SimpleNamespace(add_figure=lambda tag, fig, global_step, close: figures.append(fig))
+            return types.SimpleNamespace(add_figure=add_figure)
 
+    return FakeTensorBoard()
+
+
+def test_the_weighting_function_figure_plots_v_of_l_over_the_requested_losses():
+    """The figure's curve is (l, V(l)) for ``points`` losses evenly spaced over [0, max_loss]."""
+    pytest.importorskip("matplotlib")
+    from lightning_reweight.callbacks._plots import log_weight_function
+    from lightning_reweight.meta import MetaWeightNet
+
+    figures = []
     torch.manual_seed(0)
     mwn = MetaWeightNet(hidden=6)
-    assert log_weight_function(_trainer(FakeTensorBoard()), mwn, max_loss=2.5, points=11)
+    logger = _fake_tensorboard(lambda tag, fig, global_step, close: figures.append(fig))
+    assert log_weight_function(_trainer(logger), mwn, max_loss=2.5, points=11)
     (line,) = figures[0].axes[0].get_lines()
     losses = [0.25 * k for k in range(11)]
     assert line.get_xdata().tolist() == pytest.approx(losses)
@@ -188,23 +193,13 @@ def test_the_weighting_function_figure_takes_the_given_epoch_and_step():
     """A figure drawn for an epoch closed at a resume's train start carries that epoch in its title and goes at the
     given step, not at the trainer's current epoch and epoch-end step; without them it takes the trainer's."""
     pytest.importorskip("matplotlib")
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     from lightning_reweight.callbacks._plots import log_weight_function
     from lightning_reweight.meta import MetaWeightNet
 
     drawn = []
-
-    class FakeTensorBoard(TensorBoardLogger):  # only the experiment is used
-        def __init__(self) -> None:
-            pass
-
-        @property
-        def experiment(self):
-            return types.SimpleNamespace(
-                add_figure=lambda tag, fig, global_step, close: drawn.append((fig.axes[0].get_title(), global_step)))
-
-    trainer = types.SimpleNamespace(loggers=[FakeTensorBoard()], current_epoch=4, global_step=30, is_global_zero=True)
+    logger = _fake_tensorboard(
+        lambda tag, fig, global_step, close: drawn.append((fig.axes[0].get_title(), global_step)))
+    trainer = types.SimpleNamespace(loggers=[logger], current_epoch=4, global_step=30, is_global_zero=True)
     assert log_weight_function(trainer, MetaWeightNet(hidden=4), epoch=3, step=23)
     assert log_weight_function(trainer, MetaWeightNet(hidden=4))
     assert drawn == [("weighting function, epoch 3", 23), ("weighting function, epoch 4", 29)]
