@@ -52,8 +52,8 @@ def test_workers_behind_a_callbacks_sampler_draw_per_rank_and_leave_the_global_r
 def _run_ddp_script(script, out, env, attempts=2, timeout=150):
     """Run the 2-process script (normally 15-20 s); once more if it hangs.
 
-    One full-suite run out of many hung in a resumed fit (its loader worker forked while the process group's
-    threads ran: a fork-with-threads hazard of PyTorch's DataLoader, not reproduced on its own in 13 runs). A
+    One full-suite run out of many hung in a resumed fit with a loader worker (cause not found; suspected: the
+    worker forked while the process group's threads ran, a fork-with-threads hazard; not reproduced in 13 runs). A
     hang says nothing about the order this test checks, so a second attempt runs after the whole process group
     (the launched rank and the workers too) is killed; a wrong order still fails.
     """
