@@ -721,19 +721,24 @@ class _StepWeights:
         return 1.0 + 0.1 * step + (context.indices % 3).float()
 
 
+def _masked_run(tmp_path, datamodule, ckpt_path=None, callbacks=()):
+    """Three epochs of a small classifier with step-dependent weights and a monitor; the monitor."""
+    L.seed_everything(0, verbose=False)
+    model = ReweightClassifier(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
+    model.attach_weighting("steps", _StepWeights())
+    monitor = SusceptibilityMonitor(batch_size=32, seed=5)
+    _trainer(tmp_path, [monitor, *callbacks], epochs=3, enable_checkpointing=bool(callbacks)).fit(
+        model, datamodule=datamodule(), ckpt_path=ckpt_path)
+    return monitor
+
+
 def test_mid_epoch_resume_keeps_the_epochs_subset_accuracy_and_weight_means(tmp_path):
     """A mid-epoch checkpoint carries the epoch's training-forward counts and weights; with a loader that resumes
     its position, the resumed epoch logs the uninterrupted run's noisy/clean accuracy and weight means."""
     from resumable_data import MaskedData
 
     def run(ckpt_path=None, callbacks=()):
-        L.seed_everything(0, verbose=False)
-        model = ReweightClassifier(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
-        model.attach_weighting("steps", _StepWeights())
-        monitor = SusceptibilityMonitor(batch_size=32, seed=5)
-        _trainer(tmp_path, [monitor, *callbacks], epochs=3, enable_checkpointing=bool(callbacks)).fit(
-            model, datamodule=MaskedData(), ckpt_path=ckpt_path)
-        return monitor
+        return _masked_run(tmp_path, MaskedData, ckpt_path, callbacks)
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "mid", every_n_train_steps=8, save_top_k=-1, filename="{step}")
     straight = run(callbacks=[ckpt])
@@ -1478,13 +1483,7 @@ def test_a_last_batch_resume_gives_the_closed_epoch_its_weight_means_and_histogr
 
     def run(ckpt_path=None, callbacks=()):
         histograms.clear()
-        L.seed_everything(0, verbose=False)
-        model = ReweightClassifier(MLP(64, 4, hidden=(16,)), num_classes=4, lr=0.05)
-        model.attach_weighting("steps", _StepWeights())
-        monitor = SusceptibilityMonitor(batch_size=32, seed=5)
-        _trainer(tmp_path, [monitor, *callbacks], epochs=3, enable_checkpointing=bool(callbacks)).fit(
-            model, datamodule=MaskedData(), ckpt_path=ckpt_path)
-        return monitor, list(histograms)
+        return _masked_run(tmp_path, MaskedData, ckpt_path, callbacks), list(histograms)
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "last", every_n_train_steps=6, save_top_k=-1, filename="{step}")
     straight, straight_histograms = run(callbacks=[ckpt])
